@@ -1,0 +1,238 @@
+"""Every knob of the BiSeNet recipe, in one place, with named presets.
+
+A run is described by a `Config`: the defaults below are the Cityscapes reference recipe
+(2 GPUs x 8 images, 1024x1024 crops, 80k iterations). A preset is a named set of changes to
+the defaults; `key=value` overrides on the command line are applied on top of the preset:
+
+    python train.py --config cityscapes_1gpu max_iter=100000 crop_size=768,768
+
+Values are parsed by the type of the default: ints, floats, bools (true/false/1/0/yes/no),
+strings, and comma-separated tuples (`scales=0.5,1.0,1.5`, or `scales=[0.5,1.0,1.5]`).
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class Config:
+    # --- data ---
+    data_root: str = "data"  # holds leftImg8bit/ and gtFine/ (see data/README.md)
+    synthetic: bool = False  # generate the synthetic Cityscapes-format dataset in data_root if missing
+    synthetic_train: int = 48  # synthetic images per split (train / val)
+    synthetic_val: int = 16
+    synthetic_size: tuple = (256, 512)  # synthetic image H, W
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int = 19
+    ignore_index: int = 255
+    mean: tuple = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB in [0, 1]
+    std: tuple = (0.229, 0.224, 0.225)
+
+    # --- training augmentation ---
+    crop_size: tuple = (1024, 1024)  # H, W
+    scales: tuple = (0.75, 2.0)  # random scale: a [min, max] range, or a discrete set (scale_sampling)
+    scale_sampling: str = "range"  # "range": uniform in [min(scales), max(scales)]; "choice": one of scales
+    brightness: float = 0.4  # color jitter strengths: factor drawn from [1 - s, 1 + s]
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hflip: float = 0.5  # probability of a horizontal flip
+
+    # --- model ---
+    pretrained: str = "torchvision"  # "torchvision" (torch cache / download), a .pth path, or "none"
+    spatial_path: str = "conv"  # "conv" (3 conv layers), "backbone" (ResNet 1/8 feature), "none"
+    arm: bool = True  # attention refinement modules on the 1/16 and 1/32 features
+    global_pool: bool = True  # global average pooling context added to the 1/32 feature
+    fusion: str = "ffm"  # "ffm" (feature fusion module) or "sum"
+    upsample: str = "nearest"  # context-path upsampling: "nearest" or "bilinear"
+    aux_heads: bool = True  # auxiliary heads on the 1/8 and 1/16 context features (training only)
+
+    # --- optimization ---
+    batch_size: int = 16  # global batch: split evenly over the processes of a torchrun job
+    max_iter: int = 80000
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # not applied to BatchNorm parameters and biases
+    head_lr_mult: float = 10.0  # lr multiplier of the FFM and the output heads
+    warmup_iters: int = 1000
+    warmup: str = "exp"  # "exp" (geometric ramp) or "linear"
+    warmup_start: float = 0.1  # lr at iteration 0, as a fraction of lr
+    poly_power: float = 0.9
+    ohem_thresh: float = 0.7  # OHEM keeps pixels whose probability of the true class is below this
+    ohem_min_frac: float = 1 / 16  # ...and at least this fraction of the valid pixels
+    aux_weight: float = 1.0
+
+    # --- system ---
+    workers: int = 4  # data loader processes per training process
+    amp: str = "fp16"  # mixed precision on CUDA: "fp16" (with GradScaler), "bf16" or "none"; CPU runs fp32
+    sync_bn: bool = True  # SyncBatchNorm under multi-GPU torchrun (CUDA only)
+    channels_last: bool = False
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str = ""  # default: the preset name
+    log_every: int = 50
+    ckpt_every: int = 5000
+    resume: str = ""  # path to a training checkpoint (run_dir/last.pth) to continue from
+
+    # --- evaluation ---
+    eval_mode: str = "ss"  # ss | ssc | msf | mscf (see README)
+    eval_scales: tuple = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # for msf / mscf
+    eval_crop: tuple = (1024, 1024)  # sliding-window crop H, W for ssc / mscf
+    eval_stride: float = 2 / 3  # sliding-window stride as a fraction of the crop
+    eval_fusion: str = "exp"  # "exp": exp(softmax + flipped softmax) summed (seed); "mean": mean probability
+    eval_batch: int = 8  # crops per forward pass in sliding-window modes
+    eval_workers: int = 2
+    save_dir: str = ""  # evaluate.py: write label-id PNG predictions here
+    save_color: bool = False  # evaluate.py: also write colorized PNGs
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "scale_sampling": ("range", "choice"),
+    "spatial_path": ("conv", "backbone", "none"),
+    "fusion": ("ffm", "sum"),
+    "upsample": ("nearest", "bilinear"),
+    "warmup": ("exp", "linear"),
+    "amp": ("fp16", "bf16", "none"),
+    "eval_mode": ("ss", "ssc", "msf", "mscf"),
+    "eval_fusion": ("exp", "mean"),
+}
+
+_CITYSCAPES_1GPU = dict(batch_size=8, lr=5e-3, max_iter=160000, warmup_iters=2000)
+_SYNTHETIC = dict(
+    data_root="data/synthetic",
+    synthetic=True,
+    pretrained="none",
+    crop_size=(192, 192),
+    scales=(0.75, 1.25),
+    eval_crop=(192, 192),
+    batch_size=8,
+    max_iter=300,
+    lr=2e-2,
+    warmup_iters=30,
+    workers=2,
+    log_every=10,
+    ckpt_every=100,
+)
+
+PRESETS = {
+    "cityscapes": {},
+    "cityscapes_1gpu": _CITYSCAPES_1GPU,
+    "synthetic": _SYNTHETIC,
+    # The seed author's ablations (README "Ablations"), on the reference recipe.
+    "ablation_context_only": dict(spatial_path="none", arm=False, global_pool=False, fusion="sum"),
+    "ablation_ushape_sp_ffm": dict(arm=False, global_pool=False),
+    "ablation_no_arm": dict(arm=False),
+    "ablation_no_gp": dict(global_pool=False),
+    "ablation_backbone_sp": dict(spatial_path="backbone"),
+    "ablation_no_sp": dict(spatial_path="none"),
+    "ablation_sum_fusion": dict(fusion="sum"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _field_types():
+    return {f.name: f.default for f in fields(Config)}
+
+
+def parse_value(key, text, default):
+    """Parse the override text for `key` by the type of its default value."""
+    text = text.strip()
+    try:
+        if isinstance(default, bool):
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+        if isinstance(default, tuple):
+            inner = text.strip("[]() ")
+            items = [s for s in (p.strip() for p in inner.split(",")) if s]
+            kind = type(default[0]) if default else float
+            return tuple(kind(s) for s in items)
+        return text
+    except ValueError:
+        kind = "comma-separated list" if isinstance(default, tuple) else type(default).__name__
+        raise ConfigError(f"bad value for {key}: {text!r} is not a {kind} (default: {default!r})") from None
+
+
+def _check(cfg):
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"bad value for {key}: {getattr(cfg, key)!r}; expected one of {', '.join(allowed)}")
+    for key in ("crop_size", "eval_crop", "synthetic_size"):
+        value = getattr(cfg, key)
+        if len(value) != 2 or min(value) < 1:
+            raise ConfigError(f"bad value for {key}: {value!r}; expected two positive integers H,W")
+    for key in ("mean", "std"):
+        if len(getattr(cfg, key)) != 3:
+            raise ConfigError(f"bad value for {key}: {getattr(cfg, key)!r}; expected three numbers (R,G,B)")
+    if not cfg.scales or min(cfg.scales) <= 0:
+        raise ConfigError(f"bad value for scales: {cfg.scales!r}; expected positive numbers")
+    if not cfg.eval_scales or min(cfg.eval_scales) <= 0:
+        raise ConfigError(f"bad value for eval_scales: {cfg.eval_scales!r}; expected positive numbers")
+    if not 0 < cfg.eval_stride <= 1:
+        raise ConfigError(f"bad value for eval_stride: {cfg.eval_stride}; expected a fraction in (0, 1]")
+    for key in ("batch_size", "max_iter", "num_classes", "log_every", "ckpt_every", "eval_batch"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected a positive integer")
+    if cfg.warmup_iters < 0 or cfg.warmup_iters >= cfg.max_iter:
+        raise ConfigError(f"bad value for warmup_iters: {cfg.warmup_iters}; expected 0 <= warmup_iters < max_iter")
+    if not 0 < cfg.ohem_thresh < 1:
+        raise ConfigError(f"bad value for ohem_thresh: {cfg.ohem_thresh}; expected a probability in (0, 1)")
+    return cfg
+
+
+def get_config(name="cityscapes", overrides=(), base=None):
+    """Build the config for preset `name` with `key=value` overrides applied.
+
+    `base` (a dict, e.g. the config stored in a checkpoint) replaces the preset as the starting point.
+    """
+    defaults = _field_types()
+    if base is None:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown config {name!r}; presets: {', '.join(PRESETS)}")
+        values = dict(PRESETS[name])
+    else:
+        values = {k: tuple(v) if isinstance(defaults.get(k), tuple) else v for k, v in base.items() if k in defaults}
+    values.setdefault("run_name", name)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"bad override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in defaults:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(defaults)}")
+        values[key] = parse_value(key, text, defaults[key])
+    return _check(Config(**values))
+
+
+def format_config(cfg):
+    return json.dumps(cfg.to_dict(), indent=1)
+
+
+def add_config_args(parser):
+    """The command-line interface every script shares: --config NAME and key=value overrides."""
+    parser.add_argument("--config", default=None, help=f"preset name: {', '.join(PRESETS)}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_iter=1000")
+    return parser
+
+
+# Fields the model architecture depends on: a checkpoint only fits a model built with the same values.
+MODEL_KEYS = ("num_classes", "spatial_path", "arm", "global_pool", "fusion", "aux_heads")
+

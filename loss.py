@@ -1,0 +1,90 @@
+"""Training losses: OHEM cross-entropy and the sum over BiSeNet's main and auxiliary heads.
+
+The logged training loss is the SUM over heads (main + aux_weight * (aux8 + aux16)), not the main
+head's loss alone: with the default weights it starts near 3x a single head's cross-entropy.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def ohem_select(losses, thresh_loss, n_min):
+    """The hard examples among the 1-D per-pixel `losses` (valid pixels only).
+
+    If at least `n_min` losses exceed `thresh_loss` (i.e. the n_min-th largest does), every loss above
+    the threshold is kept; otherwise the `n_min` largest are, so an easy batch still has a gradient.
+    """
+    n_min = min(n_min, losses.numel())
+    hard = losses[losses > thresh_loss]
+    if hard.numel() >= n_min:
+        return hard
+    # topk instead of a full sort: only the n_min largest are needed.
+    return losses.topk(n_min, sorted=False).values
+
+
+class OhemCrossEntropy(nn.Module):
+    """Cross-entropy averaged over the hard pixels: those whose probability of the true class is below
+    `thresh`, and at least `min_frac` of the valid (non-ignored) pixels of the batch.
+    """
+
+    def __init__(self, thresh=0.7, min_frac=1 / 16, ignore_index=255):
+        super().__init__()
+        if not 0 < thresh < 1:
+            raise ValueError(f"OHEM thresh must be a probability in (0, 1), got {thresh}")
+        if not 0 < min_frac <= 1:
+            raise ValueError(f"OHEM min_frac must be in (0, 1], got {min_frac}")
+        self.thresh_loss = -math.log(thresh)  # p < thresh  <=>  -log p > -log thresh
+        self.min_frac = min_frac
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, target):
+        # float32 so that fp16/bf16 logits under autocast give the same selection and no overflow.
+        losses = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="none")
+        losses = losses[target != self.ignore_index]
+        if losses.numel() == 0:
+            # Zero that still backpropagates (to zero gradients), so every rank runs the same backward.
+            return logits.float().sum() * 0
+        # n_min counts valid pixels only: counting ignored ones would ask for more pixels than exist.
+        n_min = max(1, int(losses.numel() * self.min_frac))
+        return ohem_select(losses, self.thresh_loss, n_min).mean()
+
+    def extra_repr(self):
+        return f"thresh_loss={self.thresh_loss:.4f}, min_frac={self.min_frac}, ignore_index={self.ignore_index}"
+
+
+class BiSeNetLoss(nn.Module):
+    """`criterion` applied to each head's logits: total = main + aux_weight * sum(aux).
+
+    `outputs` is the model's training output (main, aux8, aux16), or the main logits alone (a model
+    without aux heads). Returns (total, parts): parts maps "main", "aux8", "aux16" to detached per-head
+    losses, for logging; the logged total is the sum over heads.
+    """
+
+    def __init__(self, criterion, aux_weight=1.0, aux_names=("aux8", "aux16")):
+        super().__init__()
+        self.criterion = criterion
+        self.aux_weight = aux_weight
+        self.aux_names = tuple(aux_names)
+
+    def _aux_name(self, i):
+        return self.aux_names[i] if i < len(self.aux_names) else f"aux{i}"
+
+    def forward(self, outputs, target):
+        if torch.is_tensor(outputs):
+            outputs = (outputs,)
+        main, *aux = outputs
+        total = self.criterion(main, target)
+        parts = {"main": total.detach()}
+        for i, logits in enumerate(aux):
+            loss = self.criterion(logits, target)
+            parts[self._aux_name(i)] = loss.detach()
+            total = total + self.aux_weight * loss
+        return total, parts
+
+
+def build_loss(cfg):
+    criterion = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac, cfg.ignore_index)
+    return BiSeNetLoss(criterion, cfg.aux_weight)

@@ -1,0 +1,40 @@
+import os
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_frame(root, split, city, index, image, label_ids=None):
+    """Write one frame in the Cityscapes layout; image is RGB uint8, label_ids uint8 labelIds (or None)."""
+    stem = f"{city}_{index:06d}_000019"
+    img_dir = os.path.join(root, "leftImg8bit", split, city)
+    os.makedirs(img_dir, exist_ok=True)
+    img_path = os.path.join(img_dir, stem + "_leftImg8bit.png")
+    cv2.imwrite(img_path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    lbl_path = None
+    if label_ids is not None:
+        lbl_dir = os.path.join(root, "gtFine", split, city)
+        os.makedirs(lbl_dir, exist_ok=True)
+        lbl_path = os.path.join(lbl_dir, stem + "_gtFine_labelIds.png")
+        cv2.imwrite(lbl_path, label_ids)
+    return img_path, lbl_path
+
+
+@pytest.fixture
+def tiny_cityscapes(tmp_path):
+    """A 3-frame train split and a 2-frame val split of random pixels with random labelIds."""
+    rng = np.random.default_rng(0)
+    root = str(tmp_path / "cs")
+    for split, cities in (("train", ("aachen", "bochum")), ("val", ("lindau",))):
+        count = 0
+        for city in cities:
+            for index in range(3 if split == "train" and city == "aachen" else 2 if split == "val" else 1):
+                image = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+                label = rng.integers(0, 34, (24, 40), dtype=np.uint8)
+                write_frame(root, split, city, index, image, label)
+                count += 1
+    return root

@@ -1,0 +1,128 @@
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from conftest import write_frame
+
+import cityscapes
+from cityscapes import Cityscapes, DatasetError
+
+# labelId -> trainId, written out from the official cityscapesScripts table; every other id is ignored.
+OFFICIAL = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
+            27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+OFFICIAL_COLORS = {0: (128, 64, 128), 2: (70, 70, 70), 10: (70, 130, 180), 13: (0, 0, 142), 18: (119, 11, 32)}
+
+
+def test_every_label_id_maps_as_the_official_table():
+    ids = list(range(34)) + [-1, 255]
+    expected = [OFFICIAL.get(i, 255) for i in ids]
+    assert cityscapes.to_train_ids(np.array(ids)).tolist() == expected
+    # uint8 input (what a PNG gives) goes through the same table; -1 cannot occur there.
+    assert cityscapes.to_train_ids(np.array(ids[:34] + [255], np.uint8)).tolist() == expected[:34] + [255]
+
+
+def test_train_ids_map_back_to_label_ids_and_names():
+    train_ids = np.arange(19)
+    assert cityscapes.to_label_ids(train_ids).tolist() == [k for k, _ in sorted(OFFICIAL.items(), key=lambda t: t[1])]
+    assert cityscapes.to_train_ids(cityscapes.to_label_ids(train_ids)).tolist() == train_ids.tolist()
+    assert cityscapes.NUM_CLASSES == 19
+    assert cityscapes.CLASS_NAMES[:3] == ("road", "sidewalk", "building")
+    assert cityscapes.CLASS_NAMES[-1] == "bicycle"
+
+
+def test_colorize_uses_the_official_colors_and_black_for_ignore():
+    train_ids = np.array([[0, 2, 10], [13, 18, 255]], np.uint8)
+    rgb = cityscapes.colorize(train_ids)
+    assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
+    for (r, c), tid in np.ndenumerate(train_ids):
+        assert tuple(rgb[r, c]) == OFFICIAL_COLORS.get(int(tid), (0, 0, 0))
+
+
+def test_dataset_pairs_images_with_labels_and_maps_them(tiny_cityscapes):
+    ds = Cityscapes(tiny_cityscapes, "train")
+    assert len(ds) == 4
+    names = [ds.name(i) for i in range(len(ds))]
+    assert names == sorted(names) and names[0] == "aachen_000000_000019"
+    for i in range(len(ds)):
+        image, label = ds[i]
+        img_path, lbl_path = ds.samples[i]
+        assert image.shape == (24, 40, 3) and image.dtype == np.uint8
+        assert label.shape == (24, 40) and label.dtype == np.int64
+        # Independent read: cv2 BGR -> RGB, labelIds -> train ids through the dict above.
+        np.testing.assert_array_equal(image, cv2.imread(img_path)[..., ::-1])
+        raw = cv2.imread(lbl_path, cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(label, np.vectorize(lambda v: OFFICIAL.get(int(v), 255))(raw))
+
+
+def test_test_split_loads_images_only(tmp_path):
+    root = str(tmp_path)
+    write_frame(root, "test", "berlin", 0, np.zeros((8, 12, 3), np.uint8))
+    image, label = Cityscapes(root, "test")[0]
+    assert image.shape == (8, 12, 3)
+    assert (label == 255).all() and label.shape == (8, 12)
+
+
+def test_missing_root_explains_layout_download_and_synthetic(tmp_path):
+    with pytest.raises(DatasetError) as err:
+        Cityscapes(str(tmp_path / "nowhere"), "train")
+    msg = str(err.value)
+    assert "nowhere" in msg and "leftImg8bit/train" in msg and "gtFine_trainvaltest.zip" in msg
+    assert "--config synthetic" in msg
+
+
+def test_missing_split_is_an_error(tiny_cityscapes):
+    with pytest.raises(DatasetError, match="leftImg8bit/test"):
+        Cityscapes(tiny_cityscapes, "test")
+
+
+def test_image_without_label_names_both_files(tmp_path):
+    root = str(tmp_path)
+    write_frame(root, "val", "lindau", 0, np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    img, _ = write_frame(root, "val", "lindau", 1, np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DatasetError) as err:
+        Cityscapes(root, "val")
+    assert img in str(err.value) and "lindau_000001_000019_gtFine_labelIds.png" in str(err.value)
+
+
+def test_label_of_other_size_is_an_error(tmp_path):
+    root = str(tmp_path)
+    _, lbl = write_frame(root, "val", "lindau", 0, np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9), np.uint8))
+    with pytest.raises(DatasetError, match="8x9 but its image is 8x8") as err:
+        Cityscapes(root, "val")[0]
+    assert lbl in str(err.value)
+
+
+def test_color_label_is_an_error(tmp_path):
+    root = str(tmp_path)
+    _, lbl = write_frame(root, "val", "lindau", 0, np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DatasetError, match="3-channel uint8; expected a single-channel") as err:
+        Cityscapes(root, "val")[0]
+    assert lbl in str(err.value)
+
+
+def test_unreadable_label_is_an_error(tmp_path):
+    root = str(tmp_path)
+    _, lbl = write_frame(root, "val", "lindau", 0, np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    with open(lbl, "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(DatasetError, match="cannot read label") as err:
+        Cityscapes(root, "val")[0]
+    assert lbl in str(err.value)
+
+
+def test_16bit_label_is_an_error(tmp_path):
+    root = str(tmp_path)
+    _, lbl = write_frame(root, "val", "lindau", 0, np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(lbl, np.zeros((8, 8), np.uint16))
+    with pytest.raises(DatasetError, match="uint16"):
+        Cityscapes(root, "val")[0]
+
+
+@pytest.mark.parametrize("module", ["configs", "cityscapes", "transform"])
+def test_import_has_no_side_effects(module, tmp_path):
+    out = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "" and list(tmp_path.iterdir()) == []

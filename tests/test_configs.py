@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from configs import PRESETS, Config, ConfigError, format_config, get_config
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = get_config()
+    assert cfg.crop_size == (1024, 1024) and cfg.batch_size == 16 and cfg.max_iter == 80000
+    assert (cfg.lr, cfg.weight_decay, cfg.momentum) == (1e-2, 5e-4, 0.9)
+    assert (cfg.warmup_iters, cfg.poly_power, cfg.ohem_thresh) == (1000, 0.9, 0.7)
+    assert (cfg.num_classes, cfg.ignore_index, cfg.data_root) == (19, 255, "data")
+    assert cfg.eval_scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    assert cfg.run_name == "cityscapes"
+
+
+def test_one_gpu_preset_halves_lr_and_doubles_iterations():
+    ref, one = get_config("cityscapes"), get_config("cityscapes_1gpu")
+    assert one.batch_size == ref.batch_size // 2
+    assert one.lr == pytest.approx(ref.lr / 2) and one.max_iter == 2 * ref.max_iter
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds(name):
+    cfg = get_config(name)
+    assert isinstance(cfg, Config) and cfg.run_name == name
+
+
+def test_overrides_are_parsed_by_the_type_of_the_default():
+    cfg = get_config("synthetic", ["max_iter=70", "lr=0.5", "arm=false", "global_pool=0", "crop_size=[64, 96]",
+                                   "scales=0.5,1,1.5", "fusion=sum", "run_name=a=b"])
+    assert cfg.max_iter == 70 and isinstance(cfg.max_iter, int)
+    assert cfg.lr == 0.5 and cfg.arm is False and cfg.global_pool is False
+    assert cfg.crop_size == (64, 96) and cfg.scales == (0.5, 1.0, 1.5)
+    assert cfg.fusion == "sum" and cfg.run_name == "a=b"
+    assert cfg.data_root == "data/synthetic"  # from the preset, not overridden
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        get_config("cityscapes", ["learning_rate=0.1"])
+    assert "learning_rate" in str(err.value) and "max_iter" in str(err.value) and "lr" in str(err.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("max_iter=ten", "max_iter: 'ten' is not a int"),
+    ("lr=fast", "lr: 'fast' is not a float"),
+    ("lr=nan", "lr: 'nan'"),
+    ("arm=maybe", "arm: 'maybe' is not a bool"),
+    ("crop_size=1,x", "crop_size"),
+    ("crop_size=512", "expected two positive integers"),
+    ("fusion=concat", "expected one of ffm, sum"),
+    ("eval_mode=fast", "expected one of ss, ssc, msf, mscf"),
+    ("warmup_iters=80000", "warmup_iters"),
+    ("eval_stride=0", "eval_stride"),
+    ("max_iter", "expected key=value"),
+])
+def test_bad_values_are_errors_that_name_them(override, words):
+    with pytest.raises(ConfigError, match=None) as err:
+        get_config("cityscapes", [override])
+    assert words in str(err.value)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="cityscapes_1gpu"):
+        get_config("imagenet")
+
+
+def test_config_round_trips_through_json_as_a_base():
+    cfg = get_config("synthetic", ["max_iter=90"])
+    stored = json.loads(format_config(cfg))  # what a run directory / checkpoint keeps
+    again = get_config(base=stored, overrides=["eval_mode=msf"])
+    assert again.max_iter == 90 and again.crop_size == cfg.crop_size and again.eval_mode == "msf"
+    assert isinstance(again.crop_size, tuple)

@@ -1,0 +1,138 @@
+"""Parameter groups, SGD setup and the warmup + poly schedule, against hand-written expectations."""
+
+import pytest
+import torch
+from torch import nn
+
+from configs import Config
+from optimizer import build_optimizer, lr_at, param_groups, set_lr
+
+
+class ToyBiSeNet(nn.Module):
+    """The module names BiSeNet's optimizer setup depends on, with every kind of layer it must sort."""
+
+    HEAD_MODULES = ("ffm", "head", "aux8")
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.sp = nn.Sequential(nn.Conv2d(4, 4, 1, bias=True), nn.LayerNorm(4))
+        self.header = nn.Conv2d(4, 4, 1)  # a name that starts with "head" but is not the head module
+        self.ffm = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.SyncBatchNorm(4))
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 3), nn.GroupNorm(2, 4))
+        self.aux8 = nn.Conv2d(4, 2, 1)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+EXPECTED = {
+    "base": {"conv1.weight", "sp.0.weight", "header.weight"},
+    "base_no_decay": {"bn1.weight", "bn1.bias", "sp.0.bias", "sp.1.weight", "sp.1.bias", "header.bias"},
+    "head": {"ffm.0.weight", "head.0.weight", "aux8.weight"},
+    "head_no_decay": {"ffm.1.weight", "ffm.1.bias", "head.0.bias", "head.1.weight", "head.1.bias", "aux8.bias"},
+}
+
+
+def group_names(model, groups):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {g["name"]: [names[id(p)] for p in g["params"]] for g in groups}
+
+
+def test_param_groups_sort_every_trainable_parameter_once():
+    model = ToyBiSeNet()
+    groups = param_groups(model, ToyBiSeNet.HEAD_MODULES, weight_decay=5e-4, head_lr_mult=10.0)
+    by_name = group_names(model, groups)
+    assert {k: set(v) for k, v in by_name.items()} == EXPECTED
+    listed = [n for names in by_name.values() for n in names]
+    assert len(listed) == len(set(listed))  # nothing twice
+    assert set(listed) == {n for n, p in model.named_parameters() if p.requires_grad}
+    settings = {g["name"]: (g["lr_mult"], g["weight_decay"]) for g in groups}
+    assert settings == {
+        "base": (1.0, 5e-4),
+        "base_no_decay": (1.0, 0.0),
+        "head": (10.0, 5e-4),
+        "head_no_decay": (10.0, 0.0),
+    }
+
+
+def test_param_groups_drop_empty_groups():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False))
+    groups = param_groups(model, ("head",), weight_decay=1e-4)
+    assert [g["name"] for g in groups] == ["base"]
+
+
+def test_shared_parameter_is_optimized_once():
+    model = ToyBiSeNet()
+    model.aux8.weight = model.conv1.weight  # same tensor under two names
+    groups = param_groups(model, ToyBiSeNet.HEAD_MODULES)
+    params = [p for g in groups for p in g["params"]]
+    assert len(params) == len({id(p) for p in params})
+
+
+def test_build_optimizer_and_set_lr():
+    cfg = Config(lr=0.02, momentum=0.8, weight_decay=1e-3, head_lr_mult=10.0)
+    opt = build_optimizer(ToyBiSeNet(), cfg)
+    assert isinstance(opt, torch.optim.SGD)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == pytest.approx({"base": 0.02, "base_no_decay": 0.02, "head": 0.2, "head_no_decay": 0.2})
+    assert all(g["momentum"] == 0.8 for g in opt.param_groups)
+    set_lr(opt, 0.003)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == pytest.approx({"base": 0.003, "base_no_decay": 0.003, "head": 0.03, "head_no_decay": 0.03})
+
+
+def test_weight_decay_applies_only_where_it_should():
+    # With zero gradients a first SGD step moves a parameter by -lr * weight_decay * p, or not at all.
+    cfg = Config(lr=0.1, momentum=0.9, weight_decay=0.01, head_lr_mult=10.0)
+    model = ToyBiSeNet()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    opt = build_optimizer(model, cfg)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    values = {n: p.flatten()[0].item() for n, p in model.named_parameters()}
+    assert values["conv1.weight"] == pytest.approx(1 - 0.1 * 0.01)
+    assert values["aux8.weight"] == pytest.approx(1 - 0.1 * 10 * 0.01)
+    for name in EXPECTED["base_no_decay"] | EXPECTED["head_no_decay"]:
+        assert values[name] == 1.0, name
+
+
+def schedule(warmup):
+    return Config(lr=0.01, max_iter=1000, warmup_iters=100, warmup=warmup, warmup_start=0.1, poly_power=0.9)
+
+
+def test_lr_exp_warmup_then_poly():
+    cfg = schedule("exp")
+    assert lr_at(0, cfg) == pytest.approx(0.01 * 0.1)  # 0.001
+    assert lr_at(50, cfg) == pytest.approx(0.01 * 0.1**0.5)  # halfway in log space: 0.0031623
+    assert lr_at(100, cfg) == pytest.approx(0.01)
+    assert lr_at(550, cfg) == pytest.approx(0.01 * (1 - 450 / 900) ** 0.9)  # 0.0053589
+    assert lr_at(999, cfg) == pytest.approx(0.01 * (1 / 900) ** 0.9)  # 2.1883e-5
+    assert lr_at(1000, cfg) == 0.0
+
+
+def test_lr_linear_warmup_then_poly():
+    cfg = schedule("linear")
+    assert lr_at(0, cfg) == pytest.approx(0.001)
+    assert lr_at(50, cfg) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))  # 0.0055
+    assert lr_at(99, cfg) == pytest.approx(0.01 * (0.1 + 0.9 * 0.99))  # 0.00991
+    assert lr_at(100, cfg) == pytest.approx(0.01)
+    assert lr_at(550, cfg) == pytest.approx(0.01 * 0.5**0.9)
+    assert lr_at(1000, cfg) == 0.0
+
+
+def test_lr_without_warmup_and_past_the_end():
+    cfg = Config(lr=0.01, max_iter=200, warmup_iters=0, poly_power=0.9)
+    assert lr_at(0, cfg) == pytest.approx(0.01)
+    assert lr_at(100, cfg) == pytest.approx(0.01 * 0.5**0.9)
+    assert lr_at(250, cfg) == 0.0  # clamped, not a complex number
+
+
+def test_lr_rises_then_falls():
+    cfg = schedule("exp")
+    lrs = [lr_at(it, cfg) for it in range(1001)]
+    assert all(a < b for a, b in zip(lrs[:100], lrs[1:101], strict=True))
+    assert all(a > b for a, b in zip(lrs[100:1000], lrs[101:1001], strict=True))

@@ -1,0 +1,132 @@
+"""Paired (image, label) transforms on numpy arrays.
+
+Training: random scale, pad (image 0, label 255) where the scaled image is smaller than the crop,
+random crop, horizontal flip, color jitter, normalize. Scale, pad, crop and flip are one affine
+map from crop pixels to source pixels, applied with a single cv2.warpAffine per array: the cost is
+that of the crop, not of the scaled full image (a 2x-scaled 1024x2048 frame is never built).
+Labels always use nearest-neighbour sampling.
+"""
+
+import cv2
+import numpy as np
+import torch
+
+IGNORE = 255
+
+
+def crop_matrix(scale, offset, flip, crop_w):
+    """2x3 matrix mapping crop pixel (x, y) to source pixel coordinates, for cv2.WARP_INVERSE_MAP.
+
+    Pixel centres are matched as cv2.resize does: output centre x + 0.5 lies at (x + 0.5 + ox) / scale in
+    the source. With flip, crop column x takes the place of column crop_w - 1 - x.
+    """
+    ox, oy = offset
+    m = np.array([[1 / scale, 0, (ox + 0.5) / scale - 0.5], [0, 1 / scale, (oy + 0.5) / scale - 0.5]])
+    if flip:
+        m[0, 2] += (crop_w - 1) / scale
+        m[0, 0] = -m[0, 0]
+    return m
+
+
+def warp_pair(image, label, matrix, crop_hw, valid_hw, flip):
+    """Image (bilinear) and label (nearest) sampled on the crop grid.
+
+    Only the top-left `valid_hw` of the unflipped crop lies on the scaled image; the rest is padding
+    (image 0, label 255). The image is warped with replicated borders so that its edge pixels are not
+    blended with the padding, then the padding is written explicitly into both arrays.
+    """
+    size = (crop_hw[1], crop_hw[0])
+    flags = cv2.WARP_INVERSE_MAP
+    image = cv2.warpAffine(image, matrix, size, flags=flags | cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    label = cv2.warpAffine(label, matrix, size, flags=flags | cv2.INTER_NEAREST, borderValue=IGNORE)
+    valid_h, valid_w = valid_hw
+    cols = slice(0, crop_hw[1] - valid_w) if flip else slice(valid_w, None)
+    for array, fill in ((image, 0), (label, IGNORE)):
+        array[valid_h:] = fill
+        array[:, cols] = fill
+    return image, label
+
+
+def color_jitter(image, rng, brightness, contrast, saturation):
+    """Scale brightness, contrast (around the mean gray) and saturation (around the pixel gray)."""
+    out = image.astype(np.float32)
+    if brightness > 0:
+        out *= rng.uniform(1 - brightness, 1 + brightness)
+    if contrast > 0:
+        mean = out.mean(axis=2).mean()
+        out = (out - mean) * rng.uniform(1 - contrast, 1 + contrast) + mean
+    if saturation > 0:
+        gray = out @ np.array([0.299, 0.587, 0.114], np.float32)
+        out = (out - gray[..., None]) * rng.uniform(1 - saturation, 1 + saturation) + gray[..., None]
+    return np.clip(out, 0, 255)
+
+
+class Normalize:
+    """RGB uint8/float (H, W, 3) in [0, 255] -> float32 CHW tensor, (x / 255 - mean) / std."""
+
+    def __init__(self, mean, std):
+        self.scale = (1 / (255 * np.asarray(std, np.float32))).astype(np.float32)
+        self.shift = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+
+    def __call__(self, image):
+        chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+        chw *= self.scale[:, None, None]
+        chw += self.shift[:, None, None]
+        return torch.from_numpy(chw)
+
+
+class TrainTransform:
+    """The reference augmentation. Call as transform(image, label, rng) with a numpy Generator."""
+
+    def __init__(self, crop_size, scales, scale_sampling="range", hflip=0.5, brightness=0.4, contrast=0.4,
+                 saturation=0.4, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        self.crop_hw = tuple(int(c) for c in crop_size)
+        self.scales, self.scale_sampling, self.hflip = tuple(scales), scale_sampling, hflip
+        self.jitter = (brightness, contrast, saturation)
+        self.normalize = Normalize(mean, std)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.crop_size, cfg.scales, cfg.scale_sampling, cfg.hflip, cfg.brightness, cfg.contrast,
+                   cfg.saturation, cfg.mean, cfg.std)
+
+    def sample_params(self, image_hw, rng):
+        """(scale, (ox, oy) crop offset in the scaled image, flip)."""
+        if self.scale_sampling == "choice":
+            scale = float(rng.choice(self.scales))
+        else:
+            scale = float(rng.uniform(min(self.scales), max(self.scales)))
+        crop_h, crop_w = self.crop_hw
+        # The scaled image is padded on the right/bottom up to the crop: offsets range over what is left.
+        free_w = max(0, round(image_hw[1] * scale) - crop_w)
+        free_h = max(0, round(image_hw[0] * scale) - crop_h)
+        offset = (int(rng.integers(0, free_w + 1)), int(rng.integers(0, free_h + 1)))
+        return scale, offset, bool(rng.random() < self.hflip)
+
+    def geometry(self, image, label, rng):
+        """Scale, pad, crop and flip (no color change): uint8 image and label of the crop size."""
+        scale, (ox, oy), flip = self.sample_params(image.shape[:2], rng)
+        crop_h, crop_w = self.crop_hw
+        valid_hw = (min(crop_h, round(image.shape[0] * scale) - oy), min(crop_w, round(image.shape[1] * scale) - ox))
+        matrix = crop_matrix(scale, (ox, oy), flip, crop_w)
+        return warp_pair(image, label, matrix, self.crop_hw, valid_hw, flip)
+
+    def __call__(self, image, label, rng=None):
+        rng = np.random.default_rng() if rng is None else rng
+        image, label = self.geometry(image, label, rng)
+        image = color_jitter(image, rng, *self.jitter)
+        return self.normalize(image), torch.from_numpy(label.astype(np.int64))
+
+
+class EvalTransform:
+    """Normalize only: the whole image at its own size."""
+
+    def __init__(self, mean, std):
+        self.normalize = Normalize(mean, std)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.mean, cfg.std)
+
+    def __call__(self, image, label, rng=None):
+        return self.normalize(image), torch.from_numpy(label.astype(np.int64))
