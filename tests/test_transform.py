@@ -97,7 +97,7 @@ def test_discrete_scales_are_drawn_from_the_set():
     assert drawn == {0.75, 1.0, 1.25}
     ranged = [no_jitter((8, 8), (0.75, 2.0)).sample_params((100, 100), np.random.default_rng(s))[0]
               for s in range(60)]
-    assert 0.75 <= min(ranged) and max(ranged) <= 2.0 and len(set(ranged)) == 60
+    assert min(ranged) >= 0.75 and max(ranged) <= 2.0 and len(set(ranged)) == 60
 
 
 def test_same_seed_same_sample_and_output_types():

@@ -1,0 +1,294 @@
+"""BiSeNet (ResNet18) with the ablation switches of configs.py, its builder and the one checkpoint loader.
+
+Layout (RECIPE.md): a spatial path at 1/8, a context path (ResNet18, attention refinement on the 1/16 and 1/32
+features, a global pooling branch), a feature fusion module, a main head and two auxiliary heads. A part that is
+switched off has no parameters at all, so DistributedDataParallel needs no find_unused_parameters.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configs import MODEL_KEYS
+from resnet import ResNet18, load_pretrained
+
+SPATIAL_PATHS = ("conv", "backbone", "none")
+FUSIONS = ("ffm", "sum")
+UPSAMPLES = ("nearest", "bilinear")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not fit the model it is loaded into."""
+
+
+class ConvBNReLU(nn.Module):
+    def __init__(self, cin, cout, kernel=3, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+def resize(x, size, mode):
+    """Resize to an exact size (never a fixed x2), so that input sizes need not be multiples of 32."""
+    return F.interpolate(x, size=size, mode=mode, align_corners=False if mode == "bilinear" else None)
+
+
+def global_avg(x):
+    return x.mean((2, 3), keepdim=True)
+
+
+def make_spatial_path():
+    # Three stride-2 convs give ceil(ceil(ceil(H/2)/2)/2) rows, the same as the ResNet's layer2 for any H.
+    return nn.Sequential(
+        ConvBNReLU(3, 64, 7, 2), ConvBNReLU(64, 64, 3, 2), ConvBNReLU(64, 64, 3, 2), ConvBNReLU(64, 128, 1)
+    )
+
+
+class AttentionRefinement(nn.Module):
+    """ARM: a 3x3 ConvBNReLU whose output is reweighted per channel by its own global context."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, cout, 3)
+        self.att_conv = nn.Conv2d(cout, cout, 1, bias=False)
+        self.att_bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        feat = self.conv(x)
+        return feat * torch.sigmoid(self.att_bn(self.att_conv(global_avg(feat))))
+
+
+class FeatureFusion(nn.Module):
+    """FFM: 1x1 ConvBNReLU on the concatenated features, then a squeeze-excite style residual reweighting."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, cout, 1)
+        # The paper's two-layer attention (the CoinCheung "newest" variant uses one 1x1 conv + BN instead).
+        self.att = nn.Sequential(
+            nn.Conv2d(cout, cout // 4, 1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout // 4, cout, 1, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x):
+        feat = self.conv(x)
+        return feat * self.att(global_avg(feat)) + feat
+
+
+class SegHead(nn.Module):
+    """3x3 ConvBNReLU then a 1x1 classifier; logits are resized bilinearly to the input size."""
+
+    def __init__(self, cin, mid, num_classes):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, mid, 3)
+        self.cls = nn.Conv2d(mid, num_classes, 1)
+
+    def forward(self, x, size):
+        return resize(self.cls(self.conv(x)), size, "bilinear")
+
+
+class BiSeNet(nn.Module):
+    # The optimizer gives parameters whose names start with these a higher lr (cfg.head_lr_mult).
+    HEAD_MODULES = ("ffm", "head", "aux8", "aux16")
+
+    def __init__(
+        self,
+        num_classes=19,
+        spatial_path="conv",
+        arm=True,
+        global_pool=True,
+        fusion="ffm",
+        upsample="nearest",
+        aux_heads=True,
+    ):
+        super().__init__()
+        for name, value, allowed in (
+            ("spatial_path", spatial_path, SPATIAL_PATHS),
+            ("fusion", fusion, FUSIONS),
+            ("upsample", upsample, UPSAMPLES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"BiSeNet: bad {name} {value!r}; expected one of {', '.join(allowed)}")
+        # the switches that shape the parameter set (configs.MODEL_KEYS), to explain checkpoint mismatches
+        self.arch = dict(
+            num_classes=num_classes,
+            spatial_path=spatial_path,
+            arm=arm,
+            global_pool=global_pool,
+            fusion=fusion,
+            aux_heads=aux_heads,
+        )
+        self.upsample = upsample
+
+        self.backbone = ResNet18()
+        self.spatial = make_spatial_path() if spatial_path == "conv" else None
+        # Without ARM a plain 3x3 ConvBNReLU keeps the reduction to 128 channels, so nothing else changes.
+        refine = AttentionRefinement if arm else ConvBNReLU
+        self.arm16 = refine(256, 128)
+        self.arm32 = refine(512, 128)
+        self.gp = ConvBNReLU(512, 128, 1) if global_pool else None
+        self.refine16 = ConvBNReLU(128, 128, 3)
+        self.refine8 = ConvBNReLU(128, 128, 3)
+        spatial_channels = 0 if spatial_path == "none" else 128
+        self.ffm = FeatureFusion(spatial_channels + 128, 256) if fusion == "ffm" else None
+        # Sum fusion hands the head 128 channels; its mid width stays 256 so that only the fusion differs.
+        self.head = SegHead(256 if fusion == "ffm" else 128, 256, num_classes)
+        self.aux8 = SegHead(128, 64, num_classes) if aux_heads else None
+        self.aux16 = SegHead(128, 64, num_classes) if aux_heads else None
+        self._init_new_layers()
+
+    def _init_new_layers(self):
+        # The backbone keeps its own init, usually replaced by ImageNet weights.
+        for name, child in self.named_children():
+            if name == "backbone":
+                continue
+            for m in child.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, a=1)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        """Training: a tuple (main, aux8, aux16) of logits at input size, or (main,) without aux heads.
+
+        Evaluation: the main logits only (the aux heads are not run). Note that in training mode BatchNorm after
+        global pooling (ARM, GP) needs more than one image per batch.
+        """
+        size = x.shape[2:]
+        feat8, feat16, feat32 = self.backbone(x)
+        feat16_up, feat8_up = self._context(feat8, feat16, feat32)
+        main = self.head(self._fuse(self._spatial_feature(x, feat8), feat8_up), size)
+        if not self.training:
+            return main
+        if self.aux8 is None:
+            return (main,)
+        return main, self.aux8(feat8_up, size), self.aux16(feat16_up, size)
+
+    def _context(self, feat8, feat16, feat32):
+        """Context path: returns (feat16_up, feat8_up), 128 channels at the 1/16 and 1/8 feature sizes."""
+        ctx32 = self.arm32(feat32)
+        if self.gp is not None:
+            ctx32 = ctx32 + self.gp(global_avg(feat32))  # 1x1 context broadcast over the 1/32 map
+        feat16_up = self.refine16(resize(ctx32, feat16.shape[2:], self.upsample))
+        feat8_up = self.refine8(resize(feat16_up + self.arm16(feat16), feat8.shape[2:], self.upsample))
+        return feat16_up, feat8_up
+
+    def _spatial_feature(self, x, feat8):
+        """The 1/8 detail feature (128 channels), or None with spatial_path=none."""
+        if self.spatial is not None:
+            return self.spatial(x)
+        return feat8 if self.arch["spatial_path"] == "backbone" else None
+
+    def _fuse(self, spatial, feat8_up):
+        if self.ffm is not None:
+            return self.ffm(feat8_up if spatial is None else torch.cat([spatial, feat8_up], 1))
+        return feat8_up if spatial is None else spatial + feat8_up
+
+
+def build_model(cfg, pretrained=True):
+    """BiSeNet for a configs.Config; `pretrained=False` skips the ImageNet backbone (e.g. before load_checkpoint)."""
+    model = BiSeNet(
+        num_classes=cfg.num_classes,
+        spatial_path=cfg.spatial_path,
+        arm=cfg.arm,
+        global_pool=cfg.global_pool,
+        fusion=cfg.fusion,
+        upsample=cfg.upsample,
+        aux_heads=cfg.aux_heads,
+    )
+    if pretrained:
+        load_pretrained(model.backbone, cfg.pretrained)
+    return model
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_checkpoint(model, path):
+    """Load a checkpoint's weights into a built BiSeNet: the one place that does it.
+
+    Accepts our checkpoints (a dict with "model", optionally "config") or a bare state dict, with DDP `module.` and
+    torch.compile `_orig_mod.` prefixes stripped. Aux-head weights are skipped for a model built without aux heads.
+    Returns the checkpoint dict (a bare state dict comes back as {"model": state}). Raises CheckpointError.
+    """
+    ckpt = read_checkpoint(path)
+    state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
+    if model.aux8 is None:
+        state = {k: v for k, v in state.items() if not k.startswith(("aux8.", "aux16."))}
+    problems = _mismatches(model, state, path)
+    if problems:
+        hint = _config_hint(model, ckpt.get("config"))
+        raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems) + hint)
+    model.load_state_dict(state)
+    return ckpt
+
+
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's own message suggests weights_only=False, which is not the fix here
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(err).__name__}): expected a file written by torch.save holding "
+            "tensors and plain Python values; it may be truncated or not a checkpoint (details in the cause above)"
+        ) from err
+    if isinstance(ckpt, dict) and not isinstance(ckpt.get("model"), dict):
+        ckpt = {"model": ckpt}  # a bare state dict
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise CheckpointError(
+            f"{path} is not a model checkpoint: expected a dict with a 'model' state dict, or a bare state dict"
+        )
+    return ckpt
+
+
+def _strip_prefixes(key):
+    # DDP(compile(model)) and compile(DDP(model)) nest the two prefixes in either order
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _mismatches(model, state, path):
+    expected = model.state_dict()
+    problems = []
+    cls = state.get("head.cls.weight")
+    if cls is not None and cls.shape[0] != model.arch["num_classes"]:
+        problems.append(f"checkpoint has {cls.shape[0]} classes, config has {model.arch['num_classes']} (num_classes)")
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    for label, keys in (("wrong shapes", wrong_shape), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if keys:
+            problems.append(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)")
+    if missing or unexpected:
+        problems.append(
+            "it was probably trained with different ablation switches (spatial_path, arm, global_pool, fusion)"
+        )
+    return problems
+
+
+def _config_hint(model, ckpt_config):
+    if not isinstance(ckpt_config, dict):
+        return ""
+    differ = [
+        f"{k}={ckpt_config[k]!r} (model {model.arch[k]!r})"
+        for k in MODEL_KEYS
+        if k in ckpt_config and ckpt_config[k] != model.arch[k]
+    ]
+    if not differ:
+        return ""
+    return ". The checkpoint's config differs in: " + ", ".join(differ)
