@@ -223,7 +223,8 @@ def get_config(name="cityscapes", overrides=(), base=None):
 
 
 def format_config(cfg):
-    return json.dumps(cfg.to_dict(), indent=1)
+    """JSON with one key per line (what config.json holds and what a run prints at start)."""
+    return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in cfg.to_dict().items()) + "\n}"
 
 
 def add_config_args(parser):

@@ -1,0 +1,239 @@
+"""Evaluate a BiSeNet checkpoint: mIoU as the official Cityscapes toolkit computes it.
+
+    python evaluate.py --ckpt runs/NAME/model_final.pth [--config NAME] [mode=ss|ssc|msf|mscf] [key=value ...]
+    torchrun --nproc_per_node=N evaluate.py --ckpt PATH ...      # each process scores its share
+
+Modes: ss = whole image at scale 1; ssc = sliding crops at scale 1; msf = whole image at every scale
+of eval_scales, plus its mirror image; mscf = sliding crops at every scale, plus mirror images.
+`save_dir=DIR` writes label-id PNGs (DIR/labelIds/CITY/NAME.png) for the official toolkit or the
+benchmark server, and with save_color=true colorized ones (DIR/color/...). `val_split=test` predicts
+the test split (no labels: no mIoU).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cityscapes import CLASS_NAMES, Cityscapes, DatasetError, colorize, to_label_ids
+from configs import ConfigError, add_config_args, get_config
+from distributed import Distributed
+from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
+from synthetic import prepare_data
+from transform import EvalTransform
+
+MODES = {  # mode: (sliding crops, multi-scale and flip)
+    "ss": (False, False),
+    "ssc": (True, False),
+    "msf": (False, True),
+    "mscf": (True, True),
+}
+
+
+# ---- the math: confusion matrix and IoU ----
+
+def confusion_update(confusion, pred, label, ignore_index=255):
+    """Add the pixels of one prediction to a (C, C) int64 confusion matrix: rows = truth, columns = prediction."""
+    n = confusion.shape[0]
+    valid = label != ignore_index
+    index = label[valid] * n + pred[valid]
+    confusion += torch.bincount(index, minlength=n * n).reshape(n, n)
+    return confusion
+
+
+def iou_from_confusion(confusion):
+    """Per-class IoU = TP / (TP + FP + FN), NaN where the denominator is 0; the mean skips NaN classes,
+    as the official toolkit does (a class absent from both truth and prediction does not count)."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    denom = confusion.sum(0) + confusion.sum(1) - tp
+    iou = torch.where(denom > 0, tp / denom.clamp(min=1), torch.full_like(tp, float("nan")))
+    miou = iou[~iou.isnan()].mean().item() if (~iou.isnan()).any() else float("nan")
+    accuracy = (tp.sum() / confusion.sum()).item() if confusion.sum() > 0 else float("nan")
+    return iou, miou, accuracy
+
+
+# ---- inference ----
+
+def crop_starts(length, crop, stride):
+    """Start offsets of windows of size `crop` every `stride` pixels, the last one ending at `length`."""
+    if length <= crop:
+        return [0]
+    starts = list(range(0, length - crop, stride))
+    return starts + [length - crop]
+
+
+def crop_scores(model, crops, flip, fusion):
+    """Scores (N, C, h, w) of a batch of crops: softmax, with the mirrored prediction mirrored back and
+    added when flip is set; `exp` fusion (the seed author's) takes exp of that sum."""
+    batch = torch.cat([crops, crops.flip(-1)]) if flip else crops
+    probs = model(batch).float().softmax(1)
+    if flip:
+        probs = probs[: len(crops)] + probs[len(crops):].flip(-1)
+    return probs.exp() if fusion == "exp" else probs
+
+
+def sliding_scores(model, image, crop_hw, stride_frac, batch_size, flip, fusion):
+    """Scores (C, H, W) of one image (1, 3, H, W) from overlapping crops run `batch_size` at a time.
+
+    An image smaller than the crop is padded (bottom/right) to it. "exp" fusion adds the scores of
+    overlapping crops, as the seed author did; "mean" fusion averages them.
+    """
+    _, _, h, w = image.shape
+    ch, cw = crop_hw  # windows keep the training crop size; the image is padded up to it where smaller
+    padded = F.pad(image, (0, max(0, cw - w), 0, max(0, ch - h)))
+    ph, pw = padded.shape[-2:]
+    boxes = [(y, x) for y in crop_starts(ph, ch, max(1, int(ch * stride_frac)))
+             for x in crop_starts(pw, cw, max(1, int(cw * stride_frac)))]
+    scores, counts = None, torch.zeros((1, ph, pw), device=image.device)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i:i + batch_size]
+        crops = torch.cat([padded[:, :, y:y + ch, x:x + cw] for y, x in chunk])
+        out = crop_scores(model, crops, flip, fusion)
+        if scores is None:
+            scores = torch.zeros((out.shape[1], ph, pw), device=image.device)
+        for (y, x), score in zip(chunk, out, strict=True):
+            scores[:, y:y + ch, x:x + cw] += score
+            counts[:, y:y + ch, x:x + cw] += 1
+    if fusion == "mean":
+        scores /= counts
+    return scores[:, :h, :w]
+
+
+def predict_scores(model, image, cfg, mode):
+    """Class scores (C, H, W) of a normalized image (1, 3, H, W) in evaluation `mode`: argmax is the prediction."""
+    sliding, multi = MODES[mode]
+    scales, flip = (cfg.eval_scales, True) if multi else ((1.0,), False)
+    h, w = image.shape[-2:]
+    total = None
+    for scale in scales:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        x = image if size == (h, w) else F.interpolate(image, size, mode="bilinear", align_corners=False)
+        if sliding:
+            scores = sliding_scores(model, x, cfg.eval_crop, cfg.eval_stride, cfg.eval_batch, flip, cfg.eval_fusion)
+        else:
+            scores = crop_scores(model, x, flip, cfg.eval_fusion)[0]
+        if size != (h, w):
+            scores = F.interpolate(scores[None], (h, w), mode="bilinear", align_corners=False)[0]
+        total = scores if total is None else total + scores
+    return total / len(scales) if cfg.eval_fusion == "mean" else total
+
+
+# ---- the evaluation loop ----
+
+class _Indexed(torch.utils.data.Dataset):
+    """Items of `dataset` with their index, so a rank knows which file it predicted."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[self.indices[i]]
+        return self.indices[i], image, label
+
+
+def save_prediction(save_dir, name, pred, color):
+    """Label-id PNG at save_dir/labelIds/CITY/NAME.png (what the toolkit and the server read)."""
+    city = name.split("_")[0]
+    outputs = [("labelIds", to_label_ids(pred))] + ([("color", colorize(pred)[..., ::-1])] if color else [])
+    for kind, picture in outputs:
+        folder = os.path.join(save_dir, kind, city)
+        os.makedirs(folder, exist_ok=True)
+        cv2.imwrite(os.path.join(folder, name + ".png"), picture)
+
+
+@torch.inference_mode()
+def evaluate(model, dataset, cfg, ddp, mode=None):
+    """Score `model` on `dataset` (a Cityscapes split) in `mode` (default cfg.eval_mode).
+
+    Under torchrun each rank takes every world-th image (no padding, no duplicates) and the confusion
+    matrices are summed, so the result equals a single process's. Returns a JSON-ready dict.
+    """
+    mode = mode or cfg.eval_mode
+    if mode not in MODES:
+        raise ConfigError(f"unknown evaluation mode {mode!r}; expected one of {', '.join(MODES)}")
+    dataset.transform = EvalTransform.from_config(cfg)
+    shard = _Indexed(dataset, list(range(ddp.rank, len(dataset), ddp.world)))
+    loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=cfg.eval_workers,
+                                         pin_memory=ddp.device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=ddp.device)
+    for index, image, label in tqdm(loader, desc=f"eval {mode}", disable=not ddp.main, dynamic_ncols=True):
+        image, label = image[None].to(ddp.device), label.to(ddp.device)
+        pred = predict_scores(model, image, cfg, mode).argmax(0)
+        confusion_update(confusion, pred, label, cfg.ignore_index)
+        if cfg.save_dir:
+            save_prediction(cfg.save_dir, dataset.name(index), pred.cpu().numpy().astype(np.uint8), cfg.save_color)
+    model.train(was_training)
+    confusion = ddp.all_sum(confusion)
+    iou, miou, accuracy = iou_from_confusion(confusion.cpu())
+    return {"mode": mode, "split": dataset.split, "images": len(dataset), "miou": miou, "pixel_accuracy": accuracy,
+            "iou": {name: (None if v != v else v) for name, v in zip(_class_names(cfg), iou.tolist(), strict=True)},
+            "confusion": confusion.cpu().tolist()}
+
+
+def _class_names(cfg):
+    return CLASS_NAMES if cfg.num_classes == len(CLASS_NAMES) else [f"class {i}" for i in range(cfg.num_classes)]
+
+
+def format_results(results):
+    """The per-class table printed on the terminal."""
+    lines = [f"{'class':<16}{'IoU':>8}"]
+    for name, iou in results["iou"].items():
+        lines.append(f"{name:<16}{'n/a' if iou is None else f'{100 * iou:.2f}':>8}")
+    lines.append("-" * 24)
+    lines.append(f"{'pixel accuracy':<16}{100 * results['pixel_accuracy']:>8.2f}")
+    lines.append(f"{'mIoU':<16}{100 * results['miou']:>8.2f}")
+    lines.append(f"({results['mode']} on {results['images']} {results['split']} images; "
+                 "mIoU over classes present in truth or prediction)")
+    return "\n".join(lines)
+
+
+# ---- command line ----
+
+def read_config(args, ckpt_config):
+    """--config NAME if given, else the config stored in the checkpoint; then the overrides."""
+    overrides = [("eval_" + o) if o.startswith("mode=") else o for o in args.overrides]
+    if args.config or ckpt_config is None:
+        return get_config(args.config or "cityscapes", overrides)
+    return get_config(ckpt_config.get("run_name", "cityscapes"), overrides, base=ckpt_config)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="model_final.pth or last.pth of a run")
+    args = add_config_args(parser).parse_args(argv)
+    ddp = Distributed()
+    try:
+        cfg = read_config(args, read_checkpoint(args.ckpt).get("config"))
+        model = build_model(cfg, pretrained=False).to(ddp.device)
+        load_checkpoint(model, args.ckpt)
+        prepare_data(cfg, ddp)
+        dataset = Cityscapes(cfg.data_root, cfg.val_split)
+        results = evaluate(model, dataset, cfg, ddp)
+    except (ConfigError, CheckpointError, DatasetError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ddp.close()
+    if ddp.main:
+        print(format_results(results))
+        out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{cfg.val_split}_{results['mode']}.json")
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"results: {out}" + (f"; predictions: {cfg.save_dir}/labelIds" if cfg.save_dir else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

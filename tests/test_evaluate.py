@@ -1,0 +1,205 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_frame
+from torch import nn
+
+import evaluate
+from cityscapes import Cityscapes, to_train_ids
+from configs import get_config
+from distributed import Distributed
+from evaluate import confusion_update, crop_scores, iou_from_confusion, predict_scores, sliding_scores
+from model import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_iou_on_a_hand_built_example_with_absent_class_and_ignored_pixels():
+    label = torch.tensor([0, 0, 1, 1, 255, 255, 1])
+    pred = torch.tensor([0, 1, 1, 1, 0, 2, 3])
+    confusion = confusion_update(torch.zeros((4, 4), dtype=torch.int64), pred, label)
+    expected = torch.zeros((4, 4), dtype=torch.int64)
+    expected[0, 0] = expected[0, 1] = 1  # truth 0: one right, one called 1
+    expected[1, 1], expected[1, 3] = 2, 1  # truth 1: two right, one called 3; the ignored pixels count nowhere
+    assert torch.equal(confusion, expected)
+    iou, miou, accuracy = iou_from_confusion(confusion)
+    # class 0: TP 1, FN 1, FP 0 -> 1/2; class 1: TP 2, FN 1, FP 1 -> 2/4; class 2: never in truth or
+    # prediction (its only prediction is on an ignored pixel) -> not counted; class 3: FP 1 -> 0.
+    assert iou[0].item() == pytest.approx(0.5) and iou[1].item() == pytest.approx(0.5)
+    assert math.isnan(iou[2].item()) and iou[3].item() == 0.0
+    assert miou == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    assert accuracy == pytest.approx(3 / 5)
+
+
+class PixelModel(nn.Module):
+    """Logits at a pixel depend only on that pixel: sliding crops must reproduce the whole image."""
+
+    def __init__(self, classes=5, kernel=(1, 1)):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, classes, kernel, padding=(kernel[0] // 2, kernel[1] // 2))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_sliding_crops_equal_whole_image_for_a_pixelwise_model():
+    model, image = PixelModel(), torch.randn(1, 3, 50, 70)
+    whole = model(image).softmax(1)[0]
+    mean = sliding_scores(model, image, (32, 32), 2 / 3, 3, flip=False, fusion="mean")
+    torch.testing.assert_close(mean, whole)
+    # exp fusion adds overlapping crops: each pixel's scores are exp(p) times the number of crops covering it.
+    added = sliding_scores(model, image, (32, 32), 2 / 3, 3, flip=False, fusion="exp")
+    count = torch.zeros(50, 70)
+    for y in (0, 18):  # written out: stride int(32 * 2/3) = 21; rows 0, then the last window ends at 50
+        for x in (0, 21, 38):
+            count[y:y + 32, x:x + 32] += 1
+    torch.testing.assert_close(added, whole.exp() * count)
+    assert torch.equal(added.argmax(0), whole.argmax(0))
+
+
+def test_small_image_is_padded_to_the_crop():
+    model, image = PixelModel(), torch.randn(1, 3, 20, 25)
+    out = sliding_scores(model, image, (32, 32), 2 / 3, 4, flip=False, fusion="mean")
+    assert out.shape == (5, 20, 25)
+    torch.testing.assert_close(out, model(image).softmax(1)[0])
+
+
+def test_bisenet_crops_are_placed_and_added_like_a_crop_by_crop_reference():
+    model = build_model(get_config("synthetic", ["aux_heads=false"]), pretrained=False).eval()
+    image = torch.randn(1, 3, 80, 100)
+    with torch.no_grad():
+        batched = sliding_scores(model, image, (48, 64), 2 / 3, 3, flip=True, fusion="exp")
+        reference = torch.zeros(19, 80, 100)
+        for y in (0, 32):  # stride int(48 * 2/3) = 32: 0, then 80 - 48 = 32
+            for x in (0, 36):  # stride int(64 * 2/3) = 42 > 100 - 64 = 36: 0, then 36
+                crop = image[:, :, y:y + 48, x:x + 64]
+                p = model(crop).softmax(1)[0] + model(crop.flip(3)).softmax(1)[0].flip(2)
+                reference[:, y:y + 48, x:x + 64] += p.exp()
+    torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_flip_is_undone_for_a_model_that_is_not_mirror_symmetric():
+    model = PixelModel(kernel=(1, 3))
+    mirrored = PixelModel(kernel=(1, 3))
+    with torch.no_grad():
+        mirrored.conv.weight.copy_(model.conv.weight.flip(3))  # flip(M(flip(x))) == M'(x), M' mirrored kernel
+        mirrored.conv.bias.copy_(model.conv.bias)
+        image = torch.randn(1, 3, 9, 13)
+        got = crop_scores(model, image, flip=True, fusion="mean")
+        expected = model(image).softmax(1) + mirrored(image).softmax(1)
+        assert not torch.allclose(model(image), mirrored(image))
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", ["msf", "mscf"])
+def test_multi_scale_scores_come_back_at_the_original_size(mode):
+    cfg = get_config("synthetic", ["eval_scales=0.5,0.75,1.3", "eval_crop=24,24", "eval_fusion=mean"])
+    model, image = PixelModel(), torch.randn(1, 3, 37, 53)
+    with torch.no_grad():
+        scores = predict_scores(model, image, cfg, mode)
+    assert scores.shape == (5, 37, 53)
+    # mean fusion of probabilities (2 per scale: plain and mirrored) sums to 2 at every pixel
+    torch.testing.assert_close(scores.sum(0), torch.full((37, 53), 2.0))
+
+
+def make_checkpoint(tmp_path, n_val=5, size=(40, 56), extra=()):
+    root = str(tmp_path / "data")
+    rng = np.random.default_rng(0)
+    for i in range(n_val):
+        write_frame(root, "val", "lindau" if i % 2 else "frankfurt", i,
+                    rng.integers(0, 256, (*size, 3), dtype=np.uint8),
+                    rng.choice([7, 8, 11, 21, 23, 26, 0], size=size).astype(np.uint8))
+    cfg = get_config("synthetic", ["synthetic=false", f"data_root={root}", "eval_workers=0", *extra])
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False)
+    path = str(tmp_path / "model.pth")
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+    return path, cfg, model
+
+
+def test_saved_label_id_pngs_map_back_to_the_predicted_train_ids(tmp_path):
+    _, cfg, model = make_checkpoint(tmp_path, n_val=2)
+    save_dir = str(tmp_path / "pred")
+    cfg = get_config(base=cfg.to_dict(), overrides=[f"save_dir={save_dir}", "save_color=true"])
+    dataset = Cityscapes(cfg.data_root, "val")
+    results = evaluate.evaluate(model, dataset, cfg, Distributed())
+    confusion = torch.zeros((19, 19), dtype=torch.int64)
+    for i in range(len(dataset)):
+        name = dataset.name(i)
+        city = name.split("_")[0]
+        ids = cv2.imread(os.path.join(save_dir, "labelIds", city, name + ".png"), cv2.IMREAD_UNCHANGED)
+        color = cv2.imread(os.path.join(save_dir, "color", city, name + ".png"))
+        assert ids.dtype == np.uint8 and ids.shape == (40, 56) and color.shape == (40, 56, 3)
+        assert set(np.unique(ids)) <= {7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33}
+        with torch.no_grad():
+            image = dataset[i][0][None]
+            pred = model.eval()(image).argmax(1)[0]
+        np.testing.assert_array_equal(to_train_ids(ids), pred.numpy())
+        confusion_update(confusion, pred, dataset[i][1])
+    assert results["confusion"] == confusion.tolist()
+
+
+def run_eval(args, env_extra=None, torchrun=False):
+    env = {**os.environ, "PYTHONPATH": REPO, **(env_extra or {})}
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    return subprocess.run(cmd + [os.path.join(REPO, "evaluate.py"), *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_two_process_torchrun_equals_one_process_on_an_odd_number_of_images(tmp_path):
+    path, _, _ = make_checkpoint(tmp_path, n_val=5)
+    single = run_eval(["--ckpt", path])
+    assert single.returncode == 0, single.stderr
+    result_path = os.path.join(tmp_path, "eval_val_ss.json")
+    with open(result_path) as f:
+        one = json.load(f)
+    os.remove(result_path)
+    double = run_eval(["--ckpt", path], torchrun=True)
+    assert double.returncode == 0, double.stderr
+    with open(result_path) as f:
+        two = json.load(f)
+    assert one["images"] == two["images"] == 5
+    assert np.sum(one["confusion"]) == 5 * 40 * 56 - sum((np.array(Cityscapes(
+        os.path.join(tmp_path, "data"), "val")[i][1]) == 255).sum() for i in range(5))
+    assert one["confusion"] == two["confusion"] and one["miou"] == two["miou"]
+    assert "mIoU" in single.stdout and "road" in single.stdout
+
+
+def test_cli_errors_are_clear_and_non_zero(tmp_path, capsys):
+    path, cfg, _ = make_checkpoint(tmp_path, n_val=1)
+    cases = [
+        (["--ckpt", str(tmp_path / "missing.pth")], "missing.pth"),
+        (["--ckpt", path, "num_classes=5"], "5"),
+        (["--ckpt", path, "arm=false"], "arm"),
+        (["--ckpt", path, "mode=fast"], "expected one of ss, ssc, msf, mscf"),
+        (["--ckpt", path, "val_split=train"], "no images found"),
+    ]
+    for argv, words in cases:
+        assert evaluate.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and words in err, (argv, err)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(os.urandom(64))
+    assert evaluate.main(["--ckpt", str(garbage)]) == 2
+    assert "garbage.pth" in capsys.readouterr().err
+
+
+def test_modes_agree_with_ss_for_a_pixelwise_model():
+    cfg = get_config("synthetic", ["eval_crop=16,16", "eval_fusion=mean"])
+    model, image = PixelModel(), torch.randn(1, 3, 30, 40)
+    with torch.no_grad():
+        ss = predict_scores(model, image, cfg, "ss")
+        ssc = predict_scores(model, image, cfg, "ssc")
+    torch.testing.assert_close(ss, F.softmax(model(image), 1)[0].detach())
+    torch.testing.assert_close(ssc, ss)
