@@ -5,6 +5,7 @@ features, a global pooling branch), a feature fusion module, a main head and two
 switched off has no parameters at all, so DistributedDataParallel needs no find_unused_parameters.
 """
 
+import copy
 import os
 
 import torch
@@ -207,6 +208,37 @@ def build_model(cfg, pretrained=True):
     if pretrained:
         load_pretrained(model.backbone, cfg.pretrained)
     return model
+
+
+@torch.no_grad()
+def fold_batchnorm(model):
+    """A deployment copy of `model` in eval mode with every BatchNorm folded into the conv before it.
+
+    The conv gets weight * gamma / sqrt(var + eps) and a bias beta - mean * scale (+ its own bias * scale); the BN
+    becomes nn.Identity. Eval-mode outputs are unchanged up to float rounding; the original model is untouched.
+    """
+    # (conv, BN) attribute pairs where the BN directly follows the conv: ConvBNReLU, the ARM attention, the ResNet
+    # stem, BasicBlock, and its downsample Sequential ("0", "1")
+    pairs = (("conv", "bn"), ("att_conv", "att_bn"), ("conv1", "bn1"), ("conv2", "bn2"), ("0", "1"))
+    folded = copy.deepcopy(model).eval()
+    for module in list(folded.modules()):
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            # in float64 (on the CPU: not every accelerator has it), so that folding adds no rounding of its own
+            weight, gamma, beta, mean, var = (
+                t.to("cpu", torch.float64) for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            )
+            scale = gamma / torch.sqrt(var + bn.eps)
+            bias = beta - mean * scale
+            if conv.bias is not None:
+                bias = bias + conv.bias.to("cpu", torch.float64) * scale
+            like = dict(device=conv.weight.device, dtype=conv.weight.dtype)
+            conv.weight = nn.Parameter((weight * scale.reshape(-1, 1, 1, 1)).to(**like))
+            conv.bias = nn.Parameter(bias.to(**like))
+            setattr(module, bn_name, nn.Identity())
+    return folded
 
 
 def count_parameters(model):

@@ -60,6 +60,9 @@ def train_loader(cfg, ddp, start_iter):
         raise ConfigError(f"batch_size={cfg.batch_size} does not split over {ddp.world} processes; "
                           f"use a multiple of {ddp.world}")
     per_rank = cfg.batch_size // ddp.world
+    if per_rank < 2:
+        raise ConfigError(f"batch_size={cfg.batch_size} gives {per_rank} image per process; BiSeNet needs at least 2 "
+                          "(BatchNorm after global pooling has one value per channel otherwise)")
     dataset = Cityscapes(cfg.data_root, cfg.train_split, TrainTransform.from_config(cfg))
     # The sampler counts samples: this rank has consumed start_iter * per_rank of them already.
     sampler = InfiniteSampler(len(dataset), cfg.seed, ddp.rank, ddp.world, start_iter * per_rank)
@@ -188,7 +191,8 @@ def train(cfg, ddp):
     model, bare, optimizer, criterion = build_training(cfg, ddp)
     autocast, scaler = amp_settings(cfg, ddp.device)
     start = restore(cfg.resume, bare, optimizer, scaler) if cfg.resume else 0
-    torch.manual_seed(cfg.seed + ddp.rank + start)  # per-rank stream for anything random inside the model
+    if ddp.rank or not start:  # a per-rank stream for anything random in the model; rank 0 resumes its own
+        torch.manual_seed(cfg.seed + ddp.rank + start)
     _, loader = train_loader(cfg, ddp, start)
     if ddp.main:
         os.makedirs(run_dir, exist_ok=True)
@@ -220,7 +224,7 @@ def train(cfg, ddp):
         loss, parts = criterion(outputs, labels)
         finite = ddp.all_sum(torch.isfinite(loss.detach()).float().reshape(1))
         if finite.item() < ddp.world:
-            raise SystemExit(f"error: the loss is not finite at iteration {it} (lr {lr:.3g}); stopping. "
+            raise SystemExit(f"error: the loss is not finite at iteration {it + 1} (lr {lr:.3g}); stopping. "
                              f"The last good checkpoint, {last_path}, is intact: lower lr or check the labels "
                              f"(num_classes={cfg.num_classes}, ignore_index={cfg.ignore_index}) and resume.")
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,271 @@
+"""Measure the pipeline and write BENCHMARKS.md.
+
+    python benchmark.py                       # every section
+    python benchmark.py --only data,latency   # some: data, train, latency, eval
+
+Sections: data (training pipeline samples/s per loader worker on 1024x2048 frames, against a
+full-image resize baseline), train (training images/s at the reference crop), latency (inference
+ms/image at 512x1024 and 1024x2048 for several execution variants, against fp32 eager), eval
+(seconds per image of each evaluation mode, and batched against one-at-a-time crops). Each figure is
+the median of --repeat timed runs after a warm-up run; on CUDA the clocks are read after a
+synchronize. Runs on the GPU when there is one, else the CPU.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cityscapes import Cityscapes
+from configs import get_config
+from evaluate import predict_scores
+from loss import build_loss
+from model import build_model
+from optimizer import build_optimizer
+from synthetic import generate
+from transform import TrainTransform
+
+SECTIONS = ("data", "train", "latency", "eval")
+
+
+def timed(fn, device, repeat):
+    """Median wall seconds of fn() over `repeat` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; GPU: {gpu}; "
+            f"torch {torch.__version__}, OpenCV {cv2.__version__}, Python {platform.python_version()}")
+
+
+# ---- data ----
+
+def resize_crop_baseline(image, label, crop_hw, rng):
+    """The usual pipeline, for comparison: resize the whole frame, pad, crop, flip."""
+    scale = rng.uniform(0.75, 2.0)
+    h, w = round(image.shape[0] * scale), round(image.shape[1] * scale)
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
+    ph, pw = max(h, crop_hw[0]), max(w, crop_hw[1])
+    image = cv2.copyMakeBorder(image, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
+    label = cv2.copyMakeBorder(label, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=255)
+    y, x = rng.integers(0, ph - crop_hw[0] + 1), rng.integers(0, pw - crop_hw[1] + 1)
+    image, label = image[y:y + crop_hw[0], x:x + crop_hw[1]], label[y:y + crop_hw[0], x:x + crop_hw[1]]
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    return image, label
+
+
+def bench_data(cfg, root, repeat):
+    tf = TrainTransform.from_config(cfg)
+    dataset, plain = Cityscapes(root, "train", tf), Cityscapes(root, "train")
+    raw = [(img, lbl.astype(np.uint8)) for img, lbl in (plain[i] for i in range(len(plain)))]
+    rng = np.random.default_rng(0)
+    n = len(dataset)
+
+    def loop(fn):
+        return lambda: [fn(i) for i in range(n)]
+
+    t_full = timed(loop(lambda i: dataset[(i, (0, i))]), torch.device("cpu"), repeat) / n
+    t_decode = timed(loop(lambda i: plain[i]), torch.device("cpu"), repeat) / n
+    t_ours = timed(loop(lambda i: tf.geometry(*raw[i], rng)), torch.device("cpu"), repeat) / n
+    t_base = timed(loop(lambda i: resize_crop_baseline(*raw[i], cfg.crop_size, rng)), torch.device("cpu"), repeat) / n
+    t_rest = timed(loop(lambda i: tf(*raw[i], rng)), torch.device("cpu"), repeat) / n - t_ours
+    rows = [
+        ("full sample: PNG decode + label map + augmentation + normalize", 1 / t_full, ""),
+        ("PNG decode + label map only", 1 / t_decode, ""),
+        ("scale/pad/crop/flip: one warpAffine of the crop (ours)", 1 / t_ours, f"{t_base / t_ours:.2f}x"),
+        ("scale/pad/crop/flip: resize whole frame, then crop (baseline)", 1 / t_base, "1.00x"),
+        ("color jitter + normalize", 1 / t_rest, ""),
+    ]
+    lines = [f"Training pipeline, one worker process, {n} synthetic 1024x2048 frames, crop "
+             f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, scale {cfg.scales}:", "",
+             "| step | samples/s per worker | speed vs baseline |", "|---|---|---|"]
+    lines += [f"| {name} | {rate:.2f} | {ratio} |" for name, rate, ratio in rows]
+    return lines
+
+
+# ---- training ----
+
+def bench_train(cfg, device, batch, repeat):
+    model = build_model(cfg, pretrained=False).to(device).train()
+    optimizer, criterion = build_optimizer(model, cfg), build_loss(cfg).to(device)
+    h, w = cfg.crop_size
+    images = torch.randn(batch, 3, h, w, device=device)
+    labels = torch.randint(0, cfg.num_classes, (batch, h, w), device=device)
+    amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+    def step():
+        with amp:
+            outputs = model(images)
+        loss, _ = criterion(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    seconds = timed(step, device, repeat)
+    precision = "fp16 autocast" if device.type == "cuda" else "fp32"
+    return [f"Training step (forward, OHEM loss on 3 heads, backward, SGD), {precision}, crop {h}x{w}, "
+            f"batch {batch} per process:", "",
+            "| images/s | s/iteration |", "|---|---|", f"| {batch / seconds:.2f} | {seconds:.2f} |"]
+
+
+# ---- inference latency ----
+
+def gflops(model, hw):
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, *hw, device=next(model.parameters()).device))
+    return counter.get_total_flops() / 1e9
+
+
+def latency_variants(model, device):
+    """(name, callable(x) -> logits) pairs: each execution variant of the same eval model."""
+    from model import fold_batchnorm
+
+    folded = fold_batchnorm(model)
+    folded_cl = fold_batchnorm(model).to(memory_format=torch.channels_last)
+    def channels_last(x):
+        return folded_cl(x.contiguous(memory_format=torch.channels_last))
+
+    variants = [("fp32 eager", model), ("fp32 folded BN", folded), ("fp32 folded BN + channels_last", channels_last)]
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    if device.type == "cuda" or torch.backends.mkldnn.is_available():
+        def autocast_run(x):
+            with torch.autocast(device.type, dtype=dtype):
+                return channels_last(x)
+        variants.append((f"{str(dtype).split('.')[-1]} autocast folded + channels_last", autocast_run))
+    return variants
+
+
+def onnx_session(model, hw):
+    """An ONNX Runtime CPU session of the folded model, or None where onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    from export import export_onnx
+    from model import fold_batchnorm
+
+    path = os.path.join(tempfile.mkdtemp(), "bisenet.onnx")
+    export_onnx(fold_batchnorm(model).cpu(), path, sample_hw=hw)
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def bench_latency(cfg, device, repeat, sizes):
+    model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
+    model = model.to(device).eval()
+    flops = {hw: gflops(model, hw) for hw in sizes}
+    session = onnx_session(model, sizes[0]) if device.type == "cpu" else None
+    lines = ["Inference, batch 1, eval mode (main head), random weights:", "",
+             "| variant | " + " | ".join(f"{h}x{w} ms" for h, w in sizes) + " | " +
+             " | ".join(f"{h}x{w} GFLOP/s" for h, w in sizes) + " | speed vs fp32 eager |",
+             "|---|" + "---|" * (2 * len(sizes) + 1)]
+    base = None
+    variants = latency_variants(model, device)
+    if session is not None:
+        variants.append(("ONNX Runtime (CPU), folded", lambda x: session.run(None, {"image": x.cpu().numpy()})))
+    for name, fn in variants:
+        times = []
+        for hw in sizes:
+            x = torch.randn(1, 3, *hw, device=device)
+            with torch.inference_mode():
+                times.append(timed(lambda fn=fn, x=x: fn(x), device, repeat))
+        base = base or times
+        speed = " / ".join(f"{b / t:.2f}x" for b, t in zip(base, times, strict=True))
+        lines.append(f"| {name} | " + " | ".join(f"{1000 * t:.0f}" for t in times) + " | " +
+                     " | ".join(f"{flops[hw] / t:.0f}" for hw, t in zip(sizes, times, strict=True)) + f" | {speed} |")
+    lines += ["", "FLOPs (torch.utils.flop_counter, 2 per multiply-add): " +
+              ", ".join(f"{flops[hw]:.1f} G at {hw[0]}x{hw[1]}" for hw in sizes) + "."]
+    return lines
+
+
+# ---- evaluation modes ----
+
+def bench_eval(cfg, device, repeat):
+    model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
+    model = model.to(device).eval()
+    image = torch.randn(1, 3, 1024, 2048, device=device)
+    lines = [f"Evaluation modes on one 1024x2048 image (crop {cfg.eval_crop[0]}x{cfg.eval_crop[1]}, stride "
+             f"{cfg.eval_stride:.3f} of the crop, scales {cfg.eval_scales}, {cfg.eval_batch} crops per forward):",
+             "", "| mode | s/image | cost vs ss |", "|---|---|---|"]
+    seconds = {}
+    with torch.inference_mode():
+        for mode in ("ss", "ssc", "msf", "mscf"):
+            seconds[mode] = timed(lambda mode=mode: predict_scores(model, image, cfg, mode), device,
+                                  1 if mode in ("msf", "mscf") else repeat)
+            lines.append(f"| {mode} | {seconds[mode]:.2f} | {seconds[mode] / seconds['ss']:.1f}x |")
+        one = get_config(base=cfg.to_dict(), overrides=["eval_batch=1"])
+        single = timed(lambda: predict_scores(model, image, one, "ssc"), device, repeat)
+    lines += ["", f"ssc with {cfg.eval_batch} crops per forward: {seconds['ssc']:.2f} s; one crop at a time: "
+              f"{single:.2f} s; batched / one-at-a-time time ratio {seconds['ssc'] / single:.2f}."]
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
+    parser.add_argument("--train-batch", type=int, default=8, help="images per training step (reference: 8 per GPU)")
+    parser.add_argument("--out", default="BENCHMARKS.md", help="report file ('' to only print)")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; expected {', '.join(SECTIONS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    cfg = get_config("cityscapes")
+    torch.manual_seed(0)
+    report = ["# Benchmarks", "", f"Machine: {machine()}.", "",
+              f"Command: `python benchmark.py --only {','.join(sections)} --repeat {args.repeat}`.", ""]
+    for section in sections:
+        print(f"[{section}] ...", flush=True)
+        if section == "data":
+            with tempfile.TemporaryDirectory() as root:
+                generate(root, n_train=4, n_val=0, size=(1024, 2048), seed=0, progress=False)
+                lines = bench_data(cfg, root, args.repeat)
+        elif section == "train":
+            lines = bench_train(cfg, device, args.train_batch, max(1, args.repeat - 1))
+        elif section == "latency":
+            lines = bench_latency(cfg, device, args.repeat, [(512, 1024), (1024, 2048)])
+        else:
+            lines = bench_eval(cfg, device, args.repeat)
+        block = [f"## {section}", "", *lines, ""]
+        print("\n".join(block), flush=True)
+        report += block
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(report))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

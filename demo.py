@@ -1,0 +1,266 @@
+"""Segment images, folders of images and videos with a BiSeNet checkpoint: colored maps and overlays.
+
+    python demo.py --ckpt runs/NAME/model_final.pth INPUT [INPUT ...] [--out DIR] [--config NAME] [key=value ...]
+
+An INPUT is an image (.png .jpg .jpeg .bmp), a folder (its images, sorted, not its subfolders) or a video
+(.mp4 .avi .mov .mkv). For each image NAME, DIR (default demo_out/) gets:
+
+    NAME_color.png     the segmentation in the Cityscapes colors, at the input's size
+    NAME_overlay.png   the input blended with the segmentation (alpha 0.5), with a legend strip on the
+                       right listing the classes present: as tall as the input, input width + strip width
+
+and for each video NAME: NAME_color.mp4 and NAME_overlay.mp4 (frames as above, same fps), or .avi when
+this OpenCV cannot write mp4v. The model and the inference mode (eval_mode, default ss) come from the
+config stored in the checkpoint, or from --config NAME; key=value overrides go on top (mode=msf works too).
+"""
+
+import argparse
+import math
+import os
+import re
+import sys
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cityscapes import CLASS_NAMES, PALETTE, DatasetError, colorize, read_image
+from configs import ConfigError, add_config_args
+from evaluate import predict_scores, read_config
+from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
+from transform import Normalize
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
+# (fourcc, extension) tried in order: mp4v needs OpenCV's FFmpeg backend, MJPG in AVI is always built in.
+VIDEO_CODECS = (("mp4v", ".mp4"), ("MJPG", ".avi"))
+DEFAULT_FPS = 25.0  # for a video whose header gives no frame rate
+
+# Legend look: rows are 1/20 of the picture's height so that all 19 classes fit in one column,
+# but never under MIN_ROW pixels, where text stops being readable (short pictures get more columns).
+LEGEND_ROWS = 20
+MIN_ROW = 16
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+BACKGROUND, TEXT, BORDER = (255, 255, 255), (0, 0, 0), (128, 128, 128)
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+# ---- pictures ----
+
+@torch.inference_mode()
+def segment(model, image_rgb, cfg):
+    """Train ids (H, W) uint8 of an RGB uint8 image (H, W, 3) of any size; `model` must be in eval mode."""
+    device = next(model.parameters()).device
+    image = Normalize(cfg.mean, cfg.std)(image_rgb)[None].to(device)
+    return predict_scores(model, image, cfg, cfg.eval_mode).argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def overlay(image_rgb, train_ids, alpha=0.5):
+    """The image blended with its segmentation colors: (1 - alpha) * image + alpha * colors, RGB uint8."""
+    blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * colorize(train_ids).astype(np.float32)
+    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+
+
+def present_classes(train_ids, names=CLASS_NAMES):
+    """Sorted train ids that occur in the map and have a name (ignore, 255, never has one)."""
+    return [int(c) for c in np.unique(train_ids) if c < len(names)]
+
+
+def legend_layout(height, names=CLASS_NAMES):
+    """(row height, font scale, thickness, rows per column, column width, strip width) for a picture `height` tall.
+
+    It depends on the height only, never on the classes present, so that every frame of a video has the
+    same size; the strip has room for all `names`.
+    """
+    row = max(MIN_ROW, height // LEGEND_ROWS)
+    scale = row / 40  # Hershey capitals are about 22 * scale pixels tall: over half a row
+    thickness = max(1, round(row / 30))
+    text_w = max(cv2.getTextSize(name, FONT, scale, thickness)[0][0] for name in names)
+    rows_per_column = max(1, (height - row // 2) // row)
+    column_w = row // 2 + row + row // 3 + text_w + row // 2  # margin, swatch, gap, text, margin
+    width = column_w * math.ceil(len(names) / rows_per_column)
+    return row, scale, thickness, rows_per_column, column_w, width + width % 2  # even: video codecs need it
+
+
+def legend(train_ids, height, names=CLASS_NAMES):
+    """RGB uint8 strip (height, legend width) listing the classes present: a color swatch and the name each."""
+    row, scale, thickness, rows_per_column, column_w, width = legend_layout(height, names)
+    strip = np.full((height, width, 3), BACKGROUND, np.uint8)
+    swatch = max(4, round(row * 0.7))
+    for i, class_id in enumerate(present_classes(train_ids, names)):
+        x = (i // rows_per_column) * column_w + row // 2
+        top = row // 4 + (i % rows_per_column) * row + (row - swatch) // 2
+        color = tuple(int(v) for v in PALETTE[class_id])
+        cv2.rectangle(strip, (x, top), (x + swatch - 1, top + swatch - 1), color, cv2.FILLED)
+        cv2.rectangle(strip, (x, top), (x + swatch - 1, top + swatch - 1), BORDER, 1)  # black classes stay visible
+        baseline = top + (swatch + cv2.getTextSize(names[class_id], FONT, scale, thickness)[0][1]) // 2
+        cv2.putText(strip, names[class_id], (x + swatch + row // 3, baseline), FONT, scale, TEXT, thickness,
+                    cv2.LINE_AA)
+    return strip
+
+
+def overlay_with_legend(image_rgb, train_ids):
+    """The overlay at the input's size with the legend strip to its right."""
+    return np.concatenate([overlay(image_rgb, train_ids), legend(train_ids, image_rgb.shape[0])], axis=1)
+
+
+def render(model, image_rgb, cfg):
+    """(color picture, overlay with legend) of one RGB image, both RGB uint8."""
+    train_ids = segment(model, image_rgb, cfg)
+    return colorize(train_ids), overlay_with_legend(image_rgb, train_ids)
+
+
+# ---- inputs and outputs ----
+
+def list_inputs(paths):
+    """[(kind, path)] with kind "image" or "video", folders expanded; raises DemoError on a bad input."""
+    items = []
+    for path in paths:
+        ext = os.path.splitext(path)[1].lower()
+        if os.path.isdir(path):
+            items.extend(("image", p) for p in folder_images(path))
+        elif not os.path.exists(path):
+            raise DemoError(f"input not found: {path}")
+        elif ext in IMAGE_EXTS or ext in VIDEO_EXTS:
+            items.append(("image" if ext in IMAGE_EXTS else "video", path))
+        else:
+            raise DemoError(f"unsupported input {path}: expected an image ({' '.join(IMAGE_EXTS)}), "
+                            f"a video ({' '.join(VIDEO_EXTS)}) or a folder of images")
+    check_unique_names(items)
+    return items
+
+
+def folder_images(folder):
+    names = sorted(n for n in os.listdir(folder)
+                   if os.path.splitext(n)[1].lower() in IMAGE_EXTS and os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        raise DemoError(f"no images in folder {folder}: expected files ending in {' '.join(IMAGE_EXTS)}")
+    return [os.path.join(folder, n) for n in names]
+
+
+def stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def check_unique_names(items):
+    # Outputs are named after the input's file name alone: two inputs with one name would overwrite each other.
+    seen = {}
+    for kind, path in items:
+        other = seen.setdefault((kind, stem(path)), path)
+        if other != path:
+            raise DemoError(f"inputs {other} and {path} would both write {stem(path)}_*: rename one or run them apart")
+
+
+def write_image(path, picture_rgb):
+    if not cv2.imwrite(path, cv2.cvtColor(picture_rgb, cv2.COLOR_RGB2BGR)):
+        raise DemoError(f"cannot write {path}: check that the folder is writable")
+
+
+def open_writer(out_base, fps, size):
+    """A cv2.VideoWriter for out_base + the first extension whose codec this OpenCV can write."""
+    for codec, ext in VIDEO_CODECS:
+        writer = cv2.VideoWriter(out_base + ext, cv2.VideoWriter_fourcc(*codec), fps, size)
+        if writer.isOpened():
+            return writer
+        writer.release()
+    raise DemoError(f"cannot write video {out_base}.mp4 or .avi: this OpenCV has neither mp4v nor MJPG")
+
+
+def process_image(model, cfg, path, out_dir):
+    color, annotated = render(model, read_image(path), cfg)
+    base = os.path.join(out_dir, stem(path))
+    write_image(base + "_color.png", color)
+    write_image(base + "_overlay.png", annotated)
+
+
+def process_video(model, cfg, path, out_dir):
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        raise DemoError(f"cannot open video {path}: unreadable, or a codec this OpenCV cannot decode")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    fps = fps if fps > 0 else DEFAULT_FPS  # also catches NaN
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None  # a header's estimate, for the bar only
+    base, writers = os.path.join(out_dir, stem(path)), None
+    try:
+        with tqdm(total=total, desc=os.path.basename(path), unit="frame", dynamic_ncols=True) as bar:
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                color, annotated = render(model, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), cfg)
+                if writers is None:  # opened at the first frame, whose size the header may not give
+                    writers = [open_writer(base + "_color", fps, color.shape[1::-1]),
+                               open_writer(base + "_overlay", fps, annotated.shape[1::-1])]
+                for writer, picture in zip(writers, (color, annotated), strict=True):
+                    writer.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+                bar.update()
+    finally:
+        capture.release()
+        for writer in writers or ():
+            writer.release()
+    if writers is None:
+        raise DemoError(f"video {path} has no readable frames")
+
+
+def run(model, cfg, items, out_dir):
+    """Write the outputs of every (kind, path) item; a bar over a folder's images and over a video's frames."""
+    os.makedirs(out_dir, exist_ok=True)
+    images = [path for kind, path in items if kind == "image"]
+    for path in tqdm(images, desc="images", unit="image", disable=len(images) < 2, dynamic_ncols=True):
+        process_image(model, cfg, path, out_dir)
+    for path in (path for kind, path in items if kind == "video"):
+        process_video(model, cfg, path, out_dir)
+
+
+# ---- command line ----
+
+def load_model(args):
+    """(model in eval mode on cuda if available else cpu, config): the checkpoint's config, aux heads off."""
+    ckpt_config = read_checkpoint(args.ckpt).get("config")
+    cfg = read_config(argparse.Namespace(config=args.config, overrides=[*args.overrides, "aux_heads=false"]),
+                      ckpt_config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg, pretrained=False)
+    load_checkpoint(model, args.ckpt)
+    return model.to(device).eval(), cfg
+
+
+def split_arguments(args):
+    # argparse cannot tell INPUTs from key=value overrides (both positional): a word shaped key=value is an
+    # override unless a file of that name exists.
+    words = [*args.inputs, *args.overrides]
+    args.overrides = [w for w in words if re.fullmatch(r"\w+=.*", w) and not os.path.exists(w)]
+    args.inputs = [w for w in words if w not in args.overrides]
+    return args
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="model_final.pth or last.pth of a run")
+    parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder of images or video")
+    args = split_arguments(add_config_args(parser).parse_intermixed_args(argv))
+    if not args.inputs:
+        parser.error("expected at least one INPUT (image, folder or video)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        items = list_inputs(args.inputs)  # every input checked before the model is loaded
+        model, cfg = load_model(args)
+        run(model, cfg, items, args.out)
+    except (ConfigError, CheckpointError, DatasetError, DemoError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote the outputs of {len(items)} input(s) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import demo
+from cityscapes import PALETTE, colorize
+from configs import get_config
+from model import build_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(path, model in eval mode, config) of a random-weight synthetic-preset model, saved with its aux heads."""
+    torch.manual_seed(0)
+    cfg = get_config("synthetic")
+    model = build_model(cfg, pretrained=False).eval()
+    path = str(tmp_path_factory.mktemp("ckpt") / "model.pth")
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+    return path, model, cfg
+
+
+def random_image(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+def write_png(path, image_rgb):
+    cv2.imwrite(str(path), cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    return str(path)
+
+
+def read_png(path):
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def hand_prediction(model, cfg, image_rgb):
+    """argmax of the model's eval logits on the image normalized by the formula (x / 255 - mean) / std."""
+    x = (image_rgb.astype(np.float64) / 255 - np.array(cfg.mean)) / np.array(cfg.std)
+    x = torch.from_numpy(x.transpose(2, 0, 1)).float()[None]
+    with torch.no_grad():
+        return model(x)[0].argmax(0).numpy().astype(np.uint8)
+
+
+def test_image_outputs_have_the_input_size_and_the_models_colors(checkpoint, tmp_path):
+    path, model, cfg = checkpoint
+    image = random_image((45, 70))
+    out = tmp_path / "out"
+    assert demo.main(["--ckpt", path, write_png(tmp_path / "street.png", image), "--out", str(out)]) == 0
+    color, annotated = read_png(out / "street_color.png"), read_png(out / "street_overlay.png")
+    expected = hand_prediction(model, cfg, image)
+    assert len(np.unique(expected)) > 1  # a one-class prediction would hardly test the colors
+    assert np.array_equal(color, colorize(expected))
+    # the overlay: the blend at the input's size on the left, the legend strip (as tall) on the right
+    assert annotated.shape == (45, 70 + demo.legend_layout(45)[-1], 3)
+    blend = np.rint(0.5 * image + 0.5 * colorize(expected).astype(np.float64))
+    assert np.abs(annotated[:, :70].astype(int) - blend).max() <= 1
+
+
+def test_a_folder_of_two_images_writes_four_files(checkpoint, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    write_png(folder / "b.png", random_image((32, 48), 1))
+    write_png(folder / "a.jpg", random_image((30, 40), 2))
+    (folder / "notes.txt").write_text("not an image: skipped in a folder")
+    out = tmp_path / "out"
+    assert demo.main(["--ckpt", checkpoint[0], str(folder), "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["a_color.png", "a_overlay.png", "b_color.png", "b_overlay.png"]
+
+
+def read_video(path):
+    capture = cv2.VideoCapture(str(path))
+    assert capture.isOpened(), path
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    capture.release()
+    return frames, fps
+
+
+def test_a_video_gives_videos_with_every_frame_at_the_input_size(checkpoint, tmp_path):
+    path = str(tmp_path / "drive.avi")  # MJPG in AVI: always built into OpenCV, unlike mp4v
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 40))
+    for i in range(6):
+        writer.write(random_image((40, 64), i))
+    writer.release()
+    out = tmp_path / "out"
+    assert demo.main(["--ckpt", checkpoint[0], path, "--out", str(out)]) == 0
+    written = sorted(os.listdir(out))
+    assert len(written) == 2 and all(name.startswith(("drive_color.", "drive_overlay.")) for name in written)
+    legend_w = demo.legend_layout(40)[-1]
+    for name in written:
+        frames, fps = read_video(out / name)
+        width = 64 if "_color." in name else 64 + legend_w
+        assert len(frames) == 6
+        assert all(frame.shape == (40, width, 3) for frame in frames)
+        assert fps == pytest.approx(10)
+
+
+def test_the_legend_lists_exactly_the_classes_present():
+    train_ids = np.full((30, 40), 255, np.uint8)  # ignore: never listed
+    train_ids[:5, :5], train_ids[10, 10:20], train_ids[-1, -1] = 13, 0, 18
+    assert demo.present_classes(train_ids) == [0, 13, 18]
+    strip = demo.legend(train_ids, 200)
+    assert strip.shape == (200, demo.legend_layout(200)[-1], 3)
+    colors = {tuple(c) for c in strip.reshape(-1, 3)}
+    # Swatches are drawn in the class colors; text is anti-aliased gray, so only non-gray colors can tell.
+    for class_id, color in enumerate(map(tuple, PALETTE[:19])):
+        if len(set(color)) > 1:
+            assert (color in colors) == (class_id in (0, 13, 18)), class_id
+
+
+def test_the_legend_keeps_its_width_whatever_the_classes():
+    few, many = np.zeros((50, 8), np.uint8), np.arange(19, dtype=np.uint8).repeat(2).reshape(2, 19)
+    assert demo.legend(few, 50).shape == demo.legend(many, 50).shape  # video frames must not change size
+
+
+@pytest.mark.parametrize("name, content", [("missing.png", None), ("notes.txt", "text"), ("fake.png", "text")])
+def test_a_bad_input_is_an_error_naming_it(checkpoint, tmp_path, capsys, name, content):
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    assert demo.main(["--ckpt", checkpoint[0], str(tmp_path / name), "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and name in err
+
+
+def test_outputs_written_before_an_error_are_kept(checkpoint, tmp_path, capsys):
+    good = write_png(tmp_path / "good.png", random_image((20, 30)))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    assert demo.main(["--ckpt", checkpoint[0], good, str(tmp_path / "bad.png"), "--out", str(out)]) == 2
+    assert "bad.png" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["good_color.png", "good_overlay.png"]
+
+
+def test_a_missing_or_mismatched_checkpoint_is_an_error_naming_it(checkpoint, tmp_path, capsys):
+    image = write_png(tmp_path / "x.png", random_image((20, 30)))
+    missing = str(tmp_path / "nope.pth")
+    assert demo.main(["--ckpt", missing, image, "--out", str(tmp_path / "out")]) == 2
+    assert missing in capsys.readouterr().err
+    assert demo.main(["--ckpt", checkpoint[0], image, "num_classes=5", "--out", str(tmp_path / "out")]) == 2
+    assert checkpoint[0] in capsys.readouterr().err

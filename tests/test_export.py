@@ -1,0 +1,164 @@
+"""BatchNorm folding and ONNX export, checked against the unfolded PyTorch model (CPU, small inputs)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+import export
+from configs import PRESETS, get_config
+from model import ConvBNReLU, build_model, fold_batchnorm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FOLD_PRESETS = ["synthetic"] + [name for name in PRESETS if name.startswith("ablation_")]
+EXPORT_HW = (64, 96)
+
+
+def randomize_batchnorm(model, seed=0):
+    """Give every BatchNorm statistics and affine parameters far from the identity, so folding has work to do."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=generator) * 0.2)
+    return model
+
+
+def make_model(name="synthetic", *overrides):
+    torch.manual_seed(0)
+    cfg = get_config(name, ["aux_heads=false", *overrides])
+    return randomize_batchnorm(build_model(cfg, pretrained=False)).eval()
+
+
+def count_batchnorms(model):
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def torch_logits(model, image):
+    with torch.no_grad():
+        return model(image).numpy()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def onnx_files(model, tmp_path_factory):
+    """One logits file and one labels file, both traced at EXPORT_HW from the folded model."""
+    folder = tmp_path_factory.mktemp("onnx")
+    folded = fold_batchnorm(model)
+    logits = export.export_onnx(folded, str(folder / "model.onnx"), sample_hw=EXPORT_HW)
+    labels = export.export_onnx(folded, str(folder / "model_argmax.onnx"), argmax=True, sample_hw=EXPORT_HW)
+    return logits, labels
+
+
+# --- folding -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FOLD_PRESETS)
+def test_folded_model_matches_unfolded(name):
+    model = make_model(name)
+    folded = fold_batchnorm(model)
+    image = torch.randn(1, 3, 67, 101, generator=torch.Generator().manual_seed(1))
+    assert count_batchnorms(folded) == 0
+    assert count_batchnorms(model) > 0  # the original is left as it was
+    np.testing.assert_allclose(torch_logits(folded, image), torch_logits(model, image), atol=1e-4, rtol=0)
+
+
+def test_fold_keeps_an_existing_conv_bias_and_returns_eval_mode():
+    block = randomize_batchnorm(ConvBNReLU(3, 5, 3))
+    block.conv.bias = nn.Parameter(torch.randn(5))
+    folded = fold_batchnorm(block.train())
+    image = torch.randn(2, 3, 9, 11)
+    # the formula written out: BN(conv(x) + b) = conv(x) * s + (b - mean) * s + beta, with s = gamma / sqrt(var + eps)
+    bn = block.bn
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    expected = torch.relu(
+        nn.functional.conv2d(image, block.conv.weight, None, 1, 1) * scale[:, None, None]
+        + ((block.conv.bias - bn.running_mean) * scale + bn.bias)[:, None, None]
+    )
+    assert not folded.training and isinstance(folded.bn, nn.Identity)
+    torch.testing.assert_close(folded(image), expected.detach(), atol=1e-5, rtol=0)
+
+
+# --- ONNX ----------------------------------------------------------------------------------------------------------
+
+
+def test_onnx_graph_has_dynamic_batch_height_and_width(onnx_files):
+    for path, name, rank in ((onnx_files[0], "logits", 4), (onnx_files[1], "labels", 3)):
+        graph = onnx.load(path, load_external_data=False).graph
+        assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == [name]
+        image_dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+        output_dims = [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim]
+        assert image_dims[0] and image_dims[2] and image_dims[3]  # symbolic, not fixed numbers
+        assert len(output_dims) == rank and all(output_dims[i] for i in (0, rank - 2, rank - 1))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 67, 101), (2, 3, 80, 112)])
+def test_onnx_logits_match_pytorch_at_other_sizes(model, onnx_files, shape):
+    image = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    session = ort.InferenceSession(onnx_files[0], providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"image": image.numpy()})
+    expected = torch_logits(model, image)  # the unfolded model: covers folding and export together
+    assert logits.shape == expected.shape
+    assert np.abs(logits - expected).max() < 1e-4
+    assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.999
+
+
+def test_onnx_argmax_file_gives_int64_train_ids(model, onnx_files):
+    image = torch.randn(1, 3, 67, 101, generator=torch.Generator().manual_seed(3))
+    session = ort.InferenceSession(onnx_files[1], providers=["CPUExecutionProvider"])
+    (labels,) = session.run(None, {"image": image.numpy()})
+    assert labels.dtype == np.int64 and labels.shape == (1, 67, 101)
+    assert (labels == torch_logits(model, image).argmax(1)).mean() >= 0.999
+
+
+def test_verify_onnx_reports_worst_figures(model, onnx_files):
+    report = export.verify_onnx(onnx_files[0], model, [(67, 101), (80, 112)])
+    assert [r["size"] for r in report["sizes"]] == [[1, 3, 67, 101], [1, 3, 80, 112]]
+    assert report["max_abs_diff"] == max(r["max_abs_diff"] for r in report["sizes"]) < 1e-4
+    assert report["argmax_agreement"] >= 0.999
+    labels_report = export.verify_onnx(onnx_files[1], model, [(67, 101)])
+    assert labels_report["max_abs_diff"] is None and labels_report["argmax_agreement"] >= 0.999
+
+
+def test_missing_onnxruntime_is_named(model, onnx_files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    with pytest.raises(export.ExportError, match="onnxruntime.*requirements-dev.txt"):
+        export.verify_onnx(onnx_files[0], model, [(67, 101)])
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+
+def test_cli_exports_a_training_checkpoint(tmp_path, monkeypatch, capsys):
+    cfg = get_config("synthetic")  # with aux heads, as train.py saves it: the export drops them
+    torch.manual_seed(0)
+    trained = randomize_batchnorm(build_model(cfg, pretrained=False))
+    ckpt = tmp_path / "model_final.pth"
+    torch.save({"model": trained.state_dict(), "config": cfg.to_dict()}, ckpt)
+    monkeypatch.setattr(export, "VERIFY_SIZES", ((67, 101),))  # the CPU cost of the check, not its meaning
+    assert export.main(["--ckpt", str(ckpt)]) == 0
+    assert (tmp_path / "model.onnx").is_file()
+    out = capsys.readouterr().out
+    assert "2x3x67x101" in out and "argmax agreement" in out
+
+
+def test_cli_missing_checkpoint_exits_nonzero_with_the_path(tmp_path):
+    missing = str(tmp_path / "no_such.pth")
+    result = subprocess.run([sys.executable, "export.py", "--ckpt", missing], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert missing in result.stderr
