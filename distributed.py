@@ -36,6 +36,16 @@ class Distributed:
             dist.all_reduce(tensor)
         return tensor
 
+    def sync_buffers(self, module):
+        """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+        DDP broadcasts buffers at the start of each forward, so after the last step every rank holds the
+        statistics of its own last batch; this makes all ranks hold the model rank 0 saves.
+        """
+        if self.enabled:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
     def barrier(self):
         if self.enabled:
             dist.barrier()

@@ -210,7 +210,7 @@ def train(cfg, ddp):
     bar = tqdm(range(start, cfg.max_iter), initial=start, total=cfg.max_iter, disable=not ddp.main,
                dynamic_ncols=True, desc="train")
     data = iter(loader)
-    t_start, it = time.perf_counter(), start
+    t_start = time.perf_counter()
     for it in bar:
         images, labels = next(data)
         images = images.to(ddp.device, non_blocking=True)
@@ -240,6 +240,7 @@ def train(cfg, ddp):
         if ddp.main and (done % cfg.ckpt_every == 0 or done == cfg.max_iter):
             save_checkpoint(last_path, training_state(bare, optimizer, scaler, done, cfg))
     bar.close()
+    ddp.sync_buffers(bare)
     final_path = os.path.join(run_dir, "model_final.pth")
     if ddp.main:
         save_checkpoint(final_path, {"model": bare.state_dict(), "config": cfg.to_dict()})

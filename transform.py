@@ -47,18 +47,23 @@ def warp_pair(image, label, matrix, crop_hw, valid_hw, flip):
     return image, label
 
 
+GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # RGB luma weights (they sum to 1)
+
+
 def color_jitter(image, rng, brightness, contrast, saturation):
-    """Scale brightness, contrast (around the mean gray) and saturation (around the pixel gray)."""
-    out = image.astype(np.float32)
-    if brightness > 0:
-        out *= rng.uniform(1 - brightness, 1 + brightness)
-    if contrast > 0:
-        mean = out.mean(axis=2).mean()
-        out = (out - mean) * rng.uniform(1 - contrast, 1 + contrast) + mean
-    if saturation > 0:
-        gray = out @ np.array([0.299, 0.587, 0.114], np.float32)
-        out = (out - gray[..., None]) * rng.uniform(1 - saturation, 1 + saturation) + gray[..., None]
-    return np.clip(out, 0, 255)
+    """Scale brightness, contrast (around the mean intensity) and saturation (around each pixel's gray).
+
+    Applied one after the other these are, per pixel, x -> b x; y -> c (y - m) + m with m the mean of
+    b x; z -> s z + (1 - s) gray(z). Their composition is one affine map of the RGB vector,
+    c b (s I + (1 - s) 1 GRAY^T) x + (1 - c) m, which cv2.transform applies in a single pass over the
+    uint8 image (saturating, so clipped to [0, 255] once, at the end).
+    """
+    b = rng.uniform(1 - brightness, 1 + brightness) if brightness > 0 else 1.0
+    c = rng.uniform(1 - contrast, 1 + contrast) if contrast > 0 else 1.0
+    s = rng.uniform(1 - saturation, 1 + saturation) if saturation > 0 else 1.0
+    mean = b * float(image.mean()) if c != 1.0 else 0.0
+    matrix = c * b * (s * np.eye(3) + (1 - s) * np.outer(np.ones(3), GRAY))
+    return cv2.transform(image, np.hstack([matrix, np.full((3, 1), (1 - c) * mean)]))
 
 
 class Normalize:

@@ -152,3 +152,20 @@ def test_crop_of_non_integer_scale_matches_full_resize(scale):
         ref = full[oy:oy + 24, ox:ox + 24].astype(int)
         # round(W * s) / W differs from s by < 1/W, which moves sample points by < 1/W of a pixel per pixel.
         assert np.abs(img.astype(int) - ref).max() <= 3
+
+
+def test_color_jitter_equals_the_three_steps_written_out():
+    from transform import color_jitter
+
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for seed in range(5):
+        out = color_jitter(image, np.random.default_rng(seed), 0.4, 0.4, 0.4)
+        rng = np.random.default_rng(seed)  # the same draws, in the same order
+        b, c, s = rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4)
+        x = image.astype(np.float64) * b  # brightness
+        x = (x - x.mean()) * c + x.mean()  # contrast around the mean intensity
+        gray = x @ np.array([0.299, 0.587, 0.114])
+        x = gray[..., None] + (x - gray[..., None]) * s  # saturation around each pixel's gray
+        expected = np.clip(x, 0, 255)
+        assert out.dtype == np.uint8 and out.shape == image.shape
+        assert np.abs(out.astype(np.float64) - expected).max() < 0.75  # rounding to uint8 (+ float32)
