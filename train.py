@@ -55,14 +55,20 @@ class InfiniteSampler(torch.utils.data.Sampler):
             position += self.world
 
 
-def train_loader(cfg, ddp, start_iter):
-    if cfg.batch_size % ddp.world:
-        raise ConfigError(f"batch_size={cfg.batch_size} does not split over {ddp.world} processes; "
-                          f"use a multiple of {ddp.world}")
-    per_rank = cfg.batch_size // ddp.world
+def per_rank_batch(cfg, world):
+    """The batch each process trains on; a ConfigError when the global batch does not split into >= 2 per rank."""
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} does not split over {world} processes; "
+                          f"use a multiple of {world}")
+    per_rank = cfg.batch_size // world
     if per_rank < 2:
         raise ConfigError(f"batch_size={cfg.batch_size} gives {per_rank} image per process; BiSeNet needs at least 2 "
                           "(BatchNorm after global pooling has one value per channel otherwise)")
+    return per_rank
+
+
+def train_loader(cfg, ddp, start_iter):
+    per_rank = per_rank_batch(cfg, ddp.world)
     dataset = Cityscapes(cfg.data_root, cfg.train_split, TrainTransform.from_config(cfg))
     # The sampler counts samples: this rank has consumed start_iter * per_rank of them already.
     sampler = InfiniteSampler(len(dataset), cfg.seed, ddp.rank, ddp.world, start_iter * per_rank)
@@ -186,6 +192,7 @@ class Log:
 
 
 def train(cfg, ddp):
+    per_rank_batch(cfg, ddp.world)  # fail on a bad batch before generating data or building anything
     prepare_data(cfg, ddp)
     run_dir = ddp.broadcast(resolve_run_dir(cfg) if ddp.main else None)
     model, bare, optimizer, criterion = build_training(cfg, ddp)

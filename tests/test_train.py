@@ -121,9 +121,12 @@ def test_a_used_run_directory_is_never_overwritten(tiny_root, tmp_path):
     (["--config", "synthetic", "batch_size=1"], "batch_size=1 gives 1 image per process"),
 ])
 def test_bad_input_is_a_clear_error(argv, words, capsys, tmp_path):
-    assert train.main([*argv, f"out_dir={tmp_path}"]) == 2
+    # The synthetic preset's data root goes to tmp_path too: a failing run must not write into the repository.
+    root = [] if any(a.startswith("data_root=") for a in argv) else [f"data_root={tmp_path / 'data'}"]
+    assert train.main([*argv, *root, f"out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and words in err
+    assert not (tmp_path / "data").exists()  # the error comes before any data is generated
 
 
 def test_sampler_positions_shard_and_resume():
