@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cityscapes import Cityscapes
 from configs import get_config
-from evaluate import predict_scores
+from evaluate import predict, predict_scores
 from loss import build_loss
 from model import build_model
 from optimizer import build_optimizer
@@ -144,22 +144,47 @@ def gflops(model, hw):
     return counter.get_total_flops() / 1e9
 
 
+def native_bf16(device):
+    """Whether bf16 has hardware support here: any CUDA GPU that autocast accepts, or a CPU with AVX512-BF16/AMX.
+    (Elsewhere oneDNN emulates bf16, many times slower than fp32: not worth a row.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def compiled(module):
+    """torch.compile (inductor) of an inference module with frozen weights; None where it cannot compile here."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # weights as constants: lets inductor prepack them for oneDNN / cuDNN
+    fn = torch.compile(module)
+    try:
+        with torch.inference_mode():
+            fn(torch.zeros(1, 3, 64, 128, device=next(module.parameters()).device))
+    except Exception as error:  # no C++ compiler, unsupported platform...: report, do not stop the benchmark
+        print(f"torch.compile unavailable: {type(error).__name__}: {str(error)[:200]}")
+        return None
+    return fn
+
+
 def latency_variants(model, device):
-    """(name, callable(x) -> logits) pairs: each execution variant of the same eval model."""
-    from model import fold_batchnorm
+    """(name, callable(x) -> logits, note) triples: each execution variant of the same eval model, each step adding
+    one thing to the one before (ONNX Runtime and bf16 are separate roads)."""
+    from model import fold_batchnorm, inference_model
 
-    folded = fold_batchnorm(model)
-    folded_cl = fold_batchnorm(model).to(memory_format=torch.channels_last)
-    def channels_last(x):
-        return folded_cl(x.contiguous(memory_format=torch.channels_last))
-
-    variants = [("fp32 eager", model), ("fp32 folded BN", folded), ("fp32 folded BN + channels_last", channels_last)]
+    fast = inference_model(model)  # folded + channels_last: what evaluate.py and demo.py run
+    variants = [("fp32 eager", model, ""), ("fp32 folded BN", fold_batchnorm(model), ""),
+                ("fp32 folded BN + channels_last (`inference_model`)", fast, "")]
+    fn = compiled(fast)
+    if fn is not None:
+        variants.append(("fp32 folded + channels_last + torch.compile", fn,
+                         "first call per input size compiles: 10-15 s on 2 CPU cores"))
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    if device.type == "cuda" or torch.backends.mkldnn.is_available():
+    if device.type == "cuda" or native_bf16(device):
         def autocast_run(x):
             with torch.autocast(device.type, dtype=dtype):
-                return channels_last(x)
-        variants.append((f"{str(dtype).split('.')[-1]} autocast folded + channels_last", autocast_run))
+                return fast(x)
+        variants.append((f"{str(dtype).split('.')[-1]} autocast folded + channels_last", autocast_run, ""))
     return variants
 
 
@@ -189,8 +214,12 @@ def bench_latency(cfg, device, repeat, sizes):
     base = None
     variants = latency_variants(model, device)
     if session is not None:
-        variants.append(("ONNX Runtime (CPU), folded", lambda x: session.run(None, {"image": x.cpu().numpy()})))
-    for name, fn in variants:
+        variants.append(("ONNX Runtime (CPU), folded", lambda x: session.run(None, {"image": x.cpu().numpy()}), ""))
+    notes = [f"{name}: {note}" for name, _, note in variants if note]
+    if device.type == "cpu" and not native_bf16(device):
+        notes.append("bf16 autocast: not run; this CPU has no AVX512-BF16 or AMX, so oneDNN emulates bf16 "
+                     "(many times slower than fp32)")
+    for name, fn, _ in variants:
         times = []
         for hw in sizes:
             x = torch.randn(1, 3, *hw, device=device)
@@ -201,27 +230,36 @@ def bench_latency(cfg, device, repeat, sizes):
         lines.append(f"| {name} | " + " | ".join(f"{1000 * t:.0f}" for t in times) + " | " +
                      " | ".join(f"{flops[hw] / t:.0f}" for hw, t in zip(sizes, times, strict=True)) + f" | {speed} |")
     lines += ["", "FLOPs (torch.utils.flop_counter, 2 per multiply-add): " +
-              ", ".join(f"{flops[hw]:.1f} G at {hw[0]}x{hw[1]}" for hw in sizes) + "."]
+              ", ".join(f"{flops[hw]:.1f} G at {hw[0]}x{hw[1]}" for hw in sizes) + ".", *("- " + n for n in notes)]
     return lines
 
 
 # ---- evaluation modes ----
 
 def bench_eval(cfg, device, repeat):
+    """Seconds per 1024x2048 image of each mode as evaluate.py runs it (inference_model + predict), against the
+    plain way (eager model, softmax, argmax(0)); and batched against one-at-a-time sliding crops."""
+    from model import inference_model
+
     model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
     model = model.to(device).eval()
+    fast = inference_model(model)
     image = torch.randn(1, 3, 1024, 2048, device=device)
     lines = [f"Evaluation modes on one 1024x2048 image (crop {cfg.eval_crop[0]}x{cfg.eval_crop[1]}, stride "
-             f"{cfg.eval_stride:.3f} of the crop, scales {cfg.eval_scales}, {cfg.eval_batch} crops per forward):",
-             "", "| mode | s/image | cost vs ss |", "|---|---|---|"]
+             f"{cfg.eval_stride:.3f} of the crop, scales {cfg.eval_scales}, {cfg.eval_batch} crops per forward), "
+             "as evaluate.py runs them (folded channels_last model, `predict`), and the plain way (eager model, "
+             "softmax scores, argmax(0)):", "",
+             "| mode | s/image | cost vs ss | plain way s/image | speed vs plain |", "|---|---|---|---|---|"]
     seconds = {}
     with torch.inference_mode():
         for mode in ("ss", "ssc", "msf", "mscf"):
-            seconds[mode] = timed(lambda mode=mode: predict_scores(model, image, cfg, mode), device,
-                                  1 if mode in ("msf", "mscf") else repeat)
-            lines.append(f"| {mode} | {seconds[mode]:.2f} | {seconds[mode] / seconds['ss']:.1f}x |")
+            n = 1 if mode in ("msf", "mscf") else repeat
+            seconds[mode] = timed(lambda mode=mode: predict(fast, image, cfg, mode), device, n)
+            plain = timed(lambda mode=mode: predict_scores(model, image, cfg, mode).argmax(0), device, n)
+            lines.append(f"| {mode} | {seconds[mode]:.2f} | {seconds[mode] / seconds['ss']:.1f}x | {plain:.2f} | "
+                         f"{plain / seconds[mode]:.2f}x |")
         one = get_config(base=cfg.to_dict(), overrides=["eval_batch=1"])
-        single = timed(lambda: predict_scores(model, image, one, "ssc"), device, repeat)
+        single = timed(lambda: predict(fast, image, one, "ssc"), device, repeat)
     lines += ["", f"ssc with {cfg.eval_batch} crops per forward: {seconds['ssc']:.2f} s; one crop at a time: "
               f"{single:.2f} s; batched / one-at-a-time time ratio {seconds['ssc'] / single:.2f}."]
     return lines

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from cityscapes import CLASS_NAMES, PALETTE, DatasetError, colorize, read_image
 from configs import ConfigError, add_config_args
-from evaluate import predict_scores, read_config
-from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
+from evaluate import predict, read_config
+from model import CheckpointError, build_model, inference_model, load_checkpoint, read_checkpoint
 from transform import Normalize
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -53,10 +53,10 @@ class DemoError(RuntimeError):
 
 @torch.inference_mode()
 def segment(model, image_rgb, cfg):
-    """Train ids (H, W) uint8 of an RGB uint8 image (H, W, 3) of any size; `model` must be in eval mode."""
+    """Train ids (H, W) uint8 of an RGB uint8 image (H, W, 3) of any size; `model` from inference_model (eval)."""
     device = next(model.parameters()).device
     image = Normalize(cfg.mean, cfg.std)(image_rgb)[None].to(device)
-    return predict_scores(model, image, cfg, cfg.eval_mode).argmax(0).to(torch.uint8).cpu().numpy()
+    return predict(model, image, cfg, cfg.eval_mode).to(torch.uint8).cpu().numpy()
 
 
 def overlay(image_rgb, train_ids, alpha=0.5):
@@ -219,14 +219,15 @@ def run(model, cfg, items, out_dir):
 # ---- command line ----
 
 def load_model(args):
-    """(model in eval mode on cuda if available else cpu, config): the checkpoint's config, aux heads off."""
+    """(inference_model of the checkpoint on cuda if available else cpu, config): the checkpoint's config, aux heads
+    off."""
     ckpt_config = read_checkpoint(args.ckpt).get("config")
     cfg = read_config(argparse.Namespace(config=args.config, overrides=[*args.overrides, "aux_heads=false"]),
                       ckpt_config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, pretrained=False)
     load_checkpoint(model, args.ckpt)
-    return model.to(device).eval(), cfg
+    return inference_model(model.to(device)), cfg
 
 
 def split_arguments(args):

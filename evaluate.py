@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cityscapes import CLASS_NAMES, Cityscapes, DatasetError, colorize, to_label_ids
 from configs import ConfigError, add_config_args, get_config
 from distributed import Distributed
-from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
+from model import CheckpointError, build_model, inference_model, load_checkpoint, read_checkpoint
 from synthetic import prepare_data
 from transform import EvalTransform
 
@@ -125,6 +125,17 @@ def predict_scores(model, image, cfg, mode):
     return total / len(scales) if cfg.eval_fusion == "mean" else total
 
 
+def predict(model, image, cfg, mode):
+    """Train ids (H, W) int64 of a normalized image (1, 3, H, W) in evaluation `mode`: argmax of predict_scores."""
+    if mode == "ss":
+        # one pass: softmax (and exp) keep the order of the logits, so their argmax is the same and costs less
+        scores = model(image)[0]
+    else:
+        scores = predict_scores(model, image, cfg, mode)
+    # max(0).indices: argmax(0) gives the same indices but is several times slower on a (C, H, W) CPU tensor
+    return scores.max(0).indices
+
+
 # ---- the evaluation loop ----
 
 class _Indexed(torch.utils.data.Dataset):
@@ -165,16 +176,14 @@ def evaluate(model, dataset, cfg, ddp, mode=None):
     shard = _Indexed(dataset, list(range(ddp.rank, len(dataset), ddp.world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=cfg.eval_workers,
                                          pin_memory=ddp.device.type == "cuda")
-    was_training = model.training
-    model.eval()
+    net = inference_model(model)  # a folded channels_last copy: `model` stays as it is
     confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=ddp.device)
     for index, image, label in tqdm(loader, desc=f"eval {mode}", disable=not ddp.main, dynamic_ncols=True):
         image, label = image[None].to(ddp.device), label.to(ddp.device)
-        pred = predict_scores(model, image, cfg, mode).argmax(0)
+        pred = predict(net, image, cfg, mode)
         confusion_update(confusion, pred, label, cfg.ignore_index)
         if cfg.save_dir:
             save_prediction(cfg.save_dir, dataset.name(index), pred.cpu().numpy().astype(np.uint8), cfg.save_color)
-    model.train(was_training)
     confusion = ddp.all_sum(confusion)
     iou, miou, accuracy = iou_from_confusion(confusion.cpu())
     return {"mode": mode, "split": dataset.split, "images": len(dataset), "miou": miou, "pixel_accuracy": accuracy,

@@ -241,6 +241,27 @@ def fold_batchnorm(model):
     return folded
 
 
+class ChannelsLast(nn.Module):
+    """Runs `model` with its weights and its input in channels_last memory format (oneDNN's and cuDNN's faster
+    convolution layout); the output is the same tensor values as the plain model's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
+def inference_model(model):
+    """The fastest eval-mode copy of `model` for prediction: BatchNorm folded (fold_batchnorm) and channels_last.
+
+    Outputs equal the eval-mode model's up to float rounding; `model` itself is not touched. BENCHMARKS.md has what
+    each step buys (1024x2048 on 2 CPU cores: 1.45 s eager, 1.22 s folded, 0.81 s folded + channels_last).
+    """
+    return ChannelsLast(fold_batchnorm(model)).eval()
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 

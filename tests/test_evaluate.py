@@ -16,7 +16,7 @@ import evaluate
 from cityscapes import Cityscapes, to_train_ids
 from configs import get_config
 from distributed import Distributed
-from evaluate import confusion_update, crop_scores, iou_from_confusion, predict_scores, sliding_scores
+from evaluate import confusion_update, crop_scores, iou_from_confusion, predict, predict_scores, sliding_scores
 from model import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,8 +143,10 @@ def test_saved_label_id_pngs_map_back_to_the_predicted_train_ids(tmp_path):
         with torch.no_grad():
             image = dataset[i][0][None]
             pred = model.eval()(image).argmax(1)[0]
-        np.testing.assert_array_equal(to_train_ids(ids), pred.numpy())
-        confusion_update(confusion, pred, dataset[i][1])
+        # evaluate() runs the folded channels_last copy: float rounding may flip a near tie, nothing more
+        saved = torch.from_numpy(to_train_ids(ids))
+        assert (saved == pred).float().mean() >= 0.999
+        confusion_update(confusion, saved, dataset[i][1])
     assert results["confusion"] == confusion.tolist()
 
 
@@ -203,3 +205,17 @@ def test_modes_agree_with_ss_for_a_pixelwise_model():
         ssc = predict_scores(model, image, cfg, "ssc")
     torch.testing.assert_close(ss, F.softmax(model(image), 1)[0].detach())
     torch.testing.assert_close(ssc, ss)
+
+
+@pytest.mark.parametrize("mode", ["ss", "ssc", "msf"])
+def test_predict_is_the_argmax_of_the_scores(mode):
+    # predict() skips the softmax in ss and reduces with max(0): the same labels as argmax of predict_scores
+    cfg = get_config("synthetic", ["aux_heads=false", "eval_crop=48,48", "eval_scales=0.75,1.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).eval()
+    image = torch.randn(1, 3, 61, 83)
+    with torch.no_grad():
+        expected = predict_scores(model, image, cfg, mode).argmax(0)
+        got = predict(model, image, cfg, mode)
+    assert got.shape == (61, 83) and got.dtype == torch.int64
+    assert torch.equal(got, expected)

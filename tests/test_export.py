@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import export
 from configs import PRESETS, get_config
-from model import ConvBNReLU, build_model, fold_batchnorm
+from model import ConvBNReLU, build_model, fold_batchnorm, inference_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLD_PRESETS = ["synthetic"] + [name for name in PRESETS if name.startswith("ablation_")]
@@ -75,6 +75,17 @@ def test_folded_model_matches_unfolded(name):
     assert count_batchnorms(folded) == 0
     assert count_batchnorms(model) > 0  # the original is left as it was
     np.testing.assert_allclose(torch_logits(folded, image), torch_logits(model, image), atol=1e-4, rtol=0)
+
+
+def test_inference_model_is_folded_channels_last_and_matches_the_model():
+    model = make_model().train()
+    fast = inference_model(model)
+    assert count_batchnorms(fast) == 0 and not fast.training
+    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.kernel_size != (1, 1))
+    assert model.training and count_batchnorms(model) > 0  # the original is left as it was
+    image = torch.randn(2, 3, 67, 101, generator=torch.Generator().manual_seed(2))
+    np.testing.assert_allclose(torch_logits(fast, image), torch_logits(model.eval(), image), atol=1e-4, rtol=0)
 
 
 def test_fold_keeps_an_existing_conv_bias_and_returns_eval_mode():
