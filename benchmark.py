@@ -28,7 +28,7 @@ from cityscapes import Cityscapes
 from configs import get_config
 from evaluate import predict, predict_scores
 from loss import build_loss
-from model import build_model
+from model import build_model, fold_batchnorm, inference_model, native_bf16
 from optimizer import build_optimizer
 from synthetic import generate
 from transform import TrainTransform
@@ -144,14 +144,6 @@ def gflops(model, hw):
     return counter.get_total_flops() / 1e9
 
 
-def native_bf16(device):
-    """Whether bf16 has hardware support here: any CUDA GPU that autocast accepts, or a CPU with AVX512-BF16/AMX.
-    (Elsewhere oneDNN emulates bf16, many times slower than fp32: not worth a row.)"""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
 def compiled(module):
     """torch.compile (inductor) of an inference module with frozen weights; None where it cannot compile here."""
     import torch._inductor.config as inductor_config
@@ -167,24 +159,18 @@ def compiled(module):
     return fn
 
 
-def latency_variants(model, device):
+def latency_variants(model, device, compile=True):
     """(name, callable(x) -> logits, note) triples: each execution variant of the same eval model, each step adding
     one thing to the one before (ONNX Runtime and bf16 are separate roads)."""
-    from model import fold_batchnorm, inference_model
-
     fast = inference_model(model)  # folded + channels_last: what evaluate.py and demo.py run
     variants = [("fp32 eager", model, ""), ("fp32 folded BN", fold_batchnorm(model), ""),
                 ("fp32 folded BN + channels_last (`inference_model`)", fast, "")]
-    fn = compiled(fast)
+    fn = compiled(fast) if compile else None
     if fn is not None:
         variants.append(("fp32 folded + channels_last + torch.compile", fn,
                          "first call per input size compiles: 10-15 s on 2 CPU cores"))
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    if device.type == "cuda" or native_bf16(device):
-        def autocast_run(x):
-            with torch.autocast(device.type, dtype=dtype):
-                return fast(x)
-        variants.append((f"{str(dtype).split('.')[-1]} autocast folded + channels_last", autocast_run, ""))
+    for amp in ("bf16", "fp16") if device.type == "cuda" else ("bf16",) if native_bf16(device) else ():
+        variants.append((f"{amp} autocast folded + channels_last (`eval_amp={amp}`)", inference_model(model, amp), ""))
     return variants
 
 
@@ -195,14 +181,12 @@ def onnx_session(model, hw):
     except ImportError:
         return None
     from export import export_onnx
-    from model import fold_batchnorm
-
     path = os.path.join(tempfile.mkdtemp(), "bisenet.onnx")
     export_onnx(fold_batchnorm(model).cpu(), path, sample_hw=hw)
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
-def bench_latency(cfg, device, repeat, sizes):
+def bench_latency(cfg, device, repeat, sizes, compile=True):
     model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
     model = model.to(device).eval()
     flops = {hw: gflops(model, hw) for hw in sizes}
@@ -212,7 +196,7 @@ def bench_latency(cfg, device, repeat, sizes):
              " | ".join(f"{h}x{w} GFLOP/s" for h, w in sizes) + " | speed vs fp32 eager |",
              "|---|" + "---|" * (2 * len(sizes) + 1)]
     base = None
-    variants = latency_variants(model, device)
+    variants = latency_variants(model, device, compile)
     if session is not None:
         variants.append(("ONNX Runtime (CPU), folded", lambda x: session.run(None, {"image": x.cpu().numpy()}), ""))
     notes = [f"{name}: {note}" for name, _, note in variants if note]
@@ -236,16 +220,14 @@ def bench_latency(cfg, device, repeat, sizes):
 
 # ---- evaluation modes ----
 
-def bench_eval(cfg, device, repeat):
-    """Seconds per 1024x2048 image of each mode as evaluate.py runs it (inference_model + predict), against the
+def bench_eval(cfg, device, repeat, hw=(1024, 2048)):
+    """Seconds per image of each mode as evaluate.py runs it (inference_model + predict), against the
     plain way (eager model, softmax, argmax(0)); and batched against one-at-a-time sliding crops."""
-    from model import inference_model
-
     model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
     model = model.to(device).eval()
     fast = inference_model(model)
-    image = torch.randn(1, 3, 1024, 2048, device=device)
-    lines = [f"Evaluation modes on one 1024x2048 image (crop {cfg.eval_crop[0]}x{cfg.eval_crop[1]}, stride "
+    image = torch.randn(1, 3, *hw, device=device)
+    lines = [f"Evaluation modes on one {hw[0]}x{hw[1]} image (crop {cfg.eval_crop[0]}x{cfg.eval_crop[1]}, stride "
              f"{cfg.eval_stride:.3f} of the crop, scales {cfg.eval_scales}, {cfg.eval_batch} crops per forward), "
              "as evaluate.py runs them (folded channels_last model, `predict`), and the plain way (eager model, "
              "softmax scores, argmax(0)):", "",

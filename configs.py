@@ -84,6 +84,9 @@ class Config:
     eval_fusion: str = "exp"  # "exp": exp(softmax + flipped softmax) summed (seed); "mean": mean probability
     eval_batch: int = 8  # crops per forward pass in sliding-window modes
     eval_workers: int = 2
+    # evaluate.py / demo.py autocast: "bf16" or "fp16" where the hardware has it natively (CUDA; bf16 also on CPUs with
+    # AVX512-BF16 or AMX), else fp32 with a warning. "none": fp32, the reference.
+    eval_amp: str = "none"
     save_dir: str = ""  # evaluate.py: write label-id PNG predictions here
     save_color: bool = False  # evaluate.py: also write colorized PNGs
 
@@ -98,6 +101,7 @@ CHOICES = {
     "upsample": ("nearest", "bilinear"),
     "warmup": ("exp", "linear"),
     "amp": ("fp16", "bf16", "none"),
+    "eval_amp": ("none", "bf16", "fp16"),
     "eval_mode": ("ss", "ssc", "msf", "mscf"),
     "eval_fusion": ("exp", "mean"),
 }

@@ -227,7 +227,7 @@ def load_model(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, pretrained=False)
     load_checkpoint(model, args.ckpt)
-    return inference_model(model.to(device)), cfg
+    return inference_model(model.to(device), cfg.eval_amp), cfg
 
 
 def split_arguments(args):

@@ -176,7 +176,7 @@ def evaluate(model, dataset, cfg, ddp, mode=None):
     shard = _Indexed(dataset, list(range(ddp.rank, len(dataset), ddp.world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=cfg.eval_workers,
                                          pin_memory=ddp.device.type == "cuda")
-    net = inference_model(model)  # a folded channels_last copy: `model` stays as it is
+    net = inference_model(model, cfg.eval_amp)  # a folded channels_last copy: `model` stays as it is
     confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=ddp.device)
     for index, image, label in tqdm(loader, desc=f"eval {mode}", disable=not ddp.main, dynamic_ncols=True):
         image, label = image[None].to(ddp.device), label.to(ddp.device)

@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 
 import export
+import model as model_module
 from configs import PRESETS, get_config
-from model import ConvBNReLU, build_model, fold_batchnorm, inference_model
+from model import ConvBNReLU, autocast_dtype, build_model, fold_batchnorm, inference_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLD_PRESETS = ["synthetic"] + [name for name in PRESETS if name.startswith("ablation_")]
@@ -86,6 +87,32 @@ def test_inference_model_is_folded_channels_last_and_matches_the_model():
     assert model.training and count_batchnorms(model) > 0  # the original is left as it was
     image = torch.randn(2, 3, 67, 101, generator=torch.Generator().manual_seed(2))
     np.testing.assert_allclose(torch_logits(fast, image), torch_logits(model.eval(), image), atol=1e-4, rtol=0)
+
+
+def test_eval_amp_falls_back_to_fp32_with_a_warning_where_the_hardware_lacks_it(monkeypatch):
+    cpu = torch.device("cpu")
+    assert autocast_dtype("none", cpu) is None
+    with pytest.warns(UserWarning, match="eval_amp=fp16: cpu has no native fp16; running fp32"):
+        assert autocast_dtype("fp16", cpu) is None
+    monkeypatch.setattr(model_module, "native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert autocast_dtype("bf16", cpu) is None
+    monkeypatch.setattr(model_module, "native_bf16", lambda device: True)
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+
+
+def test_bf16_inference_model_gives_float_logits_close_to_fp32(monkeypatch):
+    # bf16 autocast runs on any CPU (emulated where not native), so its numbers can be checked everywhere
+    monkeypatch.setattr(model_module, "native_bf16", lambda device: True)
+    model = make_model()
+    image = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fp32, bf16 = inference_model(model)(image), inference_model(model, "bf16")(image)
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    assert not torch.equal(bf16, fp32)  # it did run in bf16
+    # bf16 keeps 8 bits of mantissa: a few hundredths on logits of this size, and the same labels almost everywhere
+    assert (bf16 - fp32).abs().max() < 0.1 * fp32.abs().max()
+    assert (bf16.argmax(1) == fp32.argmax(1)).float().mean() > 0.98
 
 
 def test_fold_keeps_an_existing_conv_bias_and_returns_eval_mode():

@@ -1,0 +1,47 @@
+"""benchmark.py's sections on tiny inputs: each runs and gives a table whose figures are positive numbers.
+
+(Speed itself is never asserted here: BENCHMARKS.md holds the measured figures.)
+"""
+
+import re
+
+import torch
+
+import benchmark
+from configs import get_config
+from synthetic import generate
+
+
+def table_numbers(lines):
+    # the table's body: after its |---| separator line (the line before that is the header)
+    start = next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1
+    rows = [line for line in lines[start:] if line.startswith("| ")]
+    numbers = [float(x) for row in rows for x in re.findall(r"(?<![\w.])(\d+\.?\d*)(?=x? \|)", row)]
+    return rows, numbers
+
+
+def test_data_section(tmp_path):
+    generate(str(tmp_path), n_train=2, n_val=0, size=(64, 128), seed=0, progress=False)
+    cfg = get_config("cityscapes", ["crop_size=48,48"])
+    rows, numbers = table_numbers(benchmark.bench_data(cfg, str(tmp_path), repeat=1))
+    assert len(rows) == 5 and numbers and all(n > 0 for n in numbers)
+
+
+def test_latency_section_has_a_row_per_variant():
+    cfg = get_config("synthetic")
+    lines = benchmark.bench_latency(cfg, torch.device("cpu"), repeat=1, sizes=[(32, 64), (64, 96)], compile=False)
+    rows, numbers = table_numbers(lines)
+    names = [row.split(" | ")[0].strip("| ") for row in rows]
+    assert names[:3] == ["fp32 eager", "fp32 folded BN", "fp32 folded BN + channels_last (`inference_model`)"]
+    assert names[-1] == "ONNX Runtime (CPU), folded"
+    assert rows[0].endswith("| 1.00x / 1.00x |") and all(n > 0 for n in numbers)
+    assert any("FLOPs" in line for line in lines)
+
+
+def test_eval_section_has_every_mode(monkeypatch):
+    cfg = get_config("synthetic", ["eval_crop=32,32", "eval_scales=0.5,1.0", "eval_batch=2"])
+    lines = benchmark.bench_eval(cfg, torch.device("cpu"), repeat=1, hw=(48, 80))
+    rows, numbers = table_numbers(lines)
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == ["ss", "ssc", "msf", "mscf"]
+    assert rows[0].split(" | ")[2] == "1.0x" and all(n > 0 for n in numbers)
+    assert "one crop at a time" in lines[-1]
