@@ -120,7 +120,8 @@ def test_16bit_label_is_an_error(tmp_path):
         Cityscapes(root, "val")[0]
 
 
-@pytest.mark.parametrize("module", ["configs", "cityscapes", "transform"])
+@pytest.mark.parametrize("module", ["configs", "cityscapes", "transform", "synthetic", "resnet", "model", "loss",
+                                    "optimizer", "distributed", "train", "evaluate", "demo", "export", "benchmark"])
 def test_import_has_no_side_effects(module, tmp_path):
     out = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
