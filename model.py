@@ -225,7 +225,8 @@ def fold_batchnorm(model):
     for module in list(folded.modules()):
         for conv_name, bn_name in pairs:
             conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+            # SyncBatchNorm (a model trained with sync_bn under torchrun) is not a BatchNorm2d subclass
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))):
                 continue
             # in float64 (on the CPU: not every accelerator has it), so that folding adds no rounding of its own
             weight, gamma, beta, mean, var = (

@@ -115,6 +115,17 @@ def test_bf16_inference_model_gives_float_logits_close_to_fp32(monkeypatch):
     assert (bf16.argmax(1) == fp32.argmax(1)).float().mean() > 0.98
 
 
+def test_folding_also_removes_sync_batchnorm():
+    # train.py converts to SyncBatchNorm under multi-GPU torchrun; the final evaluation folds that model
+    model = make_model()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(make_model())
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    folded = fold_batchnorm(synced)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    image = torch.randn(1, 3, 67, 101, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(torch_logits(folded, image), torch_logits(model, image), atol=1e-4, rtol=0)
+
+
 def test_fold_keeps_an_existing_conv_bias_and_returns_eval_mode():
     block = randomize_batchnorm(ConvBNReLU(3, 5, 3))
     block.conv.bias = nn.Parameter(torch.randn(5))
