@@ -66,7 +66,9 @@ class Config:
 
     # --- system ---
     workers: int = 4  # data loader processes per training process
-    amp: str = "fp16"  # mixed precision on CUDA: "fp16" (with GradScaler), "bf16" or "none"; CPU runs fp32
+    # mixed precision: on CUDA "fp16" (with GradScaler), "bf16" or "none"; the CPU trains in fp32, or in bf16 with
+    # amp=bf16 where the CPU has it natively (AVX512-BF16 or AMX)
+    amp: str = "fp16"
     sync_bn: bool = True  # SyncBatchNorm under multi-GPU torchrun (CUDA only)
     channels_last: bool = False
     seed: int = 0

@@ -22,7 +22,7 @@ from configs import ConfigError, add_config_args, format_config, get_config
 from distributed import Distributed
 from evaluate import evaluate, format_results
 from loss import build_loss
-from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
+from model import CheckpointError, build_model, load_checkpoint, native_bf16, read_checkpoint
 from optimizer import build_optimizer, lr_at, set_lr
 from resnet import PretrainedError
 from synthetic import prepare_data
@@ -79,12 +79,24 @@ def train_loader(cfg, ddp, start_iter):
     return dataset, loader
 
 
+def amp_dtype(amp, device):
+    """The autocast dtype of config value `amp` on `device`, None for fp32: on CUDA fp16 or bf16 as asked; on the CPU
+    bf16 only where it is native (AVX512-BF16 or AMX), else fp32 (the CPU has no fast fp16)."""
+    if amp == "none":
+        return None
+    if device.type == "cuda":
+        return torch.float16 if amp == "fp16" else torch.bfloat16
+    if device.type == "cpu" and amp == "bf16" and native_bf16(device):
+        return torch.bfloat16
+    return None
+
+
 def amp_settings(cfg, device):
-    """(autocast context, GradScaler): mixed precision on CUDA only; the CPU trains in fp32."""
-    if device.type != "cuda" or cfg.amp == "none":
+    """(autocast context, GradScaler) for cfg.amp on `device`; the scaler is only enabled for fp16."""
+    dtype = amp_dtype(cfg.amp, device)
+    if dtype is None:
         return nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
-    dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
 def save_checkpoint(path, state):
@@ -207,7 +219,7 @@ def train(cfg, ddp):
             f.write(format_config(cfg))
         print(f"config:\n{format_config(cfg)}\nrun directory: {run_dir}  (log.jsonl, last.pth, model_final.pth)")
         print(f"device: {ddp.device}, processes: {ddp.world}, batch per process: {cfg.batch_size // ddp.world}, "
-              f"amp: {cfg.amp if ddp.device.type == 'cuda' else 'none (CPU)'}")
+              f"amp: {str(amp_dtype(cfg.amp, ddp.device) or 'none (fp32)').replace('torch.', '')}")
         print(f"loss = OHEM(main) + {cfg.aux_weight} x (OHEM(aux8) + OHEM(aux16)): the logged loss is this sum")
         if start:
             print(f"resuming from {cfg.resume} at iteration {start}")
