@@ -17,7 +17,6 @@ import platform
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 
 import cv2
 import numpy as np
@@ -31,6 +30,7 @@ from loss import build_loss
 from model import build_model, fold_batchnorm, inference_model, native_bf16
 from optimizer import build_optimizer
 from synthetic import generate
+from train import amp_dtype, amp_settings
 from transform import TrainTransform
 
 SECTIONS = ("data", "train", "latency", "eval")
@@ -58,7 +58,9 @@ def machine():
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; GPU: {gpu}; "
+    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
+    return (f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, vector ISA "
+            f"{torch.backends.cpu.get_cpu_capability()}, {bf16}; GPU: {gpu}; "
             f"torch {torch.__version__}, OpenCV {cv2.__version__}, Python {platform.python_version()}")
 
 
@@ -112,28 +114,36 @@ def bench_data(cfg, root, repeat):
 # ---- training ----
 
 def bench_train(cfg, device, batch, repeat):
-    model = build_model(cfg, pretrained=False).to(device).train()
-    optimizer, criterion = build_optimizer(model, cfg), build_loss(cfg).to(device)
+    """Training step time in each precision train.py can use here: fp32, and the autocast of amp=fp16 / amp=bf16
+    where train.amp_dtype grants it on this device (CUDA; bf16 on CPUs with native bf16)."""
     h, w = cfg.crop_size
     images = torch.randn(batch, 3, h, w, device=device)
     labels = torch.randint(0, cfg.num_classes, (batch, h, w), device=device)
-    amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    lines = [f"Training step (forward, OHEM loss on 3 heads, backward, SGD), crop {h}x{w}, batch {batch} per "
+             "process, random data:", "", "| precision | images/s | s/iteration | speed vs fp32 |", "|---|---|---|---|"]
+    base = None
+    for amp in ("none", "fp16", "bf16"):
+        if amp != "none" and amp_dtype(amp, device) is None:
+            continue
+        torch.manual_seed(0)
+        model = build_model(cfg, pretrained=False).to(device).train()
+        optimizer, criterion = build_optimizer(model, cfg), build_loss(cfg).to(device)
+        autocast, scaler = amp_settings(get_config(base=cfg.to_dict(), overrides=[f"amp={amp}"]), device)
 
-    def step():
-        with amp:
-            outputs = model(images)
-        loss, _ = criterion(outputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        def step(model=model, optimizer=optimizer, criterion=criterion, autocast=autocast, scaler=scaler):
+            with autocast:
+                outputs = model(images)
+            loss, _ = criterion(outputs, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
-    seconds = timed(step, device, repeat)
-    precision = "fp16 autocast" if device.type == "cuda" else "fp32"
-    return [f"Training step (forward, OHEM loss on 3 heads, backward, SGD), {precision}, crop {h}x{w}, "
-            f"batch {batch} per process:", "",
-            "| images/s | s/iteration |", "|---|---|", f"| {batch / seconds:.2f} | {seconds:.2f} |"]
+        seconds = timed(step, device, repeat)
+        base = base or seconds
+        name = "fp32" if amp == "none" else f"{amp} autocast (`amp={amp}`)"
+        lines.append(f"| {name} | {batch / seconds:.2f} | {seconds:.2f} | {base / seconds:.2f}x |")
+    return lines
 
 
 # ---- inference latency ----
