@@ -80,11 +80,15 @@ ID_TO_TRAIN_ID, TRAIN_ID_TO_ID, PALETTE = _lookup_tables()
 
 
 def to_train_ids(label_ids):
-    """Map Cityscapes labelIds (any integer array; -1 is the license plate) to train ids (255 = ignore)."""
+    """Map Cityscapes labelIds (any integer array; -1 is the license plate) to train ids (255 = ignore).
+
+    Values that are no label id at all (below -1 or above 255) are ignored too, not wrapped onto a class.
+    """
     ids = np.asarray(label_ids)
-    if ids.dtype != np.uint8:
-        ids = ids.astype(np.int64) & 0xFF
-    return ID_TO_TRAIN_ID[ids]
+    if ids.dtype == np.uint8:
+        return ID_TO_TRAIN_ID[ids]
+    ids = ids.astype(np.int64)
+    return np.where((ids >= -1) & (ids <= 255), ID_TO_TRAIN_ID[ids & 0xFF], IGNORE).astype(np.uint8)
 
 
 def to_label_ids(train_ids):

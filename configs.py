@@ -13,7 +13,7 @@ strings, and comma-separated tuples (`scales=0.5,1.0,1.5`, or `scales=[0.5,1.0,1
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Config:
     train_split: str = "train"
     val_split: str = "val"
     num_classes: int = 19
-    ignore_index: int = 255
+    ignore_index: int = 255  # the label of ignored pixels: Cityscapes' train-id map and the padding use 255
     mean: tuple = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB in [0, 1]
     std: tuple = (0.229, 0.224, 0.225)
 
@@ -81,7 +81,8 @@ class Config:
     # --- evaluation ---
     eval_mode: str = "ss"  # ss | ssc | msf | mscf (see README)
     eval_scales: tuple = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # for msf / mscf
-    eval_crop: tuple = (1024, 1024)  # sliding-window crop H, W for ssc / mscf
+    # sliding-window crop H, W for ssc / mscf; empty (the default): the training crop_size
+    eval_crop: tuple = field(default=(), metadata={"item": int})
     eval_stride: float = 2 / 3  # sliding-window stride as a fraction of the crop
     eval_fusion: str = "exp"  # "exp": exp(softmax + flipped softmax) summed (seed); "mean": mean probability
     eval_batch: int = 8  # crops per forward pass in sliding-window modes
@@ -115,7 +116,6 @@ _SYNTHETIC = dict(
     pretrained="none",
     crop_size=(192, 192),
     scales=(0.75, 1.25),
-    eval_crop=(192, 192),
     batch_size=8,
     max_iter=300,
     lr=2e-2,
@@ -148,6 +148,13 @@ def _field_types():
     return {f.name: f.default for f in fields(Config)}
 
 
+def _item_type(key, default):
+    """The element type of a tuple field: its default's, or the field's metadata where the default is empty."""
+    if default:
+        return type(default[0])
+    return next(f.metadata.get("item", float) for f in fields(Config) if f.name == key)
+
+
 def parse_value(key, text, default):
     """Parse the override text for `key` by the type of its default value."""
     text = text.strip()
@@ -169,7 +176,7 @@ def parse_value(key, text, default):
         if isinstance(default, tuple):
             inner = text.strip("[]() ")
             items = [s for s in (p.strip() for p in inner.split(",")) if s]
-            kind = type(default[0]) if default else float
+            kind = _item_type(key, default)
             return tuple(kind(s) for s in items)
         return text
     except ValueError:
@@ -183,6 +190,8 @@ def _check(cfg):
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)!r}; expected one of {', '.join(allowed)}")
     for key in ("crop_size", "eval_crop", "synthetic_size"):
         value = getattr(cfg, key)
+        if key == "eval_crop" and not value:
+            continue  # the training crop
         if len(value) != 2 or min(value) < 1:
             raise ConfigError(f"bad value for {key}: {value!r}; expected two positive integers H,W")
     for key in ("mean", "std"):
@@ -194,13 +203,38 @@ def _check(cfg):
         raise ConfigError(f"bad value for eval_scales: {cfg.eval_scales!r}; expected positive numbers")
     if not 0 < cfg.eval_stride <= 1:
         raise ConfigError(f"bad value for eval_stride: {cfg.eval_stride}; expected a fraction in (0, 1]")
-    for key in ("batch_size", "max_iter", "num_classes", "log_every", "ckpt_every", "eval_batch"):
+    for key in ("batch_size", "max_iter", "num_classes", "log_every", "ckpt_every", "eval_batch", "synthetic_train",
+                "synthetic_val"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected a positive integer")
+    for key in ("workers", "eval_workers"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected 0 or more loader processes")
     if cfg.warmup_iters < 0 or cfg.warmup_iters >= cfg.max_iter:
         raise ConfigError(f"bad value for warmup_iters: {cfg.warmup_iters}; expected 0 <= warmup_iters < max_iter")
-    if not 0 < cfg.ohem_thresh < 1:
-        raise ConfigError(f"bad value for ohem_thresh: {cfg.ohem_thresh}; expected a probability in (0, 1)")
+    # (key, low, high, low included, high included): the ranges in which the recipe's formulas make sense
+    for key, low, high, low_ok, high_ok in (
+        ("ohem_thresh", 0, 1, False, False),  # a probability
+        ("ohem_min_frac", 0, 1, False, True),
+        ("warmup_start", 0, 1, False, True),  # the exponential ramp needs a positive start
+        ("hflip", 0, 1, True, True),
+        ("brightness", 0, 1, True, False),  # factors drawn from [1 - s, 1 + s] must stay positive
+        ("contrast", 0, 1, True, False),
+        ("saturation", 0, 1, True, False),
+        ("momentum", 0, 1, True, False),
+        ("lr", 0, math.inf, False, False),
+        ("head_lr_mult", 0, math.inf, False, False),
+        ("poly_power", 0, math.inf, False, False),
+        ("weight_decay", 0, math.inf, True, False),
+        ("aux_weight", 0, math.inf, True, False),
+    ):
+        value = getattr(cfg, key)
+        if not ((low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)):
+            interval = f"{'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+            raise ConfigError(f"bad value for {key}: {value}; expected a number in {interval}")
+    if cfg.ignore_index != 255:
+        raise ConfigError(f"bad value for ignore_index: {cfg.ignore_index}; expected 255, the ignore label of "
+                          "Cityscapes' train-id map (cityscapes.py) and of the crop padding (transform.py)")
     return cfg
 
 

@@ -1,9 +1,10 @@
 """Paired (image, label) transforms on numpy arrays.
 
 Training: random scale, pad (image 0, label 255) where the scaled image is smaller than the crop,
-random crop, horizontal flip, color jitter, normalize. Scale, pad, crop and flip are one affine
-map from crop pixels to source pixels, applied with a single cv2.warpAffine per array: the cost is
-that of the crop, not of the scaled full image (a 2x-scaled 1024x2048 frame is never built).
+random crop, horizontal flip, color jitter (of the image part, not the padding), normalize.
+Scale, pad, crop and flip are one affine map from crop pixels to source pixels, applied with a single
+cv2.warpAffine per array: the cost is that of the crop, not of the scaled full image (a 2x-scaled
+1024x2048 frame is never built).
 Labels always use nearest-neighbour sampling.
 """
 
@@ -29,7 +30,8 @@ def crop_matrix(scale, offset, flip, crop_w):
 
 
 def warp_pair(image, label, matrix, crop_hw, valid_hw, flip):
-    """Image (bilinear) and label (nearest) sampled on the crop grid.
+    """Image (bilinear) and label (nearest) sampled on the crop grid, and the (rows, cols) slices of the crop
+    that lie on the image.
 
     Only the top-left `valid_hw` of the unflipped crop lies on the scaled image; the rest is padding
     (image 0, label 255). The image is warped with replicated borders so that its edge pixels are not
@@ -40,11 +42,12 @@ def warp_pair(image, label, matrix, crop_hw, valid_hw, flip):
     image = cv2.warpAffine(image, matrix, size, flags=flags | cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     label = cv2.warpAffine(label, matrix, size, flags=flags | cv2.INTER_NEAREST, borderValue=IGNORE)
     valid_h, valid_w = valid_hw
-    cols = slice(0, crop_hw[1] - valid_w) if flip else slice(valid_w, None)
+    pad_cols = slice(0, crop_hw[1] - valid_w) if flip else slice(valid_w, None)
     for array, fill in ((image, 0), (label, IGNORE)):
         array[valid_h:] = fill
-        array[:, cols] = fill
-    return image, label
+        array[:, pad_cols] = fill
+    valid_cols = slice(crop_hw[1] - valid_w, None) if flip else slice(0, valid_w)
+    return image, label, (slice(0, valid_h), valid_cols)
 
 
 GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # RGB luma weights (they sum to 1)
@@ -108,18 +111,24 @@ class TrainTransform:
         offset = (int(rng.integers(0, free_w + 1)), int(rng.integers(0, free_h + 1)))
         return scale, offset, bool(rng.random() < self.hflip)
 
-    def geometry(self, image, label, rng):
-        """Scale, pad, crop and flip (no color change): uint8 image and label of the crop size."""
+    def warp(self, image, label, rng):
+        """Scale, pad, crop and flip: uint8 image and label of the crop size, and the slices of the crop that lie
+        on the image (the rest is padding)."""
         scale, (ox, oy), flip = self.sample_params(image.shape[:2], rng)
         crop_h, crop_w = self.crop_hw
         valid_hw = (min(crop_h, round(image.shape[0] * scale) - oy), min(crop_w, round(image.shape[1] * scale) - ox))
         matrix = crop_matrix(scale, (ox, oy), flip, crop_w)
         return warp_pair(image, label, matrix, self.crop_hw, valid_hw, flip)
 
+    def geometry(self, image, label, rng):
+        """Scale, pad, crop and flip (no color change): uint8 image and label of the crop size."""
+        return self.warp(image, label, rng)[:2]
+
     def __call__(self, image, label, rng=None):
         rng = np.random.default_rng() if rng is None else rng
-        image, label = self.geometry(image, label, rng)
-        image = color_jitter(image, rng, *self.jitter)
+        image, label, valid = self.warp(image, label, rng)
+        # Jitter the image part only: the padding stays 0 and does not pull the contrast mean down.
+        image[valid] = color_jitter(image[valid], rng, *self.jitter)
         return self.normalize(image), torch.from_numpy(label.astype(np.int64))
 
 

@@ -12,7 +12,13 @@ from cityscapes import Cityscapes, DatasetError
 # labelId -> trainId, written out from the official cityscapesScripts table; every other id is ignored.
 OFFICIAL = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
             27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-OFFICIAL_COLORS = {0: (128, 64, 128), 2: (70, 70, 70), 10: (70, 130, 180), 13: (0, 0, 142), 18: (119, 11, 32)}
+OFFICIAL_COLORS = {0: (128, 64, 128), 1: (244, 35, 232), 2: (70, 70, 70), 3: (102, 102, 156), 4: (190, 153, 153),
+                   5: (153, 153, 153), 6: (250, 170, 30), 7: (220, 220, 0), 8: (107, 142, 35), 9: (152, 251, 152),
+                   10: (70, 130, 180), 11: (220, 20, 60), 12: (255, 0, 0), 13: (0, 0, 142), 14: (0, 0, 70),
+                   15: (0, 60, 100), 16: (0, 80, 100), 17: (0, 0, 230), 18: (119, 11, 32)}
+OFFICIAL_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                  "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                  "bicycle")
 
 
 def test_every_label_id_maps_as_the_official_table():
@@ -23,21 +29,39 @@ def test_every_label_id_maps_as_the_official_table():
     assert cityscapes.to_train_ids(np.array(ids[:34] + [255], np.uint8)).tolist() == expected[:34] + [255]
 
 
+def test_values_that_are_no_label_id_are_ignored_not_wrapped():
+    # 263 = 256 + 7 and -249 = -256 + 7 would land on road (labelId 7) if the map wrapped modulo 256
+    assert cityscapes.to_train_ids(np.array([263, -249, 256, -2, 1000, 7])).tolist() == [255] * 5 + [0]
+
+
 def test_train_ids_map_back_to_label_ids_and_names():
     train_ids = np.arange(19)
     assert cityscapes.to_label_ids(train_ids).tolist() == [k for k, _ in sorted(OFFICIAL.items(), key=lambda t: t[1])]
     assert cityscapes.to_train_ids(cityscapes.to_label_ids(train_ids)).tolist() == train_ids.tolist()
     assert cityscapes.NUM_CLASSES == 19
-    assert cityscapes.CLASS_NAMES[:3] == ("road", "sidewalk", "building")
-    assert cityscapes.CLASS_NAMES[-1] == "bicycle"
+    assert cityscapes.CLASS_NAMES == OFFICIAL_NAMES
 
 
 def test_colorize_uses_the_official_colors_and_black_for_ignore():
-    train_ids = np.array([[0, 2, 10], [13, 18, 255]], np.uint8)
+    train_ids = np.array([list(range(10)), list(range(10, 19)) + [255]], np.uint8)
     rgb = cityscapes.colorize(train_ids)
-    assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
+    assert rgb.shape == (2, 10, 3) and rgb.dtype == np.uint8
     for (r, c), tid in np.ndenumerate(train_ids):
         assert tuple(rgb[r, c]) == OFFICIAL_COLORS.get(int(tid), (0, 0, 0))
+
+
+def test_each_image_is_paired_with_its_own_label(tmp_path):
+    # Every frame's image and label encode the frame's number: a label paired with another frame's image shows.
+    root = str(tmp_path)
+    frames = [("aachen", 0), ("aachen", 1), ("aachen", 2), ("bochum", 0), ("bochum", 5)]
+    for n, (city, index) in enumerate(frames):
+        write_frame(root, "train", city, index, np.full((6, 8, 3), 10 * n, np.uint8),
+                    np.full((6, 8), list(OFFICIAL)[n], np.uint8))
+    ds = Cityscapes(root, "train")
+    assert [ds.name(i) for i in range(len(ds))] == [f"{c}_{i:06d}_000019" for c, i in frames]
+    for n in range(len(frames)):
+        image, label = ds[n]
+        assert (image == 10 * n).all() and (label == n).all(), f"frame {n} is paired with another frame's label"
 
 
 def test_dataset_pairs_images_with_labels_and_maps_them(tiny_cityscapes):

@@ -55,6 +55,17 @@ def test_unknown_key_lists_valid_keys():
     ("warmup_iters=80000", "warmup_iters"),
     ("eval_stride=0", "eval_stride"),
     ("max_iter", "expected key=value"),
+    ("hflip=1.5", "hflip: 1.5; expected a number in [0, 1]"),
+    ("brightness=1.5", "brightness: 1.5; expected a number in [0, 1)"),
+    ("ohem_min_frac=0", "ohem_min_frac: 0.0; expected a number in (0, 1]"),
+    ("warmup_start=0", "warmup_start: 0.0; expected a number in (0, 1]"),
+    ("lr=-0.01", "lr: -0.01; expected a number in (0, inf)"),
+    ("weight_decay=-1", "weight_decay"),
+    ("momentum=1", "momentum"),
+    ("workers=-1", "workers: -1; expected 0 or more"),
+    ("synthetic_val=0", "synthetic_val: 0; expected a positive integer"),
+    ("eval_crop=512", "eval_crop"),
+    ("ignore_index=250", "ignore_index: 250; expected 255"),
 ])
 def test_bad_values_are_errors_that_name_them(override, words):
     with pytest.raises(ConfigError, match=None) as err:
@@ -73,3 +84,17 @@ def test_config_round_trips_through_json_as_a_base():
     again = get_config(base=stored, overrides=["eval_mode=msf"])
     assert again.max_iter == 90 and again.crop_size == cfg.crop_size and again.eval_mode == "msf"
     assert isinstance(again.crop_size, tuple)
+
+
+def test_eval_crop_is_empty_by_default_and_parses_as_integers():
+    # empty means "the training crop" (evaluate.py); an override gives integers although the default has no element
+    assert get_config().eval_crop == () and get_config("synthetic").eval_crop == ()
+    cfg = get_config("cityscapes", ["eval_crop=512,768"])
+    assert cfg.eval_crop == (512, 768) and all(isinstance(v, int) for v in cfg.eval_crop)
+    assert get_config("cityscapes", ["eval_crop="]).eval_crop == ()
+
+
+def test_boundary_values_that_are_allowed():
+    cfg = get_config("cityscapes", ["hflip=0", "hflip=1", "brightness=0", "ohem_min_frac=1", "weight_decay=0",
+                                    "aux_weight=0", "workers=0", "momentum=0"])
+    assert (cfg.hflip, cfg.brightness, cfg.ohem_min_frac, cfg.workers) == (1.0, 0.0, 1.0, 0)

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import resnet
 from configs import PRESETS, get_config
+from loss import build_loss
 from model import BiSeNet, CheckpointError, build_model, count_parameters, load_checkpoint
 from resnet import PretrainedError
 
@@ -69,7 +70,11 @@ def test_every_parameter_gets_a_gradient(name):
     model = make_model(name).train()
     outputs = model(torch.randn(2, 3, 67, 93))
     assert len(outputs) == 3 and all(o.shape == (2, 19, 67, 93) for o in outputs)
-    sum(o.square().mean() for o in outputs).backward()
+    labels = torch.randint(0, 19, (2, 67, 93))
+    labels[:, :10] = 255  # ignored rows, as in real labels
+    loss, parts = build_loss(get_config(name))(outputs, labels)  # the training loss: OHEM summed over the heads
+    assert set(parts) == {"main", "aux8", "aux16"}
+    loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad, f"{name}: parameters without gradient: {no_grad}"
 
@@ -84,6 +89,27 @@ def test_switched_off_parts_have_no_parameters(name):
     assert ("ffm" in prefixes) == (cfg.fusion == "ffm")
     assert {"backbone", "arm16", "arm32", "refine16", "refine8", "head", "aux8", "aux16"} <= prefixes
     assert any(n.startswith("arm16.att_conv.") for n in names) == cfg.arm
+
+
+def test_new_layers_get_kaiming_init_and_the_backbone_keeps_its_own():
+    torch.manual_seed(0)
+    model = BiSeNet()
+    torch.manual_seed(0)
+    reference = resnet.ResNet18()  # the backbone is built first, from the same seed: its own init, untouched
+    for a, b in zip(model.backbone.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    convs = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and not n.startswith("backbone")]
+    assert len(convs) == 20  # spatial 4, ARMs 2 x 2, GP 1, refine 2, FFM 3, three heads 2 each
+    for name, m in convs:
+        fan_in = m.weight[0].numel()
+        # kaiming_normal_(a=1): std = gain / sqrt(fan_in) with gain = sqrt(2 / (1 + a^2)) = 1, mean 0.
+        # (PyTorch's default conv init has std 1 / sqrt(3 fan_in), 0.58x of that.)
+        std, mean = m.weight.std().item(), m.weight.mean().item()
+        assert abs(std * fan_in**0.5 - 1) < 0.1, f"{name}: std {std:.4g}, fan_in {fan_in}"
+        assert abs(mean) < 5 * std / m.weight.numel() ** 0.5, f"{name}: mean {mean:.3g}"
+        if m.bias is not None:
+            assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
 
 
 def test_aux_heads_off_has_no_aux_parameters():
@@ -180,6 +206,19 @@ def test_load_pretrained_matches_torchvision(tmp_path):
         ours, theirs = backbone.eval()(x), torchvision_features(tv, x)
     for a, b in zip(ours, theirs, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_load_pretrained_file_without_batch_counters(tmp_path):
+    # older torchvision files have no num_batches_tracked buffers: they still load, with every weight
+    tv = random_torchvision_resnet18()
+    path = tmp_path / "old.pth"
+    torch.save({k: v for k, v in tv.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    backbone = resnet.ResNet18()
+    resnet.load_pretrained(backbone, str(path))
+    theirs = tv.state_dict()
+    for key, value in backbone.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, theirs[key]), key
 
 
 def test_load_pretrained_rejects_unexpected_and_missing_keys(tmp_path):

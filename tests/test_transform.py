@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from transform import EvalTransform, Normalize, TrainTransform
+from transform import EvalTransform, Normalize, TrainTransform, color_jitter
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -155,8 +155,6 @@ def test_crop_of_non_integer_scale_matches_full_resize(scale):
 
 
 def test_color_jitter_equals_the_three_steps_written_out():
-    from transform import color_jitter
-
     image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     for seed in range(5):
         out = color_jitter(image, np.random.default_rng(seed), 0.4, 0.4, 0.4)
@@ -169,3 +167,23 @@ def test_color_jitter_equals_the_three_steps_written_out():
         expected = np.clip(x, 0, 255)
         assert out.dtype == np.uint8 and out.shape == image.shape
         assert np.abs(out.astype(np.float64) - expected).max() < 0.75  # rounding to uint8 (+ float32)
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_jitter_leaves_the_padding_black_and_uses_the_image_part_only(flip):
+    # A 20x30 image, crop 32x40 at scale 1: rows 20.. and 10 columns (right, or left when flipped) are padding.
+    image = np.random.default_rng(0).integers(30, 226, (20, 30, 3), dtype=np.uint8)
+    label = np.zeros((20, 30), np.uint8)
+    tf = TrainTransform((32, 40), (1.0,), "choice", flip, 0.4, 0.4, 0.4, MEAN, STD)
+    img, lbl = tf(image, label, np.random.default_rng(3))
+    pixels = (img.permute(1, 2, 0).double() * torch.tensor(STD) + torch.tensor(MEAN)) * 255  # undo Normalize
+    cols = slice(10, 40) if flip else slice(0, 30)
+    pad = torch.ones(32, 40, dtype=torch.bool)
+    pad[:20, cols] = False
+    assert (lbl[pad] == 255).all() and (lbl[~pad] == 0).all()
+    assert pixels[pad].abs().max() < 1e-3, "padding must stay 0 after the color jitter"
+    # The image part is the jitter of the (flipped) image alone: its mean, not the padding's, sets the contrast.
+    rng = np.random.default_rng(3)
+    tf.sample_params(image.shape[:2], rng)  # the same draws, in the same order
+    expected = color_jitter(image[:, ::-1].copy() if flip else image, rng, 0.4, 0.4, 0.4)
+    assert (pixels[:20, cols] - torch.from_numpy(expected).double()).abs().max() < 1e-3
