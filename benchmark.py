@@ -1,14 +1,19 @@
 """Measure the pipeline and write BENCHMARKS.md.
 
-    python benchmark.py                       # every section
-    python benchmark.py --only data,latency   # some: data, train, latency, eval
+    python benchmark.py                                   # every section, written to BENCHMARKS.md
+    python benchmark.py --only data,latency               # some (data, train, latency, eval): printed only
+    python benchmark.py --only eval --out eval_bench.md   # some, written to the file given
 
 Sections: data (training pipeline samples/s per loader worker on 1024x2048 frames, against a
 full-image resize baseline), train (training images/s at the reference crop), latency (inference
 ms/image at 512x1024 and 1024x2048 for several execution variants, against fp32 eager), eval
 (seconds per image of each evaluation mode, and batched against one-at-a-time crops). Each figure is
-the median of --repeat timed runs after a warm-up run; on CUDA the clocks are read after a
-synchronize. Runs on the GPU when there is one, else the CPU.
+the median of --repeat timed runs after a warm-up run: on the GPU timed with CUDA events (read after a
+synchronize), on the CPU with perf_counter. Runs on the GPU when there is one, else the CPU; ONNX Runtime
+always runs on the CPU (its row says so).
+
+BENCHMARKS.md is written by a full run only, so that a partial run does not replace the whole report with
+its sections; --out FILE writes any run's sections to FILE.
 """
 
 import argparse
@@ -25,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cityscapes import Cityscapes
 from configs import get_config
-from evaluate import predict, predict_scores
+from evaluate import eval_crop_size, predict, predict_scores
 from loss import build_loss
 from model import build_model, fold_batchnorm, inference_model, native_bf16
 from optimizer import build_optimizer
@@ -37,17 +42,27 @@ SECTIONS = ("data", "train", "latency", "eval")
 
 
 def timed(fn, device, repeat):
-    """Median wall seconds of fn() over `repeat` runs after one warm-up run."""
+    """Median seconds of fn() over `repeat` runs after one warm-up run.
+
+    On CUDA, from events recorded on the current stream before and after fn (work queued earlier is
+    finished first; the end event is waited for before it is read): the GPU's own time, which host clocks
+    only approximate for asynchronous kernels. On the CPU, from perf_counter.
+    """
     fn()
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)  # elapsed_time is in milliseconds
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -196,33 +211,41 @@ def onnx_session(model, hw):
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
+def rate(gflop, seconds):
+    """GFLOP/s for the table: whole numbers, and two significant digits below 10 (tiny test inputs)."""
+    value = gflop / seconds
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
 def bench_latency(cfg, device, repeat, sizes, compile=True):
     model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
     model = model.to(device).eval()
     flops = {hw: gflops(model, hw) for hw in sizes}
-    session = onnx_session(model, sizes[0]) if device.type == "cpu" else None
+    session = onnx_session(model, sizes[0])
     lines = ["Inference, batch 1, eval mode (main head), random weights:", "",
              "| variant | " + " | ".join(f"{h}x{w} ms" for h, w in sizes) + " | " +
              " | ".join(f"{h}x{w} GFLOP/s" for h, w in sizes) + " | speed vs fp32 eager |",
              "|---|" + "---|" * (2 * len(sizes) + 1)]
     base = None
-    variants = latency_variants(model, device, compile)
-    if session is not None:
-        variants.append(("ONNX Runtime (CPU), folded", lambda x: session.run(None, {"image": x.cpu().numpy()}), ""))
-    notes = [f"{name}: {note}" for name, _, note in variants if note]
+    variants = [(*variant, device) for variant in latency_variants(model, device, compile)]
+    if session is not None:  # ONNX Runtime's CPU provider, on the CPU whatever the device of the other rows
+        note = "runs on the CPU; speed is against fp32 eager on the GPU" if device.type == "cuda" else ""
+        variants.append(("ONNX Runtime (CPU), folded", lambda x: session.run(None, {"image": x.numpy()}), note,
+                         torch.device("cpu")))
+    notes = [f"{name}: {note}" for name, _, note, _ in variants if note]
     if device.type == "cpu" and not native_bf16(device):
         notes.append("bf16 autocast: not run; this CPU has no AVX512-BF16 or AMX, so oneDNN emulates bf16 "
                      "(many times slower than fp32)")
-    for name, fn, _ in variants:
+    for name, fn, _, where in variants:
         times = []
         for hw in sizes:
-            x = torch.randn(1, 3, *hw, device=device)
+            x = torch.randn(1, 3, *hw, device=where)
             with torch.inference_mode():
-                times.append(timed(lambda fn=fn, x=x: fn(x), device, repeat))
+                times.append(timed(lambda fn=fn, x=x: fn(x), where, repeat))
         base = base or times
         speed = " / ".join(f"{b / t:.2f}x" for b, t in zip(base, times, strict=True))
         lines.append(f"| {name} | " + " | ".join(f"{1000 * t:.0f}" for t in times) + " | " +
-                     " | ".join(f"{flops[hw] / t:.0f}" for hw, t in zip(sizes, times, strict=True)) + f" | {speed} |")
+                     " | ".join(rate(flops[hw], t) for hw, t in zip(sizes, times, strict=True)) + f" | {speed} |")
     lines += ["", "FLOPs (torch.utils.flop_counter, 2 per multiply-add): " +
               ", ".join(f"{flops[hw]:.1f} G at {hw[0]}x{hw[1]}" for hw in sizes) + ".", *("- " + n for n in notes)]
     return lines
@@ -237,7 +260,8 @@ def bench_eval(cfg, device, repeat, hw=(1024, 2048)):
     model = model.to(device).eval()
     fast = inference_model(model)
     image = torch.randn(1, 3, *hw, device=device)
-    lines = [f"Evaluation modes on one {hw[0]}x{hw[1]} image (crop {cfg.eval_crop[0]}x{cfg.eval_crop[1]}, stride "
+    crop_h, crop_w = eval_crop_size(cfg)
+    lines = [f"Evaluation modes on one {hw[0]}x{hw[1]} image (crop {crop_h}x{crop_w}, stride "
              f"{cfg.eval_stride:.3f} of the crop, scales {cfg.eval_scales}, {cfg.eval_batch} crops per forward), "
              "as evaluate.py runs them (folded channels_last model, `predict`), and the plain way (eager model, "
              "softmax scores, argmax(0)):", "",
@@ -257,17 +281,27 @@ def bench_eval(cfg, device, repeat, hw=(1024, 2048)):
     return lines
 
 
+def report_path(out, sections):
+    """Where the report goes: --out if given ('' for nowhere), else BENCHMARKS.md for a full run only."""
+    if out is not None:
+        return out
+    return "BENCHMARKS.md" if set(sections) == set(SECTIONS) else ""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
     parser.add_argument("--train-batch", type=int, default=8, help="images per training step (reference: 8 per GPU)")
-    parser.add_argument("--out", default="BENCHMARKS.md", help="report file ('' to only print)")
+    parser.add_argument("--out", default=None, help="report file ('' to only print); default: BENCHMARKS.md for a "
+                                                    "full run, none with --only (a partial run would replace the "
+                                                    "whole report with its sections)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; expected {', '.join(SECTIONS)}")
+    out = report_path(args.out, sections)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -290,10 +324,12 @@ def main(argv=None):
         block = [f"## {section}", "", *lines, ""]
         print("\n".join(block), flush=True)
         report += block
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write("\n".join(report))
-        print(f"wrote {args.out}")
+        print(f"wrote {out}")
+    else:
+        print("report not written: BENCHMARKS.md is written by a full run only; pass --out FILE to write this one")
     return 0
 
 

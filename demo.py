@@ -9,9 +9,13 @@ An INPUT is an image (.png .jpg .jpeg .bmp), a folder (its images, sorted, not i
     NAME_overlay.png   the input blended with the segmentation (alpha 0.5), with a legend strip on the
                        right listing the classes present: as tall as the input, input width + strip width
 
-and for each video NAME: NAME_color.mp4 and NAME_overlay.mp4 (frames as above, same fps), or .avi when
-this OpenCV cannot write mp4v. The model and the inference mode (eval_mode, default ss) come from the
-config stored in the checkpoint, or from --config NAME; key=value overrides go on top (mode=msf works too).
+and for each video NAME: NAME_color.mp4 and NAME_overlay.mp4, same fps, frames as above (the color frames
+exactly the input's frame size, the overlay frames input width + strip width). Where the input's width or height
+is odd, or where this OpenCV cannot write mp4v, they are Motion JPEG .avi files instead (NAME_color.avi,
+NAME_overlay.avi): OpenCV's mp4 writer would drop the odd last row or column.
+
+The model and the inference mode (eval_mode, default ss) come from the config stored in the checkpoint, or from
+--config NAME; key=value overrides go on top (mode=msf works too).
 """
 
 import argparse
@@ -33,8 +37,11 @@ from transform import Normalize
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
-# (fourcc, extension) tried in order: mp4v needs OpenCV's FFmpeg backend, MJPG in AVI is always built in.
-VIDEO_CODECS = (("mp4v", ".mp4"), ("MJPG", ".avi"))
+# (backend, fourcc, extension) tried in order. OpenCV's FFmpeg writer truncates an odd width or height to even
+# whatever the codec (a 65x41 video came out 64x40), so it only gets frames of even size; OpenCV's own Motion JPEG
+# writer keeps any size and is always built in.
+MP4 = (cv2.CAP_FFMPEG, "mp4v", ".mp4")
+MJPEG = (cv2.CAP_OPENCV_MJPEG, "MJPG", ".avi")
 DEFAULT_FPS = 25.0  # for a video whose header gives no frame rate
 
 # Legend look: rows are 1/20 of the picture's height so that all 19 classes fit in one column,
@@ -83,7 +90,8 @@ def legend_layout(height, names=CLASS_NAMES):
     rows_per_column = max(1, (height - row // 2) // row)
     column_w = row // 2 + row + row // 3 + text_w + row // 2  # margin, swatch, gap, text, margin
     width = column_w * math.ceil(len(names) / rows_per_column)
-    return row, scale, thickness, rows_per_column, column_w, width + width % 2  # even: video codecs need it
+    # even: the overlay then has the parity of the input, so that its video gets the color video's format
+    return row, scale, thickness, rows_per_column, column_w, width + width % 2
 
 
 def legend(train_ids, height, names=CLASS_NAMES):
@@ -160,14 +168,21 @@ def write_image(path, picture_rgb):
         raise DemoError(f"cannot write {path}: check that the folder is writable")
 
 
+def video_formats(size):
+    """The (backend, fourcc, extension) choices for frames of `size` (W, H), best first: each keeps that size."""
+    return (MP4, MJPEG) if size[0] % 2 == 0 and size[1] % 2 == 0 else (MJPEG,)
+
+
 def open_writer(out_base, fps, size):
-    """A cv2.VideoWriter for out_base + the first extension whose codec this OpenCV can write."""
-    for codec, ext in VIDEO_CODECS:
-        writer = cv2.VideoWriter(out_base + ext, cv2.VideoWriter_fourcc(*codec), fps, size)
+    """A cv2.VideoWriter for out_base + the extension of the first format of video_formats(size) that opens."""
+    formats = video_formats(size)
+    for backend, codec, ext in formats:
+        writer = cv2.VideoWriter(out_base + ext, backend, cv2.VideoWriter_fourcc(*codec), fps, size)
         if writer.isOpened():
             return writer
         writer.release()
-    raise DemoError(f"cannot write video {out_base}.mp4 or .avi: this OpenCV has neither mp4v nor MJPG")
+    tried = " or ".join(f"{out_base}{ext} ({codec})" for _, codec, ext in formats)
+    raise DemoError(f"cannot write video {tried} at {size[0]}x{size[1]}: check that the folder is writable")
 
 
 def process_image(model, cfg, path, out_dir):

@@ -4,14 +4,18 @@
     torchrun --nproc_per_node=N evaluate.py --ckpt PATH ...      # each process scores its share
 
 Modes: ss = whole image at scale 1; ssc = sliding crops at scale 1; msf = whole image at every scale
-of eval_scales, plus its mirror image; mscf = sliding crops at every scale, plus mirror images.
+of eval_scales, plus its mirror image; mscf = sliding crops at every scale, plus mirror images. Sliding
+crops are eval_crop (H,W; where it is empty, the training crop_size), eval_stride of the crop apart.
 `save_dir=DIR` writes label-id PNGs (DIR/labelIds/CITY/NAME.png) for the official toolkit or the
 benchmark server, and with save_color=true colorized ones (DIR/color/...). `val_split=test` predicts
-the test split (no labels: no mIoU).
+the test split: it has no labels, so nothing is scored (the JSON's metrics are null) and save_dir is required.
+The resolved config is printed at start and stored in the results JSON (eval_SPLIT_MODE.json next to the
+checkpoint).
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cityscapes import CLASS_NAMES, Cityscapes, DatasetError, colorize, to_label_ids
-from configs import ConfigError, add_config_args, get_config
+from configs import ConfigError, add_config_args, format_config, get_config
 from distributed import Distributed
 from model import CheckpointError, build_model, inference_model, load_checkpoint, read_checkpoint
 from synthetic import prepare_data
@@ -34,6 +38,9 @@ MODES = {  # mode: (sliding crops, multi-scale and flip)
     "msf": (False, True),
     "mscf": (True, True),
 }
+# Settings a model was trained with that no weight records: a checkpoint loads whatever their value, and its
+# predictions change with them (upsample is the one architecture switch that shapes no parameter).
+UNRECORDED_KEYS = ("upsample", "mean", "std")
 
 
 # ---- the math: confusion matrix and IoU ----
@@ -69,14 +76,22 @@ def crop_starts(length, crop, stride):
     return starts + [length - crop]
 
 
+def eval_crop_size(cfg):
+    """The sliding-window size (H, W): eval_crop, or the training crop_size where eval_crop is empty."""
+    return tuple(cfg.eval_crop or cfg.crop_size)
+
+
 def crop_scores(model, crops, flip, fusion):
-    """Scores (N, C, h, w) of a batch of crops: softmax, with the mirrored prediction mirrored back and
-    added when flip is set; `exp` fusion (the seed author's) takes exp of that sum."""
+    """Scores (N, C, h, w) of a batch of crops: softmax; with flip, the mirrored crops' softmax mirrored back is
+    added to it. "exp" fusion (the seed author's) takes exp of that sum; "mean" fusion halves it, so that the
+    scores stay probabilities."""
     batch = torch.cat([crops, crops.flip(-1)]) if flip else crops
     probs = model(batch).float().softmax(1)
     if flip:
         probs = probs[: len(crops)] + probs[len(crops):].flip(-1)
-    return probs.exp() if fusion == "exp" else probs
+    if fusion == "exp":
+        return probs.exp()
+    return probs / 2 if flip else probs
 
 
 def sliding_scores(model, image, crop_hw, stride_frac, batch_size, flip, fusion):
@@ -116,7 +131,8 @@ def predict_scores(model, image, cfg, mode):
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         x = image if size == (h, w) else F.interpolate(image, size, mode="bilinear", align_corners=False)
         if sliding:
-            scores = sliding_scores(model, x, cfg.eval_crop, cfg.eval_stride, cfg.eval_batch, flip, cfg.eval_fusion)
+            scores = sliding_scores(model, x, eval_crop_size(cfg), cfg.eval_stride, cfg.eval_batch, flip,
+                                    cfg.eval_fusion)
         else:
             scores = crop_scores(model, x, flip, cfg.eval_fusion)[0]
         if size != (h, w):
@@ -159,7 +175,9 @@ def save_prediction(save_dir, name, pred, color):
     for kind, picture in outputs:
         folder = os.path.join(save_dir, kind, city)
         os.makedirs(folder, exist_ok=True)
-        cv2.imwrite(os.path.join(folder, name + ".png"), picture)
+        path = os.path.join(folder, name + ".png")
+        if not cv2.imwrite(path, picture):  # it reports failure by its return value, not by raising
+            raise OSError(f"cannot write prediction {path}: check that {save_dir} is writable and the disk not full")
 
 
 @torch.inference_mode()
@@ -167,28 +185,41 @@ def evaluate(model, dataset, cfg, ddp, mode=None):
     """Score `model` on `dataset` (a Cityscapes split) in `mode` (default cfg.eval_mode).
 
     Under torchrun each rank takes every world-th image (no padding, no duplicates) and the confusion
-    matrices are summed, so the result equals a single process's. Returns a JSON-ready dict.
+    matrices are summed, so the result equals a single process's. A split without labels (test) is only
+    predicted: it needs cfg.save_dir, and its metrics are None. Returns a dict that is valid strict JSON
+    (None, never NaN, where a figure is undefined).
     """
     mode = mode or cfg.eval_mode
     if mode not in MODES:
         raise ConfigError(f"unknown evaluation mode {mode!r}; expected one of {', '.join(MODES)}")
+    if not dataset.has_labels and not cfg.save_dir:
+        raise ConfigError(f"the {dataset.split} split has no labels, so there is nothing to score: pass save_dir=DIR "
+                          "to write its predictions (label-id PNGs for the benchmark server)")
     dataset.transform = EvalTransform.from_config(cfg)
     shard = _Indexed(dataset, list(range(ddp.rank, len(dataset), ddp.world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=cfg.eval_workers,
                                          pin_memory=ddp.device.type == "cuda")
-    net = inference_model(model, cfg.eval_amp)  # a folded channels_last copy: `model` stays as it is
+    # a folded channels_last copy on the device the images go to: `model` stays as and where it is
+    net = inference_model(model, cfg.eval_amp, ddp.device)
     confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=ddp.device)
     for index, image, label in tqdm(loader, desc=f"eval {mode}", disable=not ddp.main, dynamic_ncols=True):
-        image, label = image[None].to(ddp.device), label.to(ddp.device)
-        pred = predict(net, image, cfg, mode)
-        confusion_update(confusion, pred, label, cfg.ignore_index)
+        pred = predict(net, image[None].to(ddp.device), cfg, mode)
+        if dataset.has_labels:
+            confusion_update(confusion, pred, label.to(ddp.device), cfg.ignore_index)
         if cfg.save_dir:
             save_prediction(cfg.save_dir, dataset.name(index), pred.cpu().numpy().astype(np.uint8), cfg.save_color)
-    confusion = ddp.all_sum(confusion)
-    iou, miou, accuracy = iou_from_confusion(confusion.cpu())
-    return {"mode": mode, "split": dataset.split, "images": len(dataset), "miou": miou, "pixel_accuracy": accuracy,
-            "iou": {name: (None if v != v else v) for name, v in zip(_class_names(cfg), iou.tolist(), strict=True)},
-            "confusion": confusion.cpu().tolist()}
+    results = {"mode": mode, "split": dataset.split, "images": len(dataset), "labels": dataset.has_labels,
+               "miou": None, "pixel_accuracy": None, "iou": None, "confusion": None}
+    if dataset.has_labels:
+        confusion = ddp.all_sum(confusion).cpu()
+        iou, miou, accuracy = iou_from_confusion(confusion)
+        results.update(miou=_none_if_nan(miou), pixel_accuracy=_none_if_nan(accuracy), confusion=confusion.tolist(),
+                       iou={name: _none_if_nan(v) for name, v in zip(_class_names(cfg), iou.tolist(), strict=True)})
+    return {**results, "config": cfg.to_dict()}
+
+
+def _none_if_nan(value):
+    return None if math.isnan(value) else value
 
 
 def _class_names(cfg):
@@ -196,26 +227,52 @@ def _class_names(cfg):
 
 
 def format_results(results):
-    """The per-class table printed on the terminal."""
+    """The per-class table printed on the terminal, or for a split without labels where its predictions went."""
+    where = f"{results['mode']} on {results['images']} {results['split']} images"
+    if not results["labels"]:
+        return (f"{where}: the {results['split']} split has no labels, so nothing was scored; label-id predictions "
+                f"are in {os.path.join(results['config']['save_dir'], 'labelIds')}")
+
+    def percent(value):
+        return "n/a" if value is None else f"{100 * value:.2f}"
+
     lines = [f"{'class':<16}{'IoU':>8}"]
-    for name, iou in results["iou"].items():
-        lines.append(f"{name:<16}{'n/a' if iou is None else f'{100 * iou:.2f}':>8}")
+    lines += [f"{name:<16}{percent(iou):>8}" for name, iou in results["iou"].items()]
     lines.append("-" * 24)
-    lines.append(f"{'pixel accuracy':<16}{100 * results['pixel_accuracy']:>8.2f}")
-    lines.append(f"{'mIoU':<16}{100 * results['miou']:>8.2f}")
-    lines.append(f"({results['mode']} on {results['images']} {results['split']} images; "
-                 "mIoU over classes present in truth or prediction)")
+    lines.append(f"{'pixel accuracy':<16}{percent(results['pixel_accuracy']):>8}")
+    lines.append(f"{'mIoU':<16}{percent(results['miou']):>8}")
+    lines.append(f"({where}; mIoU over classes present in truth or prediction)")
     return "\n".join(lines)
 
 
 # ---- command line ----
 
 def read_config(args, ckpt_config):
-    """--config NAME if given, else the config stored in the checkpoint; then the overrides."""
+    """--config NAME if given, else the config stored in the checkpoint; then the overrides. Warns (stderr) where
+    the result differs from the checkpoint's config in a setting no weight records (UNRECORDED_KEYS)."""
     overrides = [("eval_" + o) if o.startswith("mode=") else o for o in args.overrides]
     if args.config or ckpt_config is None:
-        return get_config(args.config or "cityscapes", overrides)
-    return get_config(ckpt_config.get("run_name", "cityscapes"), overrides, base=ckpt_config)
+        cfg = get_config(args.config or "cityscapes", overrides)
+    else:
+        cfg = get_config(ckpt_config.get("run_name", "cityscapes"), overrides, base=ckpt_config)
+    differ = [f"{key}={_plain(getattr(cfg, key))!r} (trained with {_plain(ckpt_config[key])!r})"
+              for key in UNRECORDED_KEYS
+              if isinstance(ckpt_config, dict) and key in ckpt_config
+              and _plain(ckpt_config[key]) != _plain(getattr(cfg, key))]
+    if differ:
+        print(f"warning: {', '.join(differ)}: the checkpoint loads, but its predictions change; to use the values "
+              "it was trained with, leave out --config or override them", file=sys.stderr)
+    return cfg
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def write_results(results, path):
+    """The results as strict JSON (json.dump refuses NaN here rather than write a file other parsers reject)."""
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, allow_nan=False)
 
 
 def main(argv=None):
@@ -225,22 +282,24 @@ def main(argv=None):
     ddp = Distributed()
     try:
         cfg = read_config(args, read_checkpoint(args.ckpt).get("config"))
+        if ddp.main:
+            print(format_config(cfg))
         model = build_model(cfg, pretrained=False).to(ddp.device)
         load_checkpoint(model, args.ckpt)
         prepare_data(cfg, ddp)
         dataset = Cityscapes(cfg.data_root, cfg.val_split)
         results = evaluate(model, dataset, cfg, ddp)
-    except (ConfigError, CheckpointError, DatasetError, FileExistsError) as exc:
+        if ddp.main:
+            print(format_results(results))
+            name = f"eval_{cfg.val_split}_{results['mode']}.json"
+            out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
+            write_results(results, out)
+            print(f"results: {out}" + (f"; predictions: {cfg.save_dir}/labelIds" if cfg.save_dir else ""))
+    except (ConfigError, CheckpointError, DatasetError, OSError) as exc:  # OSError: a folder or file not writable
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         ddp.close()
-    if ddp.main:
-        print(format_results(results))
-        out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{cfg.val_split}_{results['mode']}.json")
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"results: {out}" + (f"; predictions: {cfg.save_dir}/labelIds" if cfg.save_dir else ""))
     return 0
 
 

@@ -13,7 +13,9 @@ Output "logits": float32 (N, num_classes, H, W); with --argmax "labels": int64 (
 (cityscapes.to_label_ids maps them to Cityscapes label ids).
 
 The default output is model.onnx (model_argmax.onnx with --argmax) next to the checkpoint. After writing it, the
-file is run with onnxruntime on the CPU at sizes other than the export size and compared with PyTorch.
+file is run with onnxruntime on the CPU at sizes other than the export size and compared with PyTorch: the command
+fails where the largest logit difference exceeds 1e-4 + 1e-5 * the largest |logit| (float32 rounding grows with
+the logits' scale) or where fewer than 99.9% of the pixels get the same class.
 """
 
 import argparse
@@ -34,9 +36,15 @@ MIN_OPSET = 17  # the oldest opset this export is verified with
 # Verification sizes: odd, so that they are not multiples of 32, and other than the export size, so that a size
 # frozen into the graph during tracing would show.
 VERIFY_SIZES = ((199, 393), (321, 655))
-# Float32 rounding differs between the two runtimes (and folding adds its own): well below 1e-4 in practice.
+# The check passes where max |onnxruntime - PyTorch| <= ATOL + RTOL * max |PyTorch logit|, per verification size.
+# Float32 rounding differs between the two runtimes (folding adds its own) and grows with the scale of the
+# activations: measured at VERIFY_SIZES, batch 2, max abs diffs of 8e-6 for random weights and for the synthetic
+# preset's 300-iteration model (logits up to 6 on random images, 10 on its val images), and 1.4e-6 times the
+# largest logit with the classifier scaled up (7e-5 at logits up to 50, 1.4e-4 at 100). A flat 1e-4 (what the
+# tests use, on small logits) would fail a correct export of a model with large logits; the RTOL term keeps a 7x
+# margin there and adds next to nothing for logits of a few units.
+ATOL, RTOL = 1e-4, 1e-5
 # Pixels whose two best logits tie within that rounding may flip class, hence not 100% agreement.
-MAX_ABS_DIFF = 1e-3
 MIN_AGREEMENT = 0.999
 
 
@@ -100,8 +108,9 @@ def verify_onnx(path, model, sizes, batch=1, seed=0):
     """Run the ONNX file `path` with onnxruntime on the CPU and compare it with `model` (PyTorch) on random
     normalized images of each (H, W) in `sizes`, `batch` at a time.
 
-    Returns {"max_abs_diff": worst logit difference (None for a --argmax file), "argmax_agreement": lowest fraction
-    of pixels with the same class, "sizes": the same two figures per size}.
+    Returns {"max_abs_diff": worst logit difference, "within_tolerance": whether at every size the worst difference
+    is at most ATOL + RTOL * the largest |logit| (both None for a --argmax file), "argmax_agreement": lowest fraction
+    of pixels with the same class, "sizes": per size these figures and the "tolerance"}.
     """
     session = _require("onnxruntime").InferenceSession(path, providers=["CPUExecutionProvider"])
     output = session.get_outputs()[0].name
@@ -112,6 +121,7 @@ def verify_onnx(path, model, sizes, batch=1, seed=0):
     diffs = [r["max_abs_diff"] for r in per_size]
     return {
         "max_abs_diff": None if None in diffs else max(diffs),
+        "within_tolerance": None if None in diffs else all(r["within_tolerance"] for r in per_size),
         "argmax_agreement": min(r["argmax_agreement"] for r in per_size),
         "sizes": per_size,
     }
@@ -128,8 +138,12 @@ def _compare(session, output, model, image):
     if labels.shape != expected.argmax(1).shape:
         raise ExportError(f"onnxruntime gave {output} of shape {result.shape} for an image of shape "
                           f"{tuple(image.shape)}; PyTorch gives logits of shape {expected.shape}")
-    diff = None if output == "labels" else float(np.abs(result - expected).max())
-    return {"max_abs_diff": diff, "argmax_agreement": float((labels == expected.argmax(1)).mean())}
+    agreement = float((labels == expected.argmax(1)).mean())
+    if output == "labels":
+        return {"max_abs_diff": None, "tolerance": None, "within_tolerance": None, "argmax_agreement": agreement}
+    diff, tolerance = float(np.abs(result - expected).max()), ATOL + RTOL * float(np.abs(expected).max())
+    return {"max_abs_diff": diff, "tolerance": tolerance, "within_tolerance": diff <= tolerance,
+            "argmax_agreement": agreement}
 
 
 # ---- command line ----
@@ -160,15 +174,17 @@ def parse_args(argv):
 def check_report(path, report):
     """Raise ExportError when the file does not reproduce PyTorch within the tolerances."""
     diff, agreement = report["max_abs_diff"], report["argmax_agreement"]
-    if (diff is not None and diff > MAX_ABS_DIFF) or agreement < MIN_AGREEMENT:
+    if report["within_tolerance"] is False or agreement < MIN_AGREEMENT:
         raise ExportError(f"{path} does not match PyTorch: max abs logit diff {diff}, argmax agreement {agreement}; "
-                          f"expected at most {MAX_ABS_DIFF} and at least {MIN_AGREEMENT}")
+                          f"expected at most {ATOL} + {RTOL} * the largest |logit| and at least {MIN_AGREEMENT}")
 
 
 def format_report(report):
     lines = []
     for r in report["sizes"]:
-        diff = "n/a (labels)" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}"
+        diff = "n/a (labels)"
+        if r["max_abs_diff"] is not None:
+            diff = f"{r['max_abs_diff']:.2e} (tolerance {r['tolerance']:.2e})"
         lines.append(f"onnxruntime vs PyTorch at {'x'.join(map(str, r['size']))}: max abs logit diff {diff}, "
                      f"argmax agreement {100 * r['argmax_agreement']:.3f}%")
     return "\n".join(lines)

@@ -278,15 +278,15 @@ class InferenceModel(nn.Module):
             return self.model(x).float()
 
 
-def inference_model(model, amp="none"):
+def inference_model(model, amp="none", device=None):
     """The fastest eval-mode copy of `model` for prediction: BatchNorm folded (fold_batchnorm), channels_last, and
-    with amp="bf16" / "fp16" autocast where the hardware has it (autocast_dtype).
+    with amp="bf16" / "fp16" autocast where the hardware has it (autocast_dtype), on `device` (default: the model's).
 
-    In fp32, outputs equal the eval-mode model's up to float rounding; `model` itself is not touched. BENCHMARKS.md
-    has what each step buys.
+    In fp32, outputs equal the eval-mode model's up to float rounding; `model` itself is not touched and does not
+    move. BENCHMARKS.md has what each step buys.
     """
-    device = next(model.parameters()).device
-    return InferenceModel(fold_batchnorm(model), autocast_dtype(amp, device)).eval()
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    return InferenceModel(fold_batchnorm(model).to(device), autocast_dtype(amp, device)).eval()
 
 
 def count_parameters(model):

@@ -1,9 +1,13 @@
 import os
 import sys
 
-import cv2
-import numpy as np
-import pytest
+# Tests are CPU-only, even on a machine with a GPU. Set before anything imports torch (pytest imports this file
+# first), and inherited by the subprocesses tests start (torchrun, the command-line scripts).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

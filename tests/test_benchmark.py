@@ -3,8 +3,11 @@
 (Speed itself is never asserted here: BENCHMARKS.md holds the measured figures.)
 """
 
+import os
 import re
+import time
 
+import pytest
 import torch
 
 import benchmark
@@ -53,3 +56,58 @@ def test_train_section_has_fp32_and_the_precisions_this_device_grants(monkeypatc
     rows, numbers = table_numbers(benchmark.bench_train(cfg, torch.device("cpu"), batch=2, repeat=1))
     assert [row.split(" | ")[0].strip("| ") for row in rows] == ["fp32", "bf16 autocast (`amp=bf16`)"]
     assert rows[0].endswith("| 1.00x |") and len(numbers) == 6 and all(n > 0 for n in numbers)
+
+
+def test_timed_on_the_cpu_is_the_median_wall_time_after_a_warm_up():
+    calls = []
+
+    def nap():
+        calls.append(1)
+        time.sleep(0.02)
+
+    seconds = benchmark.timed(nap, torch.device("cpu"), repeat=3)
+    assert len(calls) == 4 and 0.02 <= seconds < 0.2
+
+
+class FakeEvent:
+    """torch.cuda.Event stand-in: record() notes the host time; elapsed_time() is in milliseconds, as CUDA's."""
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.at = None
+
+    def record(self):
+        self.at = time.perf_counter()
+
+    def synchronize(self):
+        assert self.at is not None  # waited for only once recorded
+
+    def elapsed_time(self, end):
+        return 1000 * (end.at - self.at)
+
+
+def test_timed_on_cuda_reads_events_around_the_call_and_converts_milliseconds(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    seconds = benchmark.timed(lambda: time.sleep(0.02), torch.device("cuda"), repeat=3)
+    assert 0.02 <= seconds < 0.2
+
+
+@pytest.mark.parametrize("argv, written", [
+    ([], "BENCHMARKS.md"),  # a full run writes the report
+    (["--only", "eval"], None),  # a partial run only prints: it would replace the whole report with one section
+    (["--only", "eval", "--out", "eval.md"], "eval.md"),  # unless a file is named
+])
+def test_only_a_full_run_writes_benchmarks_md(monkeypatch, tmp_path, capsys, argv, written):
+    monkeypatch.chdir(tmp_path)
+    for section in benchmark.SECTIONS:
+        monkeypatch.setattr(benchmark, f"bench_{section}", lambda *args, section=section, **kw: [f"{section} table"])
+    monkeypatch.setattr(benchmark, "generate", lambda *args, **kw: None)
+    assert benchmark.main(argv) == 0
+    assert os.listdir(tmp_path) == ([written] if written else [])
+    if written:
+        text = (tmp_path / written).read_text()
+        sections = benchmark.SECTIONS if not argv else ("eval",)
+        assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == list(sections)
+    else:
+        assert "pass --out FILE" in capsys.readouterr().out

@@ -1,3 +1,6 @@
+import argparse
+import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -14,10 +17,19 @@ from torch import nn
 
 import evaluate
 from cityscapes import Cityscapes, to_train_ids
-from configs import get_config
+from configs import format_config, get_config
 from distributed import Distributed
-from evaluate import confusion_update, crop_scores, iou_from_confusion, predict, predict_scores, sliding_scores
-from model import build_model
+from evaluate import (
+    confusion_update,
+    crop_scores,
+    eval_crop_size,
+    iou_from_confusion,
+    predict,
+    predict_scores,
+    read_config,
+    sliding_scores,
+)
+from model import build_model, inference_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,20 +107,90 @@ def test_flip_is_undone_for_a_model_that_is_not_mirror_symmetric():
         mirrored.conv.bias.copy_(model.conv.bias)
         image = torch.randn(1, 3, 9, 13)
         got = crop_scores(model, image, flip=True, fusion="mean")
-        expected = model(image).softmax(1) + mirrored(image).softmax(1)
+        expected = (model(image).softmax(1) + mirrored(image).softmax(1)) / 2  # mean fusion: the average
         assert not torch.allclose(model(image), mirrored(image))
     torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("mode", ["msf", "mscf"])
-def test_multi_scale_scores_come_back_at_the_original_size(mode):
+def test_multi_scale_mean_fusion_gives_probabilities_at_the_original_size(mode):
     cfg = get_config("synthetic", ["eval_scales=0.5,0.75,1.3", "eval_crop=24,24", "eval_fusion=mean"])
     model, image = PixelModel(), torch.randn(1, 3, 37, 53)
     with torch.no_grad():
         scores = predict_scores(model, image, cfg, mode)
     assert scores.shape == (5, 37, 53)
-    # mean fusion of probabilities (2 per scale: plain and mirrored) sums to 2 at every pixel
-    torch.testing.assert_close(scores.sum(0), torch.full((37, 53), 2.0))
+    # mean fusion averages probabilities (plain and mirrored, windows, scales): they sum to 1 at every pixel
+    torch.testing.assert_close(scores.sum(0), torch.ones(37, 53))
+    assert scores.min() >= 0
+
+
+def seed_fusion(model, x):
+    """The seed's per-window score, written out: exp(softmax(x) + mirror of softmax(mirror of x)), (C, h, w)."""
+    plain = model(x).softmax(1)[0]
+    mirrored = model(x.flip(3)).softmax(1)[0].flip(2)
+    return (plain + mirrored).exp()
+
+
+def resize(x, size):
+    return F.interpolate(x, size, mode="bilinear", align_corners=False)
+
+
+def test_msf_with_exp_fusion_equals_the_seed_computation_written_out():
+    cfg = get_config("synthetic", ["aux_heads=false", "eval_scales=0.5,1.0,1.25"])
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).eval()
+    image = torch.randn(1, 3, 40, 52)
+    with torch.no_grad():
+        got = predict_scores(model, image, cfg, "msf")
+        # per scale: resize the image (40x52 -> 20x26, 40x52, 50x65), score it whole, resize back, add
+        expected = sum(resize(seed_fusion(model, resize(image, size))[None], (40, 52))[0]
+                       for size in ((20, 26), (40, 52), (50, 65)))
+        assert not torch.allclose(model(image.flip(3)).flip(3), model(image), atol=1e-3)  # not flip-symmetric
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mscf_with_exp_fusion_equals_a_crop_by_crop_reference():
+    cfg = get_config("synthetic", ["aux_heads=false", "eval_scales=0.5,0.75,1.25", "eval_crop=24,24", "eval_batch=3"])
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).eval()
+    image = torch.randn(1, 3, 40, 52)
+    # Window origins per scale, written out: stride int(24 * 2/3) = 16 and a last window ending at the border.
+    windows = {
+        (20, 26): ([0], [0, 2]),  # 20 rows < 24: padded with zeros to 24; 26 columns: 0, then 26 - 24
+        (30, 39): ([0, 6], [0, 15]),
+        (50, 65): ([0, 16, 26], [0, 16, 32, 41]),
+    }
+    with torch.no_grad():
+        got = predict_scores(model, image, cfg, "mscf")
+        expected = torch.zeros(19, 40, 52)
+        for (h, w), (rows, cols) in windows.items():
+            x = resize(image, (h, w))
+            if h < 24:
+                x = torch.cat([x, torch.zeros(1, 3, 24 - h, w)], dim=2)
+            scores = torch.zeros(19, max(h, 24), w)
+            for y in rows:
+                for x0 in cols:
+                    scores[:, y:y + 24, x0:x0 + 24] += seed_fusion(model, x[:, :, y:y + 24, x0:x0 + 24])
+            expected += resize(scores[None, :, :h, :w], (40, 52))[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_crop_defaults_to_the_training_crop():
+    cfg = get_config("synthetic", ["crop_size=96,128", "eval_crop=48,64"])
+    assert eval_crop_size(cfg) == (48, 64)
+    assert eval_crop_size(dataclasses.replace(cfg, eval_crop=())) == (96, 128)  # empty: "same as crop_size"
+
+
+def test_a_model_elsewhere_is_copied_to_the_evaluation_device_and_left_where_it_is():
+    model = PixelModel()
+    net = inference_model(model, device=torch.device("meta"))  # the one other device a CPU-only machine has
+    assert next(net.parameters()).device.type == "meta"
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_tests_run_on_the_cpu_and_subprocesses_inherit_it():
+    # conftest.py hides GPUs before torch is imported; torchrun and the scripts tests start get the same env
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
 
 
 def make_checkpoint(tmp_path, n_val=5, size=(40, 56), extra=()):
@@ -132,12 +214,23 @@ def test_saved_label_id_pngs_map_back_to_the_predicted_train_ids(tmp_path):
     cfg = get_config(base=cfg.to_dict(), overrides=[f"save_dir={save_dir}", "save_color=true"])
     dataset = Cityscapes(cfg.data_root, "val")
     results = evaluate.evaluate(model, dataset, cfg, Distributed())
+    # make_checkpoint writes frame 0 in frankfurt, frame 1 in lindau: the names the toolkit and the server expect
+    expected = {"frankfurt": "frankfurt_000000_000019.png", "lindau": "lindau_000001_000019.png"}
+    for kind in ("labelIds", "color"):
+        assert sorted(os.listdir(os.path.join(save_dir, kind))) == sorted(expected)
+        for city, name in expected.items():
+            assert os.listdir(os.path.join(save_dir, kind, city)) == [name]
     confusion = torch.zeros((19, 19), dtype=torch.int64)
-    for i in range(len(dataset)):
-        name = dataset.name(i)
-        city = name.split("_")[0]
-        ids = cv2.imread(os.path.join(save_dir, "labelIds", city, name + ".png"), cv2.IMREAD_UNCHANGED)
-        color = cv2.imread(os.path.join(save_dir, "color", city, name + ".png"))
+    for i, (city, name) in enumerate(expected.items()):
+        # the official toolkit (csEvalPixelLevelSemanticLabeling, getPrediction) finds a ground-truth file's
+        # prediction by this pattern, built from the ground truth's {city}_{seq}_{frame}
+        gt = os.path.basename(dataset.samples[i][1])
+        assert gt.endswith("_gtFine_labelIds.png")
+        _, seq, frame = gt.split("_")[:3]
+        assert fnmatch.filter(os.listdir(os.path.join(save_dir, "labelIds", city)), f"{city}_{seq}_{frame}*.png") \
+            == [name]
+        ids = cv2.imread(os.path.join(save_dir, "labelIds", city, name), cv2.IMREAD_UNCHANGED)
+        color = cv2.imread(os.path.join(save_dir, "color", city, name))
         assert ids.dtype == np.uint8 and ids.shape == (40, 56) and color.shape == (40, 56, 3)
         assert set(np.unique(ids)) <= {7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33}
         with torch.no_grad():
@@ -148,10 +241,18 @@ def test_saved_label_id_pngs_map_back_to_the_predicted_train_ids(tmp_path):
         assert (saved == pred).float().mean() >= 0.999
         confusion_update(confusion, saved, dataset[i][1])
     assert results["confusion"] == confusion.tolist()
+    json.dumps(results, allow_nan=False)
+
+
+def test_an_unwritable_prediction_is_an_error_naming_its_path(tmp_path):
+    blocked = tmp_path / "pred" / "labelIds" / "lindau" / "lindau_000001_000019.png"
+    blocked.mkdir(parents=True)  # a folder where the PNG should go: cv2.imwrite returns False
+    with pytest.raises(OSError, match="lindau_000001_000019.png"):
+        evaluate.save_prediction(str(tmp_path / "pred"), "lindau_000001_000019", np.zeros((4, 6), np.uint8), False)
 
 
 def run_eval(args, env_extra=None, torchrun=False):
-    env = {**os.environ, "PYTHONPATH": REPO, **(env_extra or {})}
+    env = {**os.environ, "PYTHONPATH": REPO, **(env_extra or {})}  # with conftest's CUDA_VISIBLE_DEVICES=""
     env.pop("RANK", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
         else [sys.executable]
@@ -176,13 +277,17 @@ def test_two_process_torchrun_equals_one_process_on_an_odd_number_of_images(tmp_
         os.path.join(tmp_path, "data"), "val")[i][1]) == 255).sum() for i in range(5))
     assert one["confusion"] == two["confusion"] and one["miou"] == two["miou"]
     assert "mIoU" in single.stdout and "road" in single.stdout
+    # the resolved config: printed at start, and stored with the results
+    cfg = get_config(base=torch.load(path, weights_only=True)["config"])
+    assert single.stdout.startswith(format_config(cfg))
+    assert one["config"] == json.loads(json.dumps(cfg.to_dict()))
 
 
 def test_cli_errors_are_clear_and_non_zero(tmp_path, capsys):
     path, cfg, _ = make_checkpoint(tmp_path, n_val=1)
     cases = [
         (["--ckpt", str(tmp_path / "missing.pth")], "missing.pth"),
-        (["--ckpt", path, "num_classes=5"], "5"),
+        (["--ckpt", path, "num_classes=5"], "checkpoint has 19 classes, config has 5 (num_classes)"),
         (["--ckpt", path, "arm=false"], "arm"),
         (["--ckpt", path, "mode=fast"], "expected one of ss, ssc, msf, mscf"),
         (["--ckpt", path, "val_split=train"], "no images found"),
@@ -219,3 +324,69 @@ def test_predict_is_the_argmax_of_the_scores(mode):
         got = predict(model, image, cfg, mode)
     assert got.shape == (61, 83) and got.dtype == torch.int64
     assert torch.equal(got, expected)
+
+
+def strict_json(path):
+    def refuse(name):
+        raise ValueError(f"{name} in {path}: not valid JSON")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def test_the_test_split_without_save_dir_is_refused_before_any_inference(tmp_path, capsys, monkeypatch):
+    path, cfg, _ = make_checkpoint(tmp_path, n_val=1)
+    write_frame(cfg.data_root, "test", "berlin", 0, np.zeros((40, 56, 3), np.uint8))  # no label: as published
+    monkeypatch.setattr(evaluate, "predict", lambda *args: pytest.fail("inference ran"))
+    assert evaluate.main(["--ckpt", path, "val_split=test"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no labels" in err and "save_dir=DIR" in err
+    assert sorted(os.listdir(tmp_path)) == ["data", "model.pth"]  # no results file
+
+
+def test_the_test_split_is_predicted_not_scored(tmp_path, capsys):
+    path, cfg, _ = make_checkpoint(tmp_path, n_val=1)
+    for i, city in enumerate(("berlin", "bonn", "berlin")):
+        write_frame(cfg.data_root, "test", city, i, np.random.default_rng(i).integers(0, 256, (40, 56, 3), np.uint8))
+    save_dir = str(tmp_path / "submission")
+    assert evaluate.main(["--ckpt", path, "val_split=test", f"save_dir={save_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "no labels" in out and os.path.join(save_dir, "labelIds") in out and "mIoU" not in out
+    results = strict_json(tmp_path / "eval_test_ss.json")
+    assert results["images"] == 3 and results["labels"] is False
+    assert results["miou"] is None and results["pixel_accuracy"] is None and results["iou"] is None
+    assert sorted(os.listdir(os.path.join(save_dir, "labelIds", "berlin"))) == \
+        ["berlin_000000_000019.png", "berlin_000002_000019.png"]
+    assert os.listdir(os.path.join(save_dir, "labelIds", "bonn")) == ["bonn_000001_000019.png"]
+
+
+def test_a_split_whose_pixels_are_all_ignored_gives_strict_json_with_null_metrics(tmp_path, capsys):
+    path, cfg, _ = make_checkpoint(tmp_path, n_val=1)
+    label = os.path.join(cfg.data_root, "gtFine", "val", "frankfurt", "frankfurt_000000_000019_gtFine_labelIds.png")
+    cv2.imwrite(label, np.zeros((40, 56), np.uint8))  # label id 0 (unlabeled): ignored everywhere
+    assert evaluate.main(["--ckpt", path]) == 0
+    results = strict_json(tmp_path / "eval_val_ss.json")
+    assert results["miou"] is None and results["pixel_accuracy"] is None
+    assert set(results["iou"].values()) == {None} and np.sum(results["confusion"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in lines if line.startswith(("mIoU", "pixel accuracy"))] == \
+        [["pixel", "accuracy", "n/a"], ["mIoU", "n/a"]]
+
+
+def test_an_unwritable_results_file_is_a_clear_error(tmp_path, capsys):
+    path, _, _ = make_checkpoint(tmp_path, n_val=1)
+    (tmp_path / "eval_val_ss.json").mkdir()  # a folder in the way: open() fails as on a read-only disk
+    assert evaluate.main(["--ckpt", path]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert err.startswith("error:") and "eval_val_ss.json" in err
+
+
+def test_a_different_upsample_than_the_checkpoints_is_warned_about(tmp_path, capsys):
+    _, cfg, _ = make_checkpoint(tmp_path, n_val=1, extra=["upsample=bilinear"])
+    # --config replaces the checkpoint's config: its upsample (nearest) loads silently into any checkpoint
+    chosen = read_config(argparse.Namespace(config="synthetic", overrides=[]), cfg.to_dict())
+    assert chosen.upsample == "nearest"
+    err = capsys.readouterr().err
+    assert err.startswith("warning:") and "upsample='nearest' (trained with 'bilinear')" in err
+    read_config(argparse.Namespace(config=None, overrides=[]), cfg.to_dict())  # the checkpoint's own: no warning
+    assert capsys.readouterr().err == ""

@@ -145,9 +145,12 @@ def test_fold_keeps_an_existing_conv_bias_and_returns_eval_mode():
 # --- ONNX ----------------------------------------------------------------------------------------------------------
 
 
-def test_onnx_graph_has_dynamic_batch_height_and_width(onnx_files):
+def test_onnx_graph_has_dynamic_batch_height_and_width_and_opset_17_or_newer(onnx_files):
     for path, name, rank in ((onnx_files[0], "logits", 4), (onnx_files[1], "labels", 3)):
-        graph = onnx.load(path, load_external_data=False).graph
+        proto = onnx.load(path, load_external_data=False)
+        opsets = {o.domain: o.version for o in proto.opset_import}
+        assert opsets.get("", opsets.get("ai.onnx", 0)) >= 17  # the default ONNX domain is "" (or "ai.onnx")
+        graph = proto.graph
         assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == [name]
         image_dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
         output_dims = [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim]
@@ -181,6 +184,33 @@ def test_verify_onnx_reports_worst_figures(model, onnx_files):
     assert report["argmax_agreement"] >= 0.999
     labels_report = export.verify_onnx(onnx_files[1], model, [(67, 101)])
     assert labels_report["max_abs_diff"] is None and labels_report["argmax_agreement"] >= 0.999
+
+
+class OffsetSession:
+    """An onnxruntime stand-in whose "logits" are PyTorch's plus `offset` at one element."""
+
+    def __init__(self, model, offset):
+        self.model, self.offset = model, offset
+
+    def run(self, names, feeds):
+        logits = torch_logits(self.model, torch.from_numpy(feeds["image"]))
+        logits.reshape(-1)[7] += self.offset
+        return [logits]
+
+
+@pytest.mark.parametrize("factor, passes", [(0.9, True), (1.1, False)])
+def test_the_export_check_allows_1e_4_plus_1e_5_of_the_largest_logit(model, factor, passes):
+    image = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(4))
+    tolerance = 1e-4 + 1e-5 * np.abs(torch_logits(model, image)).max()  # the rule, written out
+    result = export._compare(OffsetSession(model, factor * tolerance), "logits", model, image)
+    assert result["max_abs_diff"] == pytest.approx(factor * tolerance, rel=1e-3)
+    assert result["within_tolerance"] is passes
+    report = {"max_abs_diff": result["max_abs_diff"], "within_tolerance": passes, "argmax_agreement": 1.0}
+    if passes:
+        export.check_report("model.onnx", report)
+    else:
+        with pytest.raises(export.ExportError, match="model.onnx does not match PyTorch"):
+            export.check_report("model.onnx", report)
 
 
 def test_missing_onnxruntime_is_named(model, onnx_files, monkeypatch):
