@@ -1,9 +1,14 @@
 """The process's place in a torchrun job (or a plain single process) and the few collectives we use."""
 
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The launch does not fit this machine (more processes than GPUs)."""
 
 
 class Distributed:
@@ -13,15 +18,30 @@ class Distributed:
         self.enabled = "RANK" in os.environ
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            self.device = torch.device("cuda", local_rank)
+            gpus = torch.cuda.device_count()
+            if self.local_rank >= gpus:
+                raise LaunchError(f"LOCAL_RANK={self.local_rank} but this machine has {gpus} GPU(s): torchrun "
+                                   f"--nproc_per_node exceeds the GPUs of this machine; use at most {gpus}")
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
         else:
             self.device = torch.device("cpu")
         if self.enabled:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.main = self.rank == 0
+        self.local_main = self.local_rank == 0  # the first process on its machine
+
+    @contextmanager
+    def local_main_first(self):
+        """Run the block on each machine's first process, then on the others: for work that fills a cache every
+        process of a machine shares (a download), which concurrent processes would race on."""
+        if not self.local_main:
+            self.barrier()
+        yield
+        if self.local_main:
+            self.barrier()
 
     def broadcast(self, obj):
         """rank 0's value of a picklable object, on every rank."""

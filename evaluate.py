@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cityscapes import CLASS_NAMES, Cityscapes, DatasetError, colorize, to_label_ids
 from configs import ConfigError, add_config_args, format_config, get_config
-from distributed import Distributed
+from distributed import Distributed, LaunchError
 from model import CheckpointError, build_model, inference_model, load_checkpoint, read_checkpoint
 from synthetic import prepare_data
 from transform import EvalTransform
@@ -279,7 +279,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="model_final.pth or last.pth of a run")
     args = add_config_args(parser).parse_args(argv)
-    ddp = Distributed()
+    try:
+        ddp = Distributed()
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         cfg = read_config(args, read_checkpoint(args.ckpt).get("config"))
         if ddp.main:

@@ -1,7 +1,8 @@
 """Training losses: OHEM cross-entropy and the sum over BiSeNet's main and auxiliary heads.
 
-The logged training loss is the SUM over heads (main + aux_weight * (aux8 + aux16)), not the main
-head's loss alone: with the default weights it starts near 3x a single head's cross-entropy.
+The logged training loss is the weighted total over heads, main + aux_weight * (aux8 + aux16): the value
+optimized, not the main head's loss alone. With the default aux_weight of 1 it starts near 3x a single head's
+cross-entropy. Each head's own loss is logged beside it.
 """
 
 import math
@@ -60,7 +61,7 @@ class BiSeNetLoss(nn.Module):
 
     `outputs` is the model's training output (main, aux8, aux16), or the main logits alone (a model
     without aux heads). Returns (total, parts): parts maps "main", "aux8", "aux16" to detached per-head
-    losses, for logging; the logged total is the sum over heads.
+    losses, for logging beside the total; `formula` says how the total is formed from them.
     """
 
     def __init__(self, criterion, aux_weight=1.0, aux_names=("aux8", "aux16")):
@@ -71,6 +72,13 @@ class BiSeNetLoss(nn.Module):
 
     def _aux_name(self, i):
         return self.aux_names[i] if i < len(self.aux_names) else f"aux{i}"
+
+    def formula(self, aux_heads=True):
+        """The total in terms of the heads' names: "main+aux8+aux16", "main+0.4*(aux8+aux16)", or "main"."""
+        if not aux_heads:
+            return "main"
+        aux = "+".join(self.aux_names)
+        return f"main+{aux}" if self.aux_weight == 1 else f"main+{self.aux_weight:g}*({aux})"
 
     def forward(self, outputs, target):
         if torch.is_tensor(outputs):

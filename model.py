@@ -244,11 +244,15 @@ def fold_batchnorm(model):
 
 
 def native_bf16(device):
-    """Whether bf16 runs natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX (elsewhere oneDNN
-    emulates bf16, several times slower than fp32)."""
+    """Whether bf16 runs natively: an NVIDIA GPU of compute capability 8.0 or newer (Ampere on; older ones emulate
+    bf16, though torch.cuda.is_bf16_supported() says yes) or an AMD GPU, or a CPU with AVX512-BF16 or AMX (elsewhere
+    oneDNN emulates bf16, several times slower than fp32)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        if torch.version.hip:
+            return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private helpers: absent in some versions
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in cpu_checks)
 
 
 def autocast_dtype(amp, device):

@@ -61,6 +61,18 @@ def build_optimizer(model, cfg):
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
+def load_optimizer_state(optimizer, state):
+    """Load a saved optimizer `state` (momentum buffers) but keep each group's settings (weight_decay, momentum,
+    lr_mult) as `optimizer` was built, so that config changes made on resume take effect.
+
+    torch's load_state_dict alone would bring back the saved settings, silently ignoring such overrides.
+    """
+    built = {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups}
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(built[group["name"]])
+
+
 def lr_at(it, cfg):
     """The base learning rate at iteration `it` (0-based): a warmup ramp, then poly decay to 0.
 

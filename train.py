@@ -14,19 +14,24 @@ import sys
 import time
 from contextlib import nullcontext
 
+import cv2
 import torch
 from tqdm import tqdm
 
 from cityscapes import Cityscapes, DatasetError
 from configs import ConfigError, add_config_args, format_config, get_config
-from distributed import Distributed
-from evaluate import evaluate, format_results
+from distributed import Distributed, LaunchError
+from evaluate import evaluate, format_results, write_results
 from loss import build_loss
 from model import CheckpointError, build_model, load_checkpoint, native_bf16, read_checkpoint
-from optimizer import build_optimizer, lr_at, set_lr
+from optimizer import build_optimizer, load_optimizer_state, lr_at, set_lr
 from resnet import PretrainedError
 from synthetic import prepare_data
 from transform import TrainTransform
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients of a step are not finite: the run stops before the update."""
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -67,28 +72,40 @@ def per_rank_batch(cfg, world):
     return per_rank
 
 
+def limit_opencv_threads(worker_id=None):
+    """One OpenCV thread per loader process (also a DataLoader worker_init_fn): the parallelism is the workers
+    themselves, and OpenCV's pool of one thread per core in every worker would oversubscribe the CPU."""
+    if cv2.getNumThreads() != 1:  # a forked worker that changes the count its parent had deadlocks in OpenCV
+        cv2.setNumThreads(1)
+
+
 def train_loader(cfg, ddp, start_iter):
     per_rank = per_rank_batch(cfg, ddp.world)
     dataset = Cityscapes(cfg.data_root, cfg.train_split, TrainTransform.from_config(cfg))
     # The sampler counts samples: this rank has consumed start_iter * per_rank of them already.
     sampler = InfiniteSampler(len(dataset), cfg.seed, ddp.rank, ddp.world, start_iter * per_rank)
     cuda = ddp.device.type == "cuda"
+    if cfg.workers > 0:
+        # Here, before the workers start: a forked one inherits the setting (see limit_opencv_threads); a spawned
+        # one (macOS, Windows) gets it from worker_init_fn. This process does no augmentation itself then.
+        limit_opencv_threads()
     loader = torch.utils.data.DataLoader(
         dataset, per_rank, sampler=sampler, num_workers=cfg.workers, pin_memory=cuda, drop_last=True,
-        persistent_workers=cuda and cfg.workers > 0)
+        persistent_workers=cuda and cfg.workers > 0, worker_init_fn=limit_opencv_threads)
     return dataset, loader
 
 
 def amp_dtype(amp, device):
-    """The autocast dtype of config value `amp` on `device`, None for fp32: on CUDA fp16 or bf16 as asked; on the CPU
-    bf16 only where it is native (AVX512-BF16 or AMX), else fp32 (the CPU has no fast fp16)."""
+    """The autocast dtype of config value `amp` on `device`, None for fp32.
+
+    fp16 on CUDA only (the CPU has no fast fp16; fp16 being the default, a CPU run is fp32). bf16 where the hardware
+    has it natively: a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX; elsewhere fp32 (train warns).
+    """
     if amp == "none":
         return None
-    if device.type == "cuda":
-        return torch.float16 if amp == "fp16" else torch.bfloat16
-    if device.type == "cpu" and amp == "bf16" and native_bf16(device):
-        return torch.bfloat16
-    return None
+    if amp == "fp16":
+        return torch.float16 if device.type == "cuda" else None
+    return torch.bfloat16 if native_bf16(device) else None
 
 
 def amp_settings(cfg, device):
@@ -99,11 +116,52 @@ def amp_settings(cfg, device):
     return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
-def save_checkpoint(path, state):
-    """torch.save through a temporary file and a rename, so a crash never leaves a half-written file."""
+def write_atomically(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`: a crash at any moment leaves the
+    old file or the new one, never a half-written one. The fsyncs make that hold across a power loss as well."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(path):
+    """Make a rename in folder `path` durable. Windows cannot open a folder (no O_DIRECTORY) and needs none."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, state):
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def trim_log(path, iteration):
+    """Drop the records after `iteration` from the JSON-lines log at `path`: a resumed run logs them again."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:  # in iteration order: one process appends them
+            try:
+                if json.loads(line)["iter"] > iteration:
+                    break
+            except ValueError:  # a line cut short by the crash that stopped the run
+                break
+            kept.append(line)
+    write_atomically(path, lambda f: f.write("".join(kept).encode()))
 
 
 def resolve_run_dir(cfg):
@@ -139,7 +197,11 @@ def load_training_state(path):
 def build_training(cfg, ddp):
     """Model (DDP-wrapped when distributed), its bare module, optimizer, loss."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg).to(ddp.device)
+    # A resumed run takes every weight from its checkpoint: no ImageNet file needed. Otherwise the first process of
+    # each machine fetches the file into the torch hub cache, which the others then read instead of racing on it.
+    with ddp.local_main_first():
+        model = build_model(cfg, pretrained=not cfg.resume)
+    model = model.to(ddp.device)
     if ddp.enabled and ddp.device.type == "cuda" and cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
@@ -152,48 +214,73 @@ def build_training(cfg, ddp):
     return model, bare, optimizer, build_loss(cfg).to(ddp.device)
 
 
-def rng_state():
+def rng_state(device):
+    """The random states a resumed run restores: the CPU generator, and this process's GPU's."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def training_state(bare, optimizer, scaler, iteration, cfg):
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def training_state(bare, optimizer, scaler, iteration, cfg, device):
     return {"model": bare.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "iteration": iteration, "config": cfg.to_dict(), "rng": rng_state()}
+            "iteration": iteration, "config": cfg.to_dict(), "rng": rng_state(device)}
 
 
-def restore(ckpt_path, bare, optimizer, scaler):
+def restore(ckpt_path, bare, optimizer, scaler, device):
+    """Load a training checkpoint into the built model, optimizer and scaler; returns its iteration.
+
+    The optimizer keeps the settings of the current config (overrides given on resume apply). A disabled scaler
+    saves {}: then an fp16 run starts a fresh scaler (and a scaler that is disabled now ignores a saved state).
+    """
     ckpt = load_checkpoint(bare, ckpt_path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if torch.cuda.is_available() and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    load_optimizer_state(optimizer, ckpt["optimizer"])
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)
     return ckpt["iteration"]
 
 
-class Log:
-    """Per-head loss sums over the last log_every iterations (kept on the device: no sync per step),
-    written as one JSON line at each flush."""
+def finite_flags(loss, params, check_grads):
+    """[loss is finite, gradients are finite] as 0/1 floats, to all-reduce in one call.
 
-    def __init__(self, path, enabled, batch_size):
-        self.path, self.enabled, self.batch_size = path, enabled, batch_size
+    With fp16's GradScaler the gradients are not checked: inf there is expected, and the scaler skips that step.
+    Otherwise the norm of all gradients together (fused kernels, no sync) is finite exactly when every one is.
+    """
+    grads_finite = torch.ones((), device=loss.device)
+    if check_grads:
+        # max_norm=inf: the norm only, the gradients are left as they are (scaled by exactly 1)
+        norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        grads_finite = torch.isfinite(norm).float().to(loss.device)
+    return torch.stack([torch.isfinite(loss.detach()).float(), grads_finite])
+
+
+class Log:
+    """Sums of the optimized loss and of each head's loss over the last log_every iterations (kept on the device:
+    no sync per step), written as one JSON line at each flush. `formula` says how the loss is made of the heads."""
+
+    def __init__(self, path, enabled, batch_size, formula):
+        self.path, self.enabled, self.batch_size, self.formula = path, enabled, batch_size, formula
         self.names, self.sums, self.count, self.t0 = None, None, 0, time.perf_counter()
 
-    def add(self, parts):
+    def add(self, loss, parts):
         if self.names is None:
             self.names = list(parts)
-        values = torch.stack([parts[n].float() for n in self.names])
+        values = torch.stack([loss.detach().float(), *(parts[n].float() for n in self.names)])
         self.sums = values if self.sums is None else self.sums + values
         self.count += 1
 
     def flush(self, ddp, iteration, lr, eta_s):
         totals = ddp.all_sum(torch.cat([self.sums, self.sums.new_tensor([self.count])]).double()).tolist()
-        heads = {n: totals[i] / totals[-1] for i, n in enumerate(self.names)}
-        record = {"iter": iteration, "loss": sum(heads.values()), "loss_sums": "+".join(self.names),
-                  **{f"loss_{n}": v for n, v in heads.items()}, "lr": lr,
+        loss, *heads = (total / totals[-1] for total in totals[:-1])
+        record = {"iter": iteration, "loss": loss, "loss_sums": self.formula,
+                  **{f"loss_{n}": v for n, v in zip(self.names, heads, strict=True)}, "lr": lr,
                   "images_per_s": self.count * self.batch_size / (time.perf_counter() - self.t0),
                   "eta_s": eta_s, "time": time.time()}
         if self.enabled:
@@ -203,28 +290,46 @@ class Log:
         return record
 
 
+def non_finite_message(flags, world, it, lr, last_path, cfg):
+    problem = "the loss is not finite" if flags[0] < world else "the loss is finite but its gradients are not"
+    kept = (f"The last good checkpoint, {last_path}, is intact" if os.path.isfile(last_path)
+            else "No checkpoint had been saved yet")
+    return (f"{problem} at iteration {it + 1} (lr {lr:.3g}); stopped before the update. {kept}: lower lr or check "
+            f"the labels (num_classes={cfg.num_classes}, ignore_index={cfg.ignore_index}) and resume.")
+
+
 def train(cfg, ddp):
+    if ddp.main:  # first of all, so that a run failing early still shows what it was asked to do
+        print(f"config:\n{format_config(cfg)}", flush=True)
     per_rank_batch(cfg, ddp.world)  # fail on a bad batch before generating data or building anything
     prepare_data(cfg, ddp)
     run_dir = ddp.broadcast(resolve_run_dir(cfg) if ddp.main else None)
     model, bare, optimizer, criterion = build_training(cfg, ddp)
+    dtype = amp_dtype(cfg.amp, ddp.device)
     autocast, scaler = amp_settings(cfg, ddp.device)
-    start = restore(cfg.resume, bare, optimizer, scaler) if cfg.resume else 0
+    start = restore(cfg.resume, bare, optimizer, scaler, ddp.device) if cfg.resume else 0
     if ddp.rank or not start:  # a per-rank stream for anything random in the model; rank 0 resumes its own
         torch.manual_seed(cfg.seed + ddp.rank + start)
     _, loader = train_loader(cfg, ddp, start)
+    last_path, log_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "log.jsonl")
+    formula = criterion.formula(cfg.aux_heads)
     if ddp.main:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(format_config(cfg))
-        print(f"config:\n{format_config(cfg)}\nrun directory: {run_dir}  (log.jsonl, last.pth, model_final.pth)")
+        if start:
+            trim_log(log_path, start)  # the records after the checkpoint are logged again
+        print(f"run directory: {run_dir}  (config.json, log.jsonl, last.pth, model_final.pth)")
         print(f"device: {ddp.device}, processes: {ddp.world}, batch per process: {cfg.batch_size // ddp.world}, "
-              f"amp: {str(amp_dtype(cfg.amp, ddp.device) or 'none (fp32)').replace('torch.', '')}")
-        print(f"loss = OHEM(main) + {cfg.aux_weight} x (OHEM(aux8) + OHEM(aux16)): the logged loss is this sum")
+              f"amp: {str(dtype or 'none (fp32)').replace('torch.', '')}")
+        if cfg.amp == "bf16" and dtype is None:
+            print(f"warning: amp=bf16 but {ddp.device} has no native bf16: training in fp32", file=sys.stderr)
+        print(f"loss = {formula}, each head's OHEM cross-entropy: the logged loss is this weighted total, the value "
+              "optimized; loss_<head> are the heads' own")
         if start:
             print(f"resuming from {cfg.resume} at iteration {start}")
-    last_path = os.path.join(run_dir, "last.pth")
-    log = Log(os.path.join(run_dir, "log.jsonl"), ddp.main, cfg.batch_size)
+    log = Log(log_path, ddp.main, cfg.batch_size, formula)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     bar = tqdm(range(start, cfg.max_iter), initial=start, total=cfg.max_iter, disable=not ddp.main,
                dynamic_ncols=True, desc="train")
@@ -241,23 +346,22 @@ def train(cfg, ddp):
         with autocast:
             outputs = model(images)
         loss, parts = criterion(outputs, labels)
-        finite = ddp.all_sum(torch.isfinite(loss.detach()).float().reshape(1))
-        if finite.item() < ddp.world:
-            raise SystemExit(f"error: the loss is not finite at iteration {it + 1} (lr {lr:.3g}); stopping. "
-                             f"The last good checkpoint, {last_path}, is intact: lower lr or check the labels "
-                             f"(num_classes={cfg.num_classes}, ignore_index={cfg.ignore_index}) and resume.")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        # The step's one sync: every rank learns whether any rank's loss or gradients went non-finite.
+        flags = ddp.all_sum(finite_flags(loss, params, check_grads=not scaler.is_enabled())).tolist()
+        if min(flags) < ddp.world:
+            raise NonFiniteError(non_finite_message(flags, ddp.world, it, lr, last_path, cfg))
         scaler.step(optimizer)
         scaler.update()
-        log.add(parts)
+        log.add(loss, parts)
         done = it + 1
         if done % cfg.log_every == 0 or done == cfg.max_iter:
             eta = (cfg.max_iter - done) * (time.perf_counter() - t_start) / (done - start)
             record = log.flush(ddp, done, lr, eta)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
         if ddp.main and (done % cfg.ckpt_every == 0 or done == cfg.max_iter):
-            save_checkpoint(last_path, training_state(bare, optimizer, scaler, done, cfg))
+            save_checkpoint(last_path, training_state(bare, optimizer, scaler, done, cfg, ddp.device))
     bar.close()
     ddp.sync_buffers(bare)
     final_path = os.path.join(run_dir, "model_final.pth")
@@ -274,8 +378,7 @@ def final_evaluation(cfg, ddp, model, run_dir):
     results = evaluate(model, dataset, cfg, ddp)
     if ddp.main:
         print(format_results(results))
-        with open(os.path.join(run_dir, "eval.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        write_results(results, os.path.join(run_dir, "eval.json"))
     return results
 
 
@@ -283,14 +386,24 @@ def main(argv=None):
     parser = add_config_args(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawTextHelpFormatter))
     args = parser.parse_args(argv)
-    ddp = Distributed()
+    try:
+        ddp = Distributed()
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         cfg = read_config(args)
         if ddp.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
         model, run_dir = train(cfg, ddp)
         final_evaluation(cfg, ddp, model, run_dir)
-    except (ConfigError, CheckpointError, DatasetError, PretrainedError, FileExistsError) as exc:
+    except (ConfigError, NonFiniteError) as exc:
+        # The same on every rank (one config; an all-reduced check): said once.
+        if ddp.main:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except (CheckpointError, DatasetError, PretrainedError, FileExistsError) as exc:
+        # Possibly one machine's own problem (a file missing there): every rank says it.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

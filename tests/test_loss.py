@@ -125,6 +125,13 @@ def test_bisenet_loss_sums_heads_with_weight():
     assert not any(p.requires_grad for p in parts.values())
 
 
+def test_bisenet_loss_formula_names_the_weight():
+    ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
+    assert BiSeNetLoss(ce, aux_weight=0.4).formula() == "main+0.4*(aux8+aux16)"
+    assert BiSeNetLoss(ce, aux_weight=1.0).formula() == "main+aux8+aux16"
+    assert BiSeNetLoss(ce, aux_weight=0.4).formula(aux_heads=False) == "main"
+
+
 def test_bisenet_loss_accepts_main_logits_alone():
     logits, target = random_batch(9)
     total, parts = BiSeNetLoss(torch.nn.CrossEntropyLoss(ignore_index=IGNORE))(logits, target)

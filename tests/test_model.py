@@ -340,3 +340,24 @@ def test_checkpoint_not_a_state_dict(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match="list.pth is not a model checkpoint"):
         load_checkpoint(BiSeNet(), str(path))
+
+
+def test_native_bf16_on_gpus_means_compute_capability_8_or_newer(monkeypatch):
+    import model as model_module
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # says yes on emulating GPUs too
+    for capability, native in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):  # V100, T4, A100...
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert model_module.native_bf16(gpu) is native, capability
+
+
+def test_native_bf16_on_the_cpu_follows_the_instruction_set(monkeypatch):
+    import model as model_module
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert model_module.native_bf16(cpu) is (avx512_bf16 or amx)

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from configs import Config
-from optimizer import build_optimizer, lr_at, param_groups, set_lr
+from configs import PRESETS, Config, get_config
+from model import build_model
+from optimizer import build_optimizer, load_optimizer_state, lr_at, param_groups, set_lr
 
 
 class ToyBiSeNet(nn.Module):
@@ -136,3 +137,52 @@ def test_lr_rises_then_falls():
     lrs = [lr_at(it, cfg) for it in range(1001)]
     assert all(a < b for a, b in zip(lrs[:100], lrs[1:101], strict=True))
     assert all(a > b for a, b in zip(lrs[100:1000], lrs[101:1001], strict=True))
+
+
+def test_loading_a_saved_state_keeps_the_configured_settings():
+    # A resume with weight_decay / momentum / head_lr_mult overrides: the momentum buffers come from the saved state,
+    # the settings from the config (torch's load_state_dict alone would restore the saved ones).
+    saved_cfg = Config(lr=0.1, momentum=0.9, weight_decay=0.01, head_lr_mult=10.0)
+    model = ToyBiSeNet()
+    opt = build_optimizer(model, saved_cfg)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = opt.state_dict()
+    buffers = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    resumed = build_optimizer(model, Config(lr=0.1, momentum=0.5, weight_decay=0.002, head_lr_mult=4.0))
+    load_optimizer_state(resumed, state)
+    settings = {g["name"]: (g["lr_mult"], g["weight_decay"], g["momentum"]) for g in resumed.param_groups}
+    assert settings == {
+        "base": (1.0, 0.002, 0.5),
+        "base_no_decay": (1.0, 0.0, 0.5),
+        "head": (4.0, 0.002, 0.5),
+        "head_no_decay": (4.0, 0.0, 0.5),
+    }
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(resumed.state[p]["momentum_buffer"], buffers[name]), name
+
+
+def module_params(module):
+    return {id(p) for p in module.parameters()} if module is not None else set()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_param_groups_of_the_real_model(preset):
+    cfg = get_config(preset)
+    model = build_model(cfg, pretrained=False)
+    groups = {g["name"]: [id(p) for p in g["params"]] for g in build_optimizer(model, cfg).param_groups}
+    listed = [i for ids in groups.values() for i in ids]
+    assert len(listed) == len(set(listed)) and set(listed) == {id(p) for p in model.parameters()}
+    # The head modules of this architecture (ffm is absent with fusion=sum, the aux heads with aux_heads=false).
+    heads = set().union(*(module_params(getattr(model, name)) for name in ("ffm", "head", "aux8", "aux16")))
+    assert set(groups["head"] + groups["head_no_decay"]) == heads
+    assert (model.ffm is None) == (cfg.fusion == "sum")
+    # No decay: every BatchNorm parameter and every bias; decay: every conv weight.
+    no_decay = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    no_decay |= {id(p) for n, p in model.named_parameters() if n.endswith(".bias")}
+    assert set(groups["base_no_decay"] + groups["head_no_decay"]) == no_decay
+    convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    assert set(groups["base"] + groups["head"]) == convs

@@ -1,14 +1,19 @@
+import argparse
 import json
 import os
 import subprocess
 import sys
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
 import train
-from configs import get_config
+from configs import add_config_args, get_config
+from distributed import Distributed
 from model import build_model, load_checkpoint
+from optimizer import build_optimizer
 from synthetic import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,18 +43,35 @@ def final_state(run_dir):
     return torch.load(os.path.join(run_dir, "model_final.pth"), weights_only=True)["model"]
 
 
-def test_short_run_lowers_the_loss_and_writes_loadable_checkpoints(tiny_root, tmp_path):
-    assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=16", "lr=0.01")) == 0
+def train_only(argv):
+    """What `python train.py ARGV` does, without the final evaluation: (config, run directory)."""
+    cfg = train.read_config(add_config_args(argparse.ArgumentParser()).parse_args(argv))
+    return cfg, train.train(cfg, Distributed())[1]
+
+
+def poly_lr(it, lr, warmup_iters, max_iter, power=0.9):
+    return lr * (1 - (it - warmup_iters) / (max_iter - warmup_iters)) ** power
+
+
+def test_short_run_lowers_the_loss_and_writes_loadable_checkpoints(tiny_root, tmp_path, capsys):
+    assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=16", "lr=0.01", "aux_weight=0.4")) == 0
+    assert "loss = main+0.4*(aux8+aux16)" in capsys.readouterr().out
     run_dir = tmp_path / "synthetic"
     log = read_log(run_dir)
     assert [r["iter"] for r in log] == list(range(1, 17))
-    assert log[0]["loss_sums"] == "main+aux8+aux16"
-    assert log[0]["loss"] == pytest.approx(log[0]["loss_main"] + log[0]["loss_aux8"] + log[0]["loss_aux16"])
+    # The logged loss is the optimized one: the heads weighted as the config says.
+    for r in log:
+        assert r["loss_sums"] == "main+0.4*(aux8+aux16)"
+        assert r["loss"] == pytest.approx(r["loss_main"] + 0.4 * (r["loss_aux8"] + r["loss_aux16"]), rel=1e-6)
     first, last = sum(r["loss"] for r in log[:4]) / 4, sum(r["loss"] for r in log[-4:]) / 4
     assert last < 0.8 * first, (first, last)
     cfg = get_config("synthetic", ["crop_size=64,64"])
     ckpt = load_checkpoint(build_model(cfg, pretrained=False), str(run_dir / "last.pth"))
     assert ckpt["iteration"] == 16 and ckpt["config"]["max_iter"] == 16
+    # The last step ran at the schedule's lr for iteration 15 (poly after 2 warmup iterations), times each multiplier.
+    lrs = {g["name"]: g["lr"] for g in ckpt["optimizer"]["param_groups"]}
+    base = poly_lr(15, 0.01, 2, 16)
+    assert lrs == pytest.approx({"base": base, "base_no_decay": base, "head": 10 * base, "head_no_decay": 10 * base})
     load_checkpoint(build_model(cfg, pretrained=False), str(run_dir / "model_final.pth"))
     with open(run_dir / "config.json") as f:
         assert json.load(f)["batch_size"] == 2
@@ -87,30 +109,214 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_root, tmp_path, mon
     assert [r["iter"] for r in read_log(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_root, tmp_path, monkeypatch):
+def nan_at_fifth_call(monkeypatch, poison):
+    """Make the 5th loss computation return poison(total) instead of the loss total."""
     import loss
 
     forward, calls = loss.BiSeNetLoss.forward, []
 
-    def nan_at_fifth(self, outputs, target):
+    def forward_with_nan(self, outputs, target):
         calls.append(1)
         total, parts = forward(self, outputs, target)
-        return (total * float("nan"), parts) if len(calls) == 5 else (total, parts)
+        return (poison(total), parts) if len(calls) == 5 else (total, parts)
 
-    monkeypatch.setattr(loss.BiSeNetLoss, "forward", nan_at_fifth)
-    with pytest.raises(SystemExit, match="not finite at iteration 5") as err:
-        train.main(tiny_args(tiny_root, tmp_path))
+    monkeypatch.setattr(loss.BiSeNetLoss, "forward", forward_with_nan)
+
+
+def assert_stopped_at_5_with_checkpoint_3(tmp_path, err, words):
+    assert f"error: {words} at iteration 5" in err
     last = tmp_path / "synthetic" / "last.pth"
-    assert str(last) in str(err.value)
+    assert f"The last good checkpoint, {last}, is intact" in err
     ckpt = load_checkpoint(build_model(get_config("synthetic"), pretrained=False), str(last))
     assert ckpt["iteration"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_loss_stops_keeps_the_last_checkpoint_and_resumes(tiny_root, tmp_path, monkeypatch, capsys):
+    nan_at_fifth_call(monkeypatch, lambda total: total * float("nan"))
+    assert train.main(tiny_args(tiny_root, tmp_path)) == 1
+    assert_stopped_at_5_with_checkpoint_3(tmp_path, capsys.readouterr().err, "the loss is not finite")
+    run_dir = tmp_path / "synthetic"
+    assert [r["iter"] for r in read_log(run_dir)] == [1, 2, 3, 4]  # logged past the checkpoint
+    monkeypatch.undo()
+    train_only([f"resume={run_dir / 'last.pth'}"])
+    assert [r["iter"] for r in read_log(run_dir)] == [1, 2, 3, 4, 5, 6]  # iteration 4 once, from the resumed run
+
+
+def test_non_finite_gradient_stops_before_the_update(tiny_root, tmp_path, monkeypatch, capsys):
+    # A finite loss whose gradient is NaN: the update would write NaN into the weights of the next checkpoint.
+    def nan_gradient(total):
+        total.register_hook(lambda grad: grad * float("nan"))
+        return total
+
+    nan_at_fifth_call(monkeypatch, nan_gradient)
+    assert train.main(tiny_args(tiny_root, tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert_stopped_at_5_with_checkpoint_3(tmp_path, err, "the loss is finite but its gradients are not")
+
+
+def test_finite_flags_leave_gradients_to_the_fp16_scaler():
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    params[0].grad, params[1].grad = torch.tensor([1.0, -2.0, 2.0**40]), torch.tensor([0.5, 4.0])
+    loss = torch.tensor(0.5)
+    assert train.finite_flags(loss, params, check_grads=True).tolist() == [1.0, 1.0]
+    assert params[0].grad.tolist() == [1.0, -2.0, 2.0**40] and params[1].grad.tolist() == [0.5, 4.0]  # untouched
+    params[1].grad[0] = float("inf")
+    assert train.finite_flags(loss, params, check_grads=True).tolist() == [1.0, 0.0]
+    # fp16 with GradScaler: inf gradients are the scaler's business (it skips the step and lowers its scale)
+    assert train.finite_flags(loss, params, check_grads=False).tolist() == [1.0, 1.0]
+    assert train.finite_flags(torch.tensor(float("nan")), params, check_grads=False).tolist() == [0.0, 1.0]
+
+
+def test_resume_applies_config_overrides_and_needs_no_imagenet_weights(tiny_root, tmp_path):
+    train_only(tiny_args(tiny_root, tmp_path, "max_iter=3"))
+    last = tmp_path / "synthetic" / "last.pth"
+    # The ImageNet file is not read on resume (the checkpoint holds every weight): a missing one is no error.
+    cfg, _ = train_only([f"resume={last}", "max_iter=4", "weight_decay=0.002", "momentum=0.5", "head_lr_mult=4",
+                         "pretrained=/no/such/resnet18.pth"])
+    assert cfg.momentum == 0.5
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["iteration"] == 4
+    groups = {g["name"]: (g["lr_mult"], g["weight_decay"], g["momentum"]) for g in ckpt["optimizer"]["param_groups"]}
+    assert groups == {"base": (1.0, 0.002, 0.5), "base_no_decay": (1.0, 0.0, 0.5), "head": (4.0, 0.002, 0.5),
+                      "head_no_decay": (4.0, 0.0, 0.5)}
+    base = poly_lr(3, 0.02, 2, 4)  # the synthetic preset's lr 0.02, iteration 3 of 4
+    lrs = {g["name"]: g["lr"] for g in ckpt["optimizer"]["param_groups"]}
+    assert lrs == pytest.approx({"base": base, "base_no_decay": base, "head": 4 * base, "head_no_decay": 4 * base})
+
+
+def test_resume_into_fp16_with_a_disabled_scalers_state(tmp_path):
+    # A run saved by an fp32 or bf16 run holds scaler {}; resumed with fp16 (an enabled scaler) it starts a fresh one.
+    cfg = get_config("synthetic", ["crop_size=64,64"])
+    model = build_model(cfg, pretrained=False)
+    optimizer = build_optimizer(model, cfg)
+    disabled = torch.amp.GradScaler("cuda", enabled=False)
+    path = str(tmp_path / "last.pth")
+    train.save_checkpoint(path, train.training_state(model, optimizer, disabled, 7, cfg, torch.device("cpu")))
+    assert torch.load(path, weights_only=True)["scaler"] == {}
+    enabled = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert train.restore(path, model, optimizer, enabled, torch.device("cpu")) == 7
+    assert enabled.is_enabled() and enabled.get_scale() == 1024.0
+
+
+def test_rng_state_is_this_process_gpus_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: f"state of {device}")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
+    gpu1 = torch.device("cuda", 1)
+    state = train.rng_state(gpu1)
+    assert state["cuda"] == "state of cuda:1" and torch.equal(state["torch"], torch.get_rng_state())
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: None)
+    train.set_rng_state(state, gpu1)
+    assert calls == [("state of cuda:1", gpu1)]
+    # On the CPU nothing of CUDA is saved or restored, even where a GPU exists.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert set(train.rng_state(torch.device("cpu"))) == {"torch"}
+    train.set_rng_state(state, torch.device("cpu"))
+    assert len(calls) == 1
+
+
+def test_a_failing_save_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    train.save_checkpoint(str(path), {"iteration": 3})
+
+    def disk_full(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train.save_checkpoint(str(path), {"iteration": 6})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"iteration": 3}
+    assert os.listdir(tmp_path) == ["last.pth"]
+
+
+def test_trim_log_keeps_the_records_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "log.jsonl"
+    lines = [json.dumps({"iter": i, "loss": 1.0 / i}) + "\n" for i in (10, 20, 30, 40)]
+    path.write_text("".join(lines) + '{"iter": 50, "lo')  # the crash cut the last line short
+    train.trim_log(str(path), 20)
+    assert path.read_text() == "".join(lines[:2])
+    assert os.listdir(tmp_path) == ["log.jsonl"]
 
 
 def test_a_used_run_directory_is_never_overwritten(tiny_root, tmp_path):
     for _ in range(2):
         assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=3", "ckpt_every=3")) == 0
     assert sorted(os.listdir(tmp_path)) == ["synthetic", "synthetic-1"]
+
+
+def test_run_without_aux_heads_logs_the_main_head(tiny_root, tmp_path, capsys):
+    _, run_dir = train_only(tiny_args(tiny_root, tmp_path, "max_iter=3", "aux_heads=false", "aux_weight=0.4"))
+    assert "loss = main," in capsys.readouterr().out
+    for r in read_log(run_dir):
+        assert r["loss_sums"] == "main" and r["loss"] == pytest.approx(r["loss_main"], rel=1e-6)
+        assert not any(key.startswith("loss_aux") for key in r)
+
+
+def test_channels_last_run_writes_a_loadable_checkpoint(tiny_root, tmp_path):
+    cfg, run_dir = train_only(tiny_args(tiny_root, tmp_path, "max_iter=3", "channels_last=true"))
+    ckpt = load_checkpoint(build_model(cfg, pretrained=False), os.path.join(run_dir, "last.pth"))
+    assert ckpt["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(r["loss"] == r["loss"] for r in read_log(run_dir))
+
+
+def test_config_is_printed_before_anything_can_fail(tmp_path, capsys):
+    # A missing dataset fails after the config is resolved: the config it was asked to use is on the screen.
+    assert train.main(["--config", "synthetic", "synthetic=false", f"data_root={tmp_path / 'none'}",
+                       f"out_dir={tmp_path}", "lr=0.123"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("config:\n{") and '"lr": 0.123' in out
+
+
+def test_errors_shared_by_every_rank_are_printed_by_rank_0_only(monkeypatch, capsys, tmp_path):
+    class SecondRank(Distributed):
+        def __init__(self):
+            super().__init__()
+            self.rank, self.main = 1, False
+
+    monkeypatch.setattr(train, "Distributed", SecondRank)
+    assert train.main(["--config", "nope"]) == 2
+    assert capsys.readouterr().err == ""
+    # A missing file may be this machine's own problem: every rank says it.
+    assert train.main([f"resume={tmp_path / 'last.pth'}"]) == 2
+    assert str(tmp_path / "last.pth") in capsys.readouterr().err
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.main(["--config", "synthetic"]) == 2
+    assert capsys.readouterr().err.startswith("error: LOCAL_RANK=1 but this machine has 1 GPU(s)")
+
+
+class OpenCVThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return cv2.getNumThreads()
+
+
+def test_loader_workers_run_opencv_single_threaded(tiny_root):
+    threads = cv2.getNumThreads()
+    # OpenCV's pool running in this process first, as after generating the synthetic data set: a forked worker that
+    # then changed the thread count would deadlock.
+    cv2.setNumThreads(2)
+    cv2.resize(np.zeros((512, 1024, 3), np.uint8), (2048, 1024))
+    try:
+        cfg = get_config("synthetic", [f"data_root={tiny_root}", "synthetic=false", "workers=1", "batch_size=2",
+                                       "crop_size=64,64"])
+        _, loader = train.train_loader(cfg, Distributed(), 0)
+        images, labels = next(iter(loader))
+        assert images.shape == (2, 3, 64, 64) and labels.shape == (2, 64, 64)
+        counts = torch.utils.data.DataLoader(OpenCVThreads(), num_workers=1, worker_init_fn=loader.worker_init_fn)
+        assert [int(n) for n in counts] == [1]
+    finally:
+        cv2.setNumThreads(threads)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -151,6 +357,11 @@ def test_torchrun_two_processes_keep_identical_weights_and_write_once(tiny_root,
         "from distributed import Distributed\n"
         "cfg = get_config('synthetic', sys.argv[2:])\n"
         "ddp = Distributed()\n"
+        "save = train.save_checkpoint\n"
+        "def save_and_mark(path, state):\n"
+        "    open(os.path.join(sys.argv[1], f'saved_by_rank{ddp.rank}'), 'a').close()\n"
+        "    save(path, state)\n"
+        "train.save_checkpoint = save_and_mark\n"
         "model, run_dir = train.train(cfg, ddp)\n"
         "torch.save(model.state_dict(), os.path.join(sys.argv[1], f'rank{ddp.rank}.pt'))\n"
         "ddp.close()\n")
@@ -166,6 +377,8 @@ def test_torchrun_two_processes_keep_identical_weights_and_write_once(tiny_root,
     assert sorted(os.listdir(tmp_path / "runs" / "synthetic")) == ["config.json", "last.pth", "log.jsonl",
                                                                     "model_final.pth"]
     assert "batch per process: 2" in out.stdout and out.stdout.count("run directory:") == 1
+    assert out.stdout.count("config:") == 1
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("saved_by")) == ["saved_by_rank0"]
     log = read_log(tmp_path / "runs" / "synthetic")
     assert [r["iter"] for r in log] == [1, 2, 3, 4]
 
@@ -189,15 +402,25 @@ def test_the_synthetic_preset_learns_end_to_end(tmp_path, capsys):
 
 def test_amp_dtype_per_device_and_setting(monkeypatch):
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert train.amp_dtype("fp16", cuda) == torch.float16 and train.amp_dtype("bf16", cuda) == torch.bfloat16
+    # On this machine's CPU: bf16 exactly where the hardware flags say it is native.
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert train.amp_dtype("bf16", cpu) == (torch.bfloat16 if native else None)
+    assert train.amp_dtype("fp16", cuda) == torch.float16
     assert train.amp_dtype("none", cuda) is None and train.amp_dtype("fp16", cpu) is None
     monkeypatch.setattr(train, "native_bf16", lambda device: False)
-    assert train.amp_dtype("bf16", cpu) is None
+    assert train.amp_dtype("bf16", cpu) is None and train.amp_dtype("bf16", cuda) is None  # e.g. a V100: fp32
     monkeypatch.setattr(train, "native_bf16", lambda device: True)
-    assert train.amp_dtype("bf16", cpu) == torch.bfloat16
+    assert train.amp_dtype("bf16", cpu) == torch.bfloat16 and train.amp_dtype("bf16", cuda) == torch.bfloat16
     cfg = get_config("synthetic", ["amp=bf16"])
     autocast, scaler = train.amp_settings(cfg, cpu)
     assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16 and not scaler.is_enabled()
+
+
+def test_bf16_without_hardware_support_trains_fp32_with_a_warning(tiny_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    train_only(tiny_args(tiny_root, tmp_path, "max_iter=1", "warmup_iters=0", "amp=bf16"))
+    out, err = capsys.readouterr()
+    assert "amp: none (fp32)" in out and "warning: amp=bf16 but cpu has no native bf16: training in fp32" in err
 
 
 def test_cpu_bf16_training_runs_and_lowers_the_loss(tiny_root, tmp_path, monkeypatch, capsys):
