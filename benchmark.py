@@ -32,10 +32,10 @@ from cityscapes import Cityscapes
 from configs import get_config
 from evaluate import eval_crop_size, predict, predict_scores
 from loss import build_loss
-from model import build_model, fold_batchnorm, inference_model, native_bf16
+from model import autocast_dtype, build_model, fold_batchnorm, inference_model, native_bf16
 from optimizer import build_optimizer
 from synthetic import generate
-from train import amp_dtype, amp_settings
+from train import amp_settings
 from transform import TrainTransform
 
 SECTIONS = ("data", "train", "latency", "eval")
@@ -130,7 +130,7 @@ def bench_data(cfg, root, repeat):
 
 def bench_train(cfg, device, batch, repeat):
     """Training step time in each precision train.py can use here: fp32, and the autocast of amp=fp16 / amp=bf16
-    where train.amp_dtype grants it on this device (CUDA; bf16 on CPUs with native bf16)."""
+    where model.autocast_dtype grants it on this device (CUDA; bf16 on CPUs with native bf16)."""
     h, w = cfg.crop_size
     images = torch.randn(batch, 3, h, w, device=device)
     labels = torch.randint(0, cfg.num_classes, (batch, h, w), device=device)
@@ -138,12 +138,13 @@ def bench_train(cfg, device, batch, repeat):
              "process, random data:", "", "| precision | images/s | s/iteration | speed vs fp32 |", "|---|---|---|---|"]
     base = None
     for amp in ("none", "fp16", "bf16"):
-        if amp != "none" and amp_dtype(amp, device) is None:
+        dtype = autocast_dtype(amp, device, warn=False)
+        if amp != "none" and dtype is None:
             continue
         torch.manual_seed(0)
         model = build_model(cfg, pretrained=False).to(device).train()
         optimizer, criterion = build_optimizer(model, cfg), build_loss(cfg).to(device)
-        autocast, scaler = amp_settings(get_config(base=cfg.to_dict(), overrides=[f"amp={amp}"]), device)
+        autocast, scaler = amp_settings(dtype, device)
 
         def step(model=model, optimizer=optimizer, criterion=criterion, autocast=autocast, scaler=scaler):
             with autocast:

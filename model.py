@@ -255,16 +255,18 @@ def native_bf16(device):
     return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in cpu_checks)
 
 
-def autocast_dtype(amp, device):
+def autocast_dtype(amp, device, warn=True):
     """The autocast dtype for amp ("none", "bf16", "fp16") on `device`; None (fp32) where the hardware lacks it,
-    with a warning that says so."""
+    with a warning that says so unless warn=False (training, where fp16 is the default even on a CPU, says it its
+    own way). fp16 is CUDA only: the CPU has no fast fp16."""
     if amp == "none":
         return None
     if amp == "fp16" and device.type == "cuda":
         return torch.float16
     if amp == "bf16" and native_bf16(device):
         return torch.bfloat16
-    warnings.warn(f"eval_amp={amp}: {device} has no native {amp}; running fp32", stacklevel=2)
+    if warn:
+        warnings.warn(f"eval_amp={amp}: {device} has no native {amp}; running fp32", stacklevel=2)
     return None
 
 

@@ -23,7 +23,7 @@ from configs import ConfigError, add_config_args, format_config, get_config
 from distributed import Distributed, LaunchError
 from evaluate import evaluate, format_results, write_results
 from loss import build_loss
-from model import CheckpointError, build_model, load_checkpoint, native_bf16, read_checkpoint
+from model import CheckpointError, autocast_dtype, build_model, load_checkpoint, read_checkpoint
 from optimizer import build_optimizer, load_optimizer_state, lr_at, set_lr
 from resnet import PretrainedError
 from synthetic import prepare_data
@@ -95,22 +95,9 @@ def train_loader(cfg, ddp, start_iter):
     return dataset, loader
 
 
-def amp_dtype(amp, device):
-    """The autocast dtype of config value `amp` on `device`, None for fp32.
-
-    fp16 on CUDA only (the CPU has no fast fp16; fp16 being the default, a CPU run is fp32). bf16 where the hardware
-    has it natively: a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX; elsewhere fp32 (train warns).
-    """
-    if amp == "none":
-        return None
-    if amp == "fp16":
-        return torch.float16 if device.type == "cuda" else None
-    return torch.bfloat16 if native_bf16(device) else None
-
-
-def amp_settings(cfg, device):
-    """(autocast context, GradScaler) for cfg.amp on `device`; the scaler is only enabled for fp16."""
-    dtype = amp_dtype(cfg.amp, device)
+def amp_settings(dtype, device):
+    """(autocast context, GradScaler) for autocast `dtype` (None: fp32) on `device`; the scaler is only enabled for
+    fp16. The dtype comes from model.autocast_dtype."""
     if dtype is None:
         return nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
     return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -305,8 +292,8 @@ def train(cfg, ddp):
     prepare_data(cfg, ddp)
     run_dir = ddp.broadcast(resolve_run_dir(cfg) if ddp.main else None)
     model, bare, optimizer, criterion = build_training(cfg, ddp)
-    dtype = amp_dtype(cfg.amp, ddp.device)
-    autocast, scaler = amp_settings(cfg, ddp.device)
+    dtype = autocast_dtype(cfg.amp, ddp.device, warn=False)  # fp32 where the hardware lacks it: warned below
+    autocast, scaler = amp_settings(dtype, ddp.device)
     start = restore(cfg.resume, bare, optimizer, scaler, ddp.device) if cfg.resume else 0
     if ddp.rank or not start:  # a per-rank stream for anything random in the model; rank 0 resumes its own
         torch.manual_seed(cfg.seed + ddp.rank + start)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import model as model_module
 import train
 from configs import add_config_args, get_config
 from distributed import Distributed
@@ -400,24 +401,28 @@ def test_the_synthetic_preset_learns_end_to_end(tmp_path, capsys):
     assert log[-1]["iter"] == 300 and log[-1]["loss"] < 0.7 * log[0]["loss"]
 
 
-def test_amp_dtype_per_device_and_setting(monkeypatch):
+def test_amp_dtype_per_device_and_setting(monkeypatch, recwarn):
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def amp_dtype(amp, device):  # as train.py asks: no warning (fp16, the default, is fp32 on a CPU)
+        return model_module.autocast_dtype(amp, device, warn=False)
+
     # On this machine's CPU: bf16 exactly where the hardware flags say it is native.
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert train.amp_dtype("bf16", cpu) == (torch.bfloat16 if native else None)
-    assert train.amp_dtype("fp16", cuda) == torch.float16
-    assert train.amp_dtype("none", cuda) is None and train.amp_dtype("fp16", cpu) is None
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
-    assert train.amp_dtype("bf16", cpu) is None and train.amp_dtype("bf16", cuda) is None  # e.g. a V100: fp32
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
-    assert train.amp_dtype("bf16", cpu) == torch.bfloat16 and train.amp_dtype("bf16", cuda) == torch.bfloat16
-    cfg = get_config("synthetic", ["amp=bf16"])
-    autocast, scaler = train.amp_settings(cfg, cpu)
+    assert amp_dtype("bf16", cpu) == (torch.bfloat16 if native else None)
+    assert amp_dtype("fp16", cuda) == torch.float16
+    assert amp_dtype("none", cuda) is None and amp_dtype("fp16", cpu) is None
+    monkeypatch.setattr(model_module, "native_bf16", lambda device: False)
+    assert amp_dtype("bf16", cpu) is None and amp_dtype("bf16", cuda) is None  # e.g. a V100: fp32
+    monkeypatch.setattr(model_module, "native_bf16", lambda device: True)
+    assert amp_dtype("bf16", cpu) == torch.bfloat16 and amp_dtype("bf16", cuda) == torch.bfloat16
+    assert not recwarn.list
+    autocast, scaler = train.amp_settings(torch.bfloat16, cpu)
     assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16 and not scaler.is_enabled()
 
 
 def test_bf16_without_hardware_support_trains_fp32_with_a_warning(tiny_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    monkeypatch.setattr(model_module, "native_bf16", lambda device: False)
     train_only(tiny_args(tiny_root, tmp_path, "max_iter=1", "warmup_iters=0", "amp=bf16"))
     out, err = capsys.readouterr()
     assert "amp: none (fp32)" in out and "warning: amp=bf16 but cpu has no native bf16: training in fp32" in err
@@ -425,7 +430,7 @@ def test_bf16_without_hardware_support_trains_fp32_with_a_warning(tiny_root, tmp
 
 def test_cpu_bf16_training_runs_and_lowers_the_loss(tiny_root, tmp_path, monkeypatch, capsys):
     # bf16 autocast works on any CPU (emulated where not native): the loop, loss and checkpoint take bf16 logits
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    monkeypatch.setattr(model_module, "native_bf16", lambda device: True)
     assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=16", "lr=0.01", "amp=bf16")) == 0
     assert "amp: bfloat16" in capsys.readouterr().out
     log = read_log(tmp_path / "synthetic")
