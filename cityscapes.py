@@ -102,7 +102,17 @@ def colorize(train_ids):
 
 
 class DatasetError(RuntimeError):
-    pass
+    """A data file or folder that cannot be used, named in the message.
+
+    Raised in a DataLoader worker, it reaches the main process as DatasetError("Caught DatasetError in DataLoader
+    worker process N. Original Traceback ..."): `str()` gives back the original message alone.
+    """
+
+    def __str__(self):
+        text = super().__str__()
+        if "Original Traceback" in text:
+            return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        return text
 
 
 def layout_help(root, split):
@@ -194,3 +204,8 @@ class Cityscapes(torch.utils.data.Dataset):
     def name(self, index):
         """The frame's name, {city}_{seq}_{frame}, as the official toolkit matches predictions by it."""
         return os.path.basename(self.samples[index][0])[: -len("_leftImg8bit.png")]
+
+    def output_path(self, index):
+        """Where save_dir puts this frame's prediction, relative to save_dir/KIND/: CITY/NAME.png."""
+        name = self.name(index)
+        return os.path.join(name.split("_")[0], name + ".png")

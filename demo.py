@@ -5,7 +5,7 @@
 An INPUT is an image (.png .jpg .jpeg .bmp), a folder (its images, sorted, not its subfolders) or a video
 (.mp4 .avi .mov .mkv). For each image NAME, DIR (default demo_out/) gets:
 
-    NAME_color.png     the segmentation in the Cityscapes colors, at the input's size
+    NAME_color.png     the segmentation in the dataset's class colors, at the input's size
     NAME_overlay.png   the input blended with the segmentation (alpha 0.5), with a legend strip on the
                        right listing the classes present: as tall as the input, input width + strip width
 
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cityscapes import CLASS_NAMES, PALETTE, DatasetError, colorize, read_image
+from cityscapes import DatasetError, read_image
 from configs import ConfigError, add_config_args
+from datasets import cityscapes_table, class_table
 from evaluate import predict, read_config
 from model import CheckpointError, build_model, inference_model, load_checkpoint, read_checkpoint
 from transform import Normalize
@@ -43,6 +44,7 @@ VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
 MP4 = (cv2.CAP_FFMPEG, "mp4v", ".mp4")
 MJPEG = (cv2.CAP_OPENCV_MJPEG, "MJPG", ".avi")
 DEFAULT_FPS = 25.0  # for a video whose header gives no frame rate
+CITYSCAPES = cityscapes_table()
 
 # Legend look: rows are 1/20 of the picture's height so that all 19 classes fit in one column,
 # but never under MIN_ROW pixels, where text stops being readable (short pictures get more columns).
@@ -66,18 +68,18 @@ def segment(model, image_rgb, cfg):
     return predict(model, image, cfg, cfg.eval_mode).to(torch.uint8).cpu().numpy()
 
 
-def overlay(image_rgb, train_ids, alpha=0.5):
+def overlay(image_rgb, train_ids, table=CITYSCAPES, alpha=0.5):
     """The image blended with its segmentation colors: (1 - alpha) * image + alpha * colors, RGB uint8."""
-    blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * colorize(train_ids).astype(np.float32)
+    blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * table.colorize(train_ids).astype(np.float32)
     return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
 
 
-def present_classes(train_ids, names=CLASS_NAMES):
+def present_classes(train_ids, names=CITYSCAPES.names):
     """Sorted train ids that occur in the map and have a name (ignore, 255, never has one)."""
     return [int(c) for c in np.unique(train_ids) if c < len(names)]
 
 
-def legend_layout(height, names=CLASS_NAMES):
+def legend_layout(height, names=CITYSCAPES.names):
     """(row height, font scale, thickness, rows per column, column width, strip width) for a picture `height` tall.
 
     It depends on the height only, never on the classes present, so that every frame of a video has the
@@ -94,15 +96,16 @@ def legend_layout(height, names=CLASS_NAMES):
     return row, scale, thickness, rows_per_column, column_w, width + width % 2
 
 
-def legend(train_ids, height, names=CLASS_NAMES):
+def legend(train_ids, height, table=CITYSCAPES):
     """RGB uint8 strip (height, legend width) listing the classes present: a color swatch and the name each."""
+    names = table.names
     row, scale, thickness, rows_per_column, column_w, width = legend_layout(height, names)
     strip = np.full((height, width, 3), BACKGROUND, np.uint8)
     swatch = max(4, round(row * 0.7))
     for i, class_id in enumerate(present_classes(train_ids, names)):
         x = (i // rows_per_column) * column_w + row // 2
         top = row // 4 + (i % rows_per_column) * row + (row - swatch) // 2
-        color = tuple(int(v) for v in PALETTE[class_id])
+        color = tuple(int(v) for v in table.colors[class_id])
         cv2.rectangle(strip, (x, top), (x + swatch - 1, top + swatch - 1), color, cv2.FILLED)
         cv2.rectangle(strip, (x, top), (x + swatch - 1, top + swatch - 1), BORDER, 1)  # black classes stay visible
         baseline = top + (swatch + cv2.getTextSize(names[class_id], FONT, scale, thickness)[0][1]) // 2
@@ -111,15 +114,16 @@ def legend(train_ids, height, names=CLASS_NAMES):
     return strip
 
 
-def overlay_with_legend(image_rgb, train_ids):
+def overlay_with_legend(image_rgb, train_ids, table=CITYSCAPES):
     """The overlay at the input's size with the legend strip to its right."""
-    return np.concatenate([overlay(image_rgb, train_ids), legend(train_ids, image_rgb.shape[0])], axis=1)
+    return np.concatenate([overlay(image_rgb, train_ids, table), legend(train_ids, image_rgb.shape[0], table)],
+                          axis=1)
 
 
-def render(model, image_rgb, cfg):
-    """(color picture, overlay with legend) of one RGB image, both RGB uint8."""
+def render(model, image_rgb, cfg, table):
+    """(color picture, overlay with legend) of one RGB image, both RGB uint8, in the colors of `table`."""
     train_ids = segment(model, image_rgb, cfg)
-    return colorize(train_ids), overlay_with_legend(image_rgb, train_ids)
+    return table.colorize(train_ids), overlay_with_legend(image_rgb, train_ids, table)
 
 
 # ---- inputs and outputs ----
@@ -185,14 +189,14 @@ def open_writer(out_base, fps, size):
     raise DemoError(f"cannot write video {tried} at {size[0]}x{size[1]}: check that the folder is writable")
 
 
-def process_image(model, cfg, path, out_dir):
-    color, annotated = render(model, read_image(path), cfg)
+def process_image(model, cfg, table, path, out_dir):
+    color, annotated = render(model, read_image(path), cfg, table)
     base = os.path.join(out_dir, stem(path))
     write_image(base + "_color.png", color)
     write_image(base + "_overlay.png", annotated)
 
 
-def process_video(model, cfg, path, out_dir):
+def process_video(model, cfg, table, path, out_dir):
     capture = cv2.VideoCapture(path)
     if not capture.isOpened():
         raise DemoError(f"cannot open video {path}: unreadable, or a codec this OpenCV cannot decode")
@@ -206,7 +210,7 @@ def process_video(model, cfg, path, out_dir):
                 ok, frame = capture.read()
                 if not ok:
                     break
-                color, annotated = render(model, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), cfg)
+                color, annotated = render(model, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), cfg, table)
                 if writers is None:  # opened at the first frame, whose size the header may not give
                     writers = [open_writer(base + "_color", fps, color.shape[1::-1]),
                                open_writer(base + "_overlay", fps, annotated.shape[1::-1])]
@@ -222,13 +226,15 @@ def process_video(model, cfg, path, out_dir):
 
 
 def run(model, cfg, items, out_dir):
-    """Write the outputs of every (kind, path) item; a bar over a folder's images and over a video's frames."""
+    """Write the outputs of every (kind, path) item; a bar over a folder's images and over a video's frames. Class
+    names and colors are those of the config's dataset."""
     os.makedirs(out_dir, exist_ok=True)
+    table = class_table(cfg)
     images = [path for kind, path in items if kind == "image"]
     for path in tqdm(images, desc="images", unit="image", disable=len(images) < 2, dynamic_ncols=True):
-        process_image(model, cfg, path, out_dir)
+        process_image(model, cfg, table, path, out_dir)
     for path in (path for kind, path in items if kind == "video"):
-        process_video(model, cfg, path, out_dir)
+        process_video(model, cfg, table, path, out_dir)
 
 
 # ---- command line ----

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cityscapes import CLASS_NAMES, Cityscapes, DatasetError, colorize, to_label_ids
+from cityscapes import DatasetError
 from configs import ConfigError, add_config_args, format_config, get_config
+from datasets import build_dataset, class_table
 from distributed import Distributed, LaunchError
 from model import CheckpointError, build_model, inference_model, load_checkpoint, read_checkpoint
 from synthetic import prepare_data
@@ -168,21 +169,20 @@ class _Indexed(torch.utils.data.Dataset):
         return self.indices[i], image, label
 
 
-def save_prediction(save_dir, name, pred, color):
-    """Label-id PNG at save_dir/labelIds/CITY/NAME.png (what the toolkit and the server read)."""
-    city = name.split("_")[0]
-    outputs = [("labelIds", to_label_ids(pred))] + ([("color", colorize(pred)[..., ::-1])] if color else [])
+def save_prediction(save_dir, relative_path, pred, table, color):
+    """The prediction in the dataset's own label values at save_dir/labelIds/RELATIVE_PATH (Cityscapes: CITY/NAME.png,
+    what the toolkit and the server read), and with `color` in the class colors at save_dir/color/RELATIVE_PATH."""
+    outputs = [("labelIds", table.to_values(pred))] + ([("color", table.colorize(pred)[..., ::-1])] if color else [])
     for kind, picture in outputs:
-        folder = os.path.join(save_dir, kind, city)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, name + ".png")
+        path = os.path.join(save_dir, kind, relative_path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         if not cv2.imwrite(path, picture):  # it reports failure by its return value, not by raising
             raise OSError(f"cannot write prediction {path}: check that {save_dir} is writable and the disk not full")
 
 
 @torch.inference_mode()
 def evaluate(model, dataset, cfg, ddp, mode=None):
-    """Score `model` on `dataset` (a Cityscapes split) in `mode` (default cfg.eval_mode).
+    """Score `model` on `dataset` (a split from datasets.build_dataset) in `mode` (default cfg.eval_mode).
 
     Under torchrun each rank takes every world-th image (no padding, no duplicates) and the confusion
     matrices are summed, so the result equals a single process's. A split without labels (test) is only
@@ -201,29 +201,27 @@ def evaluate(model, dataset, cfg, ddp, mode=None):
                                          pin_memory=ddp.device.type == "cuda")
     # a folded channels_last copy on the device the images go to: `model` stays as and where it is
     net = inference_model(model, cfg.eval_amp, ddp.device)
+    table = class_table(cfg)
     confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=ddp.device)
     for index, image, label in tqdm(loader, desc=f"eval {mode}", disable=not ddp.main, dynamic_ncols=True):
         pred = predict(net, image[None].to(ddp.device), cfg, mode)
         if dataset.has_labels:
             confusion_update(confusion, pred, label.to(ddp.device), cfg.ignore_index)
         if cfg.save_dir:
-            save_prediction(cfg.save_dir, dataset.name(index), pred.cpu().numpy().astype(np.uint8), cfg.save_color)
+            save_prediction(cfg.save_dir, dataset.output_path(index), pred.cpu().numpy().astype(np.uint8), table,
+                            cfg.save_color)
     results = {"mode": mode, "split": dataset.split, "images": len(dataset), "labels": dataset.has_labels,
                "miou": None, "pixel_accuracy": None, "iou": None, "confusion": None}
     if dataset.has_labels:
         confusion = ddp.all_sum(confusion).cpu()
         iou, miou, accuracy = iou_from_confusion(confusion)
         results.update(miou=_none_if_nan(miou), pixel_accuracy=_none_if_nan(accuracy), confusion=confusion.tolist(),
-                       iou={name: _none_if_nan(v) for name, v in zip(_class_names(cfg), iou.tolist(), strict=True)})
+                       iou={name: _none_if_nan(v) for name, v in zip(table.names, iou.tolist(), strict=True)})
     return {**results, "config": cfg.to_dict()}
 
 
 def _none_if_nan(value):
     return None if math.isnan(value) else value
-
-
-def _class_names(cfg):
-    return CLASS_NAMES if cfg.num_classes == len(CLASS_NAMES) else [f"class {i}" for i in range(cfg.num_classes)]
 
 
 def format_results(results):
@@ -291,7 +289,7 @@ def main(argv=None):
         model = build_model(cfg, pretrained=False).to(ddp.device)
         load_checkpoint(model, args.ckpt)
         prepare_data(cfg, ddp)
-        dataset = Cityscapes(cfg.data_root, cfg.val_split)
+        dataset = build_dataset(cfg, cfg.val_split)
         results = evaluate(model, dataset, cfg, ddp)
         if ddp.main:
             print(format_results(results))

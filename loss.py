@@ -12,26 +12,37 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def ohem_select(losses, thresh_loss, n_min):
-    """The hard examples among the 1-D per-pixel `losses` (valid pixels only).
+def ohem_index(losses, thresh_loss, n_min):
+    """The hard examples among the 1-D per-pixel `losses` (valid pixels only), as an index into `losses`.
 
     If at least `n_min` losses exceed `thresh_loss` (i.e. the n_min-th largest does), every loss above
     the threshold is kept; otherwise the `n_min` largest are, so an easy batch still has a gradient.
     """
     n_min = min(n_min, losses.numel())
-    hard = losses[losses > thresh_loss]
-    if hard.numel() >= n_min:
+    hard = losses > thresh_loss
+    if int(hard.sum()) >= n_min:
         return hard
     # topk instead of a full sort: only the n_min largest are needed.
-    return losses.topk(n_min, sorted=False).values
+    return losses.topk(n_min, sorted=False).indices
+
+
+def ohem_select(losses, thresh_loss, n_min):
+    """The hard losses themselves (see ohem_index)."""
+    return losses[ohem_index(losses, thresh_loss, n_min)]
 
 
 class OhemCrossEntropy(nn.Module):
     """Cross-entropy averaged over the hard pixels: those whose probability of the true class is below
     `thresh`, and at least `min_frac` of the valid (non-ignored) pixels of the batch.
+
+    With per-class `weight`s the hard pixels are chosen by their unweighted loss (a class weight changes what a
+    pixel counts for, not whether it is hard), then averaged with their class weights as PyTorch's weighted
+    cross-entropy averages: sum(w_i * loss_i) / sum(w_i) over the hard pixels i. Dividing by the weights keeps
+    the gradient's scale that of the unweighted loss; a plain mean of w_i * loss_i would scale it by the hard
+    pixels' mean weight, several times 1 with median-frequency weights, and can make a run diverge.
     """
 
-    def __init__(self, thresh=0.7, min_frac=1 / 16, ignore_index=255):
+    def __init__(self, thresh=0.7, min_frac=1 / 16, ignore_index=255, weight=None):
         super().__init__()
         if not 0 < thresh < 1:
             raise ValueError(f"OHEM thresh must be a probability in (0, 1), got {thresh}")
@@ -40,17 +51,24 @@ class OhemCrossEntropy(nn.Module):
         self.thresh_loss = -math.log(thresh)  # p < thresh  <=>  -log p > -log thresh
         self.min_frac = min_frac
         self.ignore_index = ignore_index
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
     def forward(self, logits, target):
         # float32 so that fp16/bf16 logits under autocast give the same selection and no overflow.
         losses = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="none")
-        losses = losses[target != self.ignore_index]
+        valid = target != self.ignore_index
+        losses = losses[valid]
         if losses.numel() == 0:
             # Zero that still backpropagates (to zero gradients), so every rank runs the same backward.
             return logits.float().sum() * 0
         # n_min counts valid pixels only: counting ignored ones would ask for more pixels than exist.
         n_min = max(1, int(losses.numel() * self.min_frac))
-        return ohem_select(losses, self.thresh_loss, n_min).mean()
+        hard = ohem_index(losses, self.thresh_loss, n_min)
+        if self.weight is None:
+            return losses[hard].mean()
+        weights = self.weight[target[valid]][hard]
+        # all hard pixels of weight 0: nothing to learn from them, a zero that still backpropagates
+        return (losses[hard] * weights).sum() / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
     def extra_repr(self):
         return f"thresh_loss={self.thresh_loss:.4f}, min_frac={self.min_frac}, ignore_index={self.ignore_index}"
@@ -93,6 +111,7 @@ class BiSeNetLoss(nn.Module):
         return total, parts
 
 
-def build_loss(cfg):
-    criterion = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac, cfg.ignore_index)
+def build_loss(cfg, class_weights=None):
+    """The training loss; `class_weights` (num_classes numbers) or None, as train.resolve_class_weights gives."""
+    criterion = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac, cfg.ignore_index, class_weights)
     return BiSeNetLoss(criterion, cfg.aux_weight)

@@ -306,16 +306,43 @@ def load_checkpoint(model, path):
     torch.compile `_orig_mod.` prefixes stripped. Aux-head weights are skipped for a model built without aux heads.
     Returns the checkpoint dict (a bare state dict comes back as {"model": state}). Raises CheckpointError.
     """
+    ckpt, state = _read_state(model, path)
+    _raise_mismatches(model, state, path, ckpt)
+    model.load_state_dict(state)
+    return ckpt
+
+
+def load_fitting(model, path):
+    """Fine-tuning (init_from): load every tensor of checkpoint `path` whose shape fits `model`; the others (the
+    classifiers of a model trained on other classes) keep their fresh initialization.
+
+    A checkpoint of another architecture (missing or unexpected tensors: other ablation switches) is still a
+    CheckpointError. Returns (loaded names, [(name, checkpoint shape, model shape)] of the tensors left new).
+    """
+    ckpt, state = _read_state(model, path)
+    _raise_mismatches(model, state, path, ckpt, shapes=False)
+    expected = model.state_dict()
+    fitting = {k: v for k, v in state.items() if v.shape == expected[k].shape}
+    skipped = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if k not in fitting]
+    model.load_state_dict(fitting, strict=False)
+    return sorted(fitting), skipped
+
+
+def _read_state(model, path):
+    """(checkpoint, its state dict with wrapper prefixes stripped and, for a model without aux heads, theirs left
+    out)."""
     ckpt = read_checkpoint(path)
     state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
     if model.aux8 is None:
         state = {k: v for k, v in state.items() if not k.startswith(("aux8.", "aux16."))}
-    problems = _mismatches(model, state, path)
+    return ckpt, state
+
+
+def _raise_mismatches(model, state, path, ckpt, shapes=True):
+    problems = _mismatches(model, state, path, shapes)
     if problems:
-        hint = _config_hint(model, ckpt.get("config"))
+        hint = _config_hint(model, ckpt.get("config"), shapes)
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems) + hint)
-    model.load_state_dict(state)
-    return ckpt
 
 
 def read_checkpoint(path):
@@ -344,16 +371,19 @@ def _strip_prefixes(key):
     return key
 
 
-def _mismatches(model, state, path):
+def _mismatches(model, state, path, shapes=True):
+    """What keeps `state` from loading into `model`; with shapes=False (fine-tuning) only missing and unexpected
+    tensors count."""
     expected = model.state_dict()
     problems = []
     cls = state.get("head.cls.weight")
-    if cls is not None and cls.shape[0] != model.arch["num_classes"]:
-        problems.append(f"checkpoint has {cls.shape[0]} classes, config has {model.arch['num_classes']} (num_classes)")
+    if shapes and cls is not None and cls.shape[0] != model.arch["num_classes"]:
+        problems.append(f"checkpoint has {cls.shape[0]} classes, config has {model.arch['num_classes']} (num_classes); "
+                        "to fine-tune it on other classes use init_from=PATH")
     wrong_shape = [
         f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
         for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
+        if shapes and k in state and state[k].shape != v.shape
     ]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -367,13 +397,13 @@ def _mismatches(model, state, path):
     return problems
 
 
-def _config_hint(model, ckpt_config):
+def _config_hint(model, ckpt_config, shapes=True):
     if not isinstance(ckpt_config, dict):
         return ""
     differ = [
         f"{k}={ckpt_config[k]!r} (model {model.arch[k]!r})"
         for k in MODEL_KEYS
-        if k in ckpt_config and ckpt_config[k] != model.arch[k]
+        if k in ckpt_config and ckpt_config[k] != model.arch[k] and (shapes or k != "num_classes")
     ]
     if not differ:
         return ""

@@ -18,12 +18,13 @@ import cv2
 import torch
 from tqdm import tqdm
 
-from cityscapes import Cityscapes, DatasetError
+from cityscapes import DatasetError
 from configs import ConfigError, add_config_args, format_config, get_config
+from datasets import build_dataset, class_table, scan_labels
 from distributed import Distributed, LaunchError
 from evaluate import evaluate, format_results, write_results
 from loss import build_loss
-from model import CheckpointError, autocast_dtype, build_model, load_checkpoint, read_checkpoint
+from model import CheckpointError, autocast_dtype, build_model, load_checkpoint, load_fitting, read_checkpoint
 from optimizer import build_optimizer, load_optimizer_state, lr_at, set_lr
 from resnet import PretrainedError
 from synthetic import prepare_data
@@ -81,7 +82,7 @@ def limit_opencv_threads(worker_id=None):
 
 def train_loader(cfg, ddp, start_iter):
     per_rank = per_rank_batch(cfg, ddp.world)
-    dataset = Cityscapes(cfg.data_root, cfg.train_split, TrainTransform.from_config(cfg))
+    dataset = build_dataset(cfg, cfg.train_split, TrainTransform.from_config(cfg))
     # The sampler counts samples: this rank has consumed start_iter * per_rank of them already.
     sampler = InfiniteSampler(len(dataset), cfg.seed, ddp.rank, ddp.world, start_iter * per_rank)
     cuda = ddp.device.type == "cuda"
@@ -181,13 +182,42 @@ def load_training_state(path):
     return ckpt
 
 
+def resolve_class_weights(cfg, ddp):
+    """The loss's class weights: None, the configured numbers, or (class_weights=median) the median-frequency
+    weights of the training split's labels, computed by the main process and sent to the others."""
+    if not cfg.class_weights:
+        return None
+    if tuple(cfg.class_weights) != ("median",):
+        return [float(w) for w in cfg.class_weights]
+    weights = None
+    if ddp.main:
+        samples = build_dataset(cfg, cfg.train_split).samples
+        scan = scan_labels(samples, class_table(cfg), cfg.num_classes, desc="class weights", check_images=False)
+        if scan.problems:
+            raise DatasetError(scan.problems[0])
+        weights = scan.median_frequency_weights().tolist()
+        print("class_weights=median: " + ",".join(f"{w:.4f}" for w in weights), flush=True)
+    return ddp.broadcast(weights)
+
+
+def init_from(model, cfg, ddp):
+    """Fine-tuning: the tensors of cfg.init_from that fit; says what was loaded and what was left new."""
+    loaded, skipped = load_fitting(model, cfg.init_from)
+    if ddp.main:
+        print(f"init_from {cfg.init_from}: loaded {len(loaded)} tensors; {len(skipped)} re-initialized (shapes differ)"
+              + "".join(f"\n    {name}: checkpoint {old}, model {new}" for name, old, new in skipped))
+
+
 def build_training(cfg, ddp):
     """Model (DDP-wrapped when distributed), its bare module, optimizer, loss."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    # A resumed run takes every weight from its checkpoint: no ImageNet file needed. Otherwise the first process of
-    # each machine fetches the file into the torch hub cache, which the others then read instead of racing on it.
+    # A resumed or fine-tuned run takes its weights from a checkpoint: no ImageNet file needed. Otherwise the first
+    # process of each machine fetches the file into the torch hub cache, which the others then read instead of racing
+    # on it.
     with ddp.local_main_first():
-        model = build_model(cfg, pretrained=not cfg.resume)
+        model = build_model(cfg, pretrained=not cfg.resume and not cfg.init_from)
+    if cfg.init_from and not cfg.resume:
+        init_from(model, cfg, ddp)
     model = model.to(ddp.device)
     if ddp.enabled and ddp.device.type == "cuda" and cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -198,7 +228,7 @@ def build_training(cfg, ddp):
     if ddp.enabled:
         ids = [ddp.device.index] if ddp.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return model, bare, optimizer, build_loss(cfg).to(ddp.device)
+    return model, bare, optimizer, build_loss(cfg, resolve_class_weights(cfg, ddp)).to(ddp.device)
 
 
 def rng_state(device):
@@ -361,7 +391,7 @@ def train(cfg, ddp):
 
 def final_evaluation(cfg, ddp, model, run_dir):
     """Evaluate on the val split with the same function evaluate.py runs, and write eval.json."""
-    dataset = Cityscapes(cfg.data_root, cfg.val_split)
+    dataset = build_dataset(cfg, cfg.val_split)
     results = evaluate(model, dataset, cfg, ddp)
     if ddp.main:
         print(format_results(results))

@@ -8,6 +8,7 @@ import torch
 import demo
 from cityscapes import PALETTE, colorize
 from configs import get_config
+from datasets import class_table
 from model import build_model
 
 
@@ -168,3 +169,27 @@ def test_a_missing_or_mismatched_checkpoint_is_an_error_naming_it(checkpoint, tm
     assert missing in capsys.readouterr().err
     assert demo.main(["--ckpt", checkpoint[0], image, "num_classes=5", "--out", str(tmp_path / "out")]) == 2
     assert checkpoint[0] in capsys.readouterr().err
+
+
+def test_a_folder_datasets_names_and_colors_reach_the_pictures_and_legend(tmp_path):
+    torch.manual_seed(1)
+    cfg = get_config("camvid")
+    table = class_table(cfg)
+    model = build_model(cfg, pretrained=False).eval()
+    path = str(tmp_path / "camvid.pth")
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+    image = random_image((40, 60), seed=3)
+    out = tmp_path / "out"
+    assert demo.main(["--ckpt", path, write_png(tmp_path / "frame.png", image), "--out", str(out)]) == 0
+    expected = hand_prediction(model, cfg, image)
+    color = read_png(out / "frame_color.png")
+    assert np.mean(np.all(color == table.colors[expected], axis=-1)) >= 0.999
+    # the legend: CamVid's colors for the classes present, sized for CamVid's names
+    ids = np.array([[2, 10, 11]], np.uint8).repeat(3, 0)  # Pole, Bicyclist and a value past the classes
+    strip = demo.legend(ids, 120, table)
+    assert strip.shape[1] == demo.legend_layout(120, table.names)[-1]
+    colors = {tuple(c) for c in strip.reshape(-1, 3)}
+    for class_id, rgb in enumerate(map(tuple, table.colors.tolist())):
+        if len(set(rgb)) > 1:  # gray ones (Sky) cannot be told from the anti-aliased text
+            assert (rgb in colors) == (class_id in (2, 10)), table.names[class_id]
+    assert demo.present_classes(ids, table.names) == [2, 10]

@@ -18,6 +18,7 @@ from torch import nn
 import evaluate
 from cityscapes import Cityscapes, to_train_ids
 from configs import format_config, get_config
+from datasets import cityscapes_table
 from distributed import Distributed
 from evaluate import (
     confusion_update,
@@ -248,7 +249,8 @@ def test_an_unwritable_prediction_is_an_error_naming_its_path(tmp_path):
     blocked = tmp_path / "pred" / "labelIds" / "lindau" / "lindau_000001_000019.png"
     blocked.mkdir(parents=True)  # a folder where the PNG should go: cv2.imwrite returns False
     with pytest.raises(OSError, match="lindau_000001_000019.png"):
-        evaluate.save_prediction(str(tmp_path / "pred"), "lindau_000001_000019", np.zeros((4, 6), np.uint8), False)
+        evaluate.save_prediction(str(tmp_path / "pred"), os.path.join("lindau", "lindau_000001_000019.png"),
+                                 np.zeros((4, 6), np.uint8), cityscapes_table(), False)
 
 
 def run_eval(args, env_extra=None, torchrun=False):
@@ -390,3 +392,29 @@ def test_a_different_upsample_than_the_checkpoints_is_warned_about(tmp_path, cap
     assert err.startswith("warning:") and "upsample='nearest' (trained with 'bilinear')" in err
     read_config(argparse.Namespace(config=None, overrides=[]), cfg.to_dict())  # the checkpoint's own: no warning
     assert capsys.readouterr().err == ""
+
+
+def test_a_folder_dataset_is_scored_under_its_class_names_and_saved_in_its_own_values(tiny_folder, tmp_path):
+    from conftest import FOLDER_OVERRIDES
+
+    from datasets import build_dataset, class_table
+    # label value 1 ignored and class 1 read from value 5: its predictions must be written as 5
+    cfg = get_config("camvid", [*FOLDER_OVERRIDES, "label_remap=5:1,1:255", f"data_root={tiny_folder}",
+                                f"save_dir={tmp_path / 'pred'}", "save_color=true", "eval_workers=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).eval()
+    results = evaluate.evaluate(model, build_dataset(cfg, "val"), cfg, Distributed())
+    assert list(results["iou"]) == ["road", "tree", "car"]
+    assert "road" in evaluate.format_results(results) and "car" in evaluate.format_results(results)
+    colors = class_table(cfg).colors.tolist()
+    assert colors == [[128, 64, 128], [128, 128, 0], [64, 0, 128]]
+    seen = set()
+    for name in ("frame00", "frame01"):
+        values = cv2.imread(str(tmp_path / "pred" / "labelIds" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        color = cv2.cvtColor(cv2.imread(str(tmp_path / "pred" / "color" / f"{name}.png")), cv2.COLOR_BGR2RGB)
+        for class_id, value in ((0, 0), (1, 5), (2, 2)):
+            at = values == value
+            assert (color[at] == colors[class_id]).all()
+            seen.update([value] if at.any() else [])
+        assert set(np.unique(values).tolist()) <= {0, 2, 5}
+    assert seen  # something was predicted

@@ -145,3 +145,42 @@ def test_build_loss_reads_config():
     assert loss.aux_weight == 0.5
     assert loss.criterion.thresh_loss == pytest.approx(-math.log(0.6))
     assert loss.criterion.min_frac == 0.25 and loss.criterion.ignore_index == IGNORE
+
+
+def reference_weighted_ohem(logits, target, thresh, min_frac, weight):
+    """By hand: pixels chosen by their unweighted loss as in reference_ohem, then sum(w * loss) / sum(w) over them."""
+    x = logits.detach().double().numpy()
+    t = target.numpy()
+    rows = []
+    for n, i, j in zip(*np.nonzero(t != IGNORE), strict=True):
+        z = x[n, :, i, j]
+        rows.append((z.max() + math.log(np.exp(z - z.max()).sum()) - z[t[n, i, j]], weight[t[n, i, j]]))
+    rows.sort(key=lambda r: -r[0])
+    thresh_loss = -math.log(thresh)
+    n_min = max(1, int(len(rows) * min_frac))
+    chosen = [r for r in rows if r[0] > thresh_loss] if rows[n_min - 1][0] > thresh_loss else rows[:n_min]
+    return sum(loss * w for loss, w in chosen) / sum(w for _, w in chosen)
+
+
+@pytest.mark.parametrize("thresh, min_frac", [(0.7, 1 / 16), (0.01, 0.5)])  # both OHEM branches
+def test_class_weights_with_ohem_match_the_formula_written_out(thresh, min_frac):
+    logits, target = random_batch(4)
+    weight = [0.5, 3.0, 1.0, 0.0, 2.0]
+    got = OhemCrossEntropy(thresh, min_frac, IGNORE, weight)(logits, target).item()
+    assert got == pytest.approx(reference_weighted_ohem(logits, target, thresh, min_frac, weight), rel=1e-5)
+    # equal weights are the unweighted loss
+    plain = OhemCrossEntropy(thresh, min_frac, IGNORE)(logits, target).item()
+    assert OhemCrossEntropy(thresh, min_frac, IGNORE, [2.0] * 5)(logits, target).item() == pytest.approx(plain)
+
+
+def test_hard_pixels_all_of_weight_zero_give_a_zero_loss_that_backpropagates():
+    logits = torch.zeros(1, 2, 2, 2, requires_grad=True)
+    loss = OhemCrossEntropy(0.7, 1.0, IGNORE, [0.0, 1.0])(logits, torch.zeros(1, 2, 2, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and logits.grad.abs().sum() == 0
+
+
+def test_build_loss_takes_the_class_weights():
+    loss = build_loss(Config(num_classes=3), [1.0, 2.0, 0.5])
+    assert loss.criterion.weight.tolist() == [1.0, 2.0, 0.5]
+    assert build_loss(Config()).criterion.weight is None

@@ -436,3 +436,71 @@ def test_cpu_bf16_training_runs_and_lowers_the_loss(tiny_root, tmp_path, monkeyp
     log = read_log(tmp_path / "synthetic")
     first, last = sum(r["loss"] for r in log[:4]) / 4, sum(r["loss"] for r in log[-4:]) / 4
     assert all(r["loss"] == r["loss"] for r in log) and last < 0.8 * first, (first, last)
+
+
+# ---- folder datasets: class weights, fine-tuning, names in the results ----
+
+def test_init_from_loads_the_fitting_tensors_and_reinitializes_the_classifiers(tmp_path):
+    torch.manual_seed(0)
+    source = build_model(get_config("synthetic"), pretrained=False)  # 19 classes
+    path = str(tmp_path / "source.pth")
+    torch.save({"model": source.state_dict(), "config": get_config("synthetic").to_dict()}, path)
+    torch.manual_seed(1)
+    target = build_model(get_config("camvid"), pretrained=False)  # 11 classes
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    loaded, skipped = model_module.load_fitting(target, path)
+    classifiers = {f"{head}.cls.{p}" for head in ("head", "aux8", "aux16") for p in ("weight", "bias")}
+    assert {name for name, _, _ in skipped} == classifiers
+    assert ("head.cls.weight", (19, 256, 1, 1), (11, 256, 1, 1)) in skipped
+    state, source_state = target.state_dict(), source.state_dict()
+    assert set(loaded) == set(state) - classifiers
+    for name in state:
+        expected = fresh[name] if name in classifiers else source_state[name]
+        assert torch.equal(state[name], expected), name
+
+
+def test_init_from_another_architecture_is_still_an_error(tmp_path):
+    path = str(tmp_path / "no_arm.pth")
+    torch.save({"model": build_model(get_config("synthetic", ["arm=false"]), pretrained=False).state_dict()}, path)
+    with pytest.raises(model_module.CheckpointError, match="ablation switches"):
+        model_module.load_fitting(build_model(get_config("camvid"), pretrained=False), path)
+
+
+def folder_args(root, out, *extra):
+    from conftest import FOLDER_OVERRIDES
+    return ["--config", "camvid", *FOLDER_OVERRIDES, f"data_root={root}", f"out_dir={out}", "crop_size=24,32",
+            "scales=1,1", "batch_size=2", "max_iter=3", "warmup_iters=1", "log_every=1", "ckpt_every=3", "workers=0",
+            "eval_workers=0", "amp=none", "channels_last=false", *extra]
+
+
+def test_a_folder_dataset_trains_with_median_weights_from_a_checkpoint_and_reports_its_class_names(
+        tiny_folder, tmp_path, capsys):
+    torch.manual_seed(0)
+    source = str(tmp_path / "source.pth")
+    torch.save({"model": build_model(get_config("synthetic"), pretrained=False).state_dict()}, source)
+    assert train.main(folder_args(tiny_folder, tmp_path / "runs", "class_weights=median", f"init_from={source}")) == 0
+    out = capsys.readouterr().out
+    assert f"init_from {source}: loaded" in out and "6 re-initialized (shapes differ)" in out
+    assert "head.cls.weight: checkpoint (19, 256, 1, 1), model (3, 256, 1, 1)" in out
+    # the weights the run printed are those of the training labels' statistics
+    from datasets import build_dataset, class_table, scan_labels
+    cfg = get_config("camvid", folder_args(tiny_folder, tmp_path)[2:])
+    scan = scan_labels(build_dataset(cfg, "train").samples, class_table(cfg), 3, progress=False)
+    assert "class_weights=median: " + ",".join(f"{w:.4f}" for w in scan.median_frequency_weights()) in out
+    with open(tmp_path / "runs" / "camvid" / "eval.json") as f:
+        results = json.load(f)
+    assert list(results["iou"]) == ["road", "tree", "car"]
+    assert "road" in out and "car" in out  # the printed table
+
+
+@pytest.mark.parametrize("workers", [0, 1])  # raised in this process, or in a loader worker
+def test_a_label_outside_the_table_stops_training_with_one_line_naming_it(tiny_folder, tmp_path, capsys, workers):
+    label_path = os.path.join(tiny_folder, "trainannot", "frame02.png")
+    label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
+    label[5, 5] = 40
+    cv2.imwrite(label_path, label)
+    assert train.main(folder_args(tiny_folder, tmp_path, "max_iter=4", f"workers={workers}")) == 2
+    err = capsys.readouterr().err  # the progress bar's lines, then the error
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith(f"error: label {label_path} holds values outside the class table: 40 (1 px); ")

