@@ -17,6 +17,7 @@ its sections; --out FILE writes any run's sections to FILE.
 """
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cityscapes import Cityscapes
 from configs import get_config
+from datasets import build_dataset
 from evaluate import eval_crop_size, predict, predict_scores
 from loss import build_loss
 from model import autocast_dtype, build_model, fold_batchnorm, inference_model, native_bf16
@@ -99,7 +100,8 @@ def resize_crop_baseline(image, label, crop_hw, rng):
 
 def bench_data(cfg, root, repeat):
     tf = TrainTransform.from_config(cfg)
-    dataset, plain = Cityscapes(root, "train", tf), Cityscapes(root, "train")
+    data_cfg = dataclasses.replace(cfg, data_root=root)
+    dataset, plain = build_dataset(data_cfg, "train", tf), build_dataset(data_cfg, "train")
     raw = [(img, lbl.astype(np.uint8)) for img, lbl in (plain[i] for i in range(len(plain)))]
     rng = np.random.default_rng(0)
     n = len(dataset)

@@ -157,18 +157,42 @@ def read_image(path):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_label(path, shape=None):
-    """Train ids (H, W) uint8 from a labelIds PNG; `shape` is the (H, W) its image has."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_label_png(path, shape=None):
+    """The raw uint8 (H, W) array of a label PNG, checked: a real PNG file (a JPEG under a .png name would change
+    label values), single-channel 8-bit, of the image's (H, W) `shape`. DatasetError naming the file otherwise."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+    except OSError as err:
+        raise DatasetError(f"cannot read label {path}: {err.strerror or err}") from None
+    if head != PNG_SIGNATURE:
+        raise DatasetError(f"label {path} is not a PNG file (another format under a .png name?); expected a "
+                           "single-channel 8-bit PNG: a lossy format such as JPEG changes label values")
     label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if label is None:
-        raise DatasetError(f"cannot read label {path}: missing, unreadable or not an image")
+        raise DatasetError(f"cannot read label {path}: unreadable or truncated PNG")
     if label.ndim != 2 or label.dtype != np.uint8:
         got = f"{label.shape[2] if label.ndim == 3 else 1}-channel {label.dtype}"
-        raise DatasetError(f"label {path} is {got}; expected a single-channel 8-bit labelIds PNG")
+        raise DatasetError(f"label {path} is {got}; expected a single-channel 8-bit PNG of label values "
+                           "(a color-coded label must be converted to label values first)")
     if shape is not None and label.shape != tuple(shape):
         raise DatasetError(f"label {path} is {label.shape[0]}x{label.shape[1]} but its image is "
                            f"{shape[0]}x{shape[1]}; expected the same size")
-    return to_train_ids(label)
+    return label
+
+
+def read_label(path, shape=None, num_classes=NUM_CLASSES):
+    """Train ids (H, W) uint8 from a labelIds PNG; `shape` is the (H, W) its image has. A model of fewer than 19
+    classes cannot learn Cityscapes' labels: a train id >= num_classes is a DatasetError naming the file."""
+    train_ids = to_train_ids(read_label_png(path, shape))
+    beyond = (train_ids != IGNORE) & (train_ids >= num_classes)
+    if beyond.any():
+        raise DatasetError(f"label {path} holds train ids up to {int(train_ids[beyond].max())} (Cityscapes has "
+                           f"{NUM_CLASSES} classes) but num_classes={num_classes}; expected num_classes={NUM_CLASSES}")
+    return train_ids
 
 
 class Cityscapes(torch.utils.data.Dataset):
@@ -181,8 +205,8 @@ class Cityscapes(torch.utils.data.Dataset):
     labels: its label is all 255.
     """
 
-    def __init__(self, root, split, transform=None, labels=None):
-        self.root, self.split, self.transform = root, split, transform
+    def __init__(self, root, split, transform=None, labels=None, num_classes=NUM_CLASSES):
+        self.root, self.split, self.transform, self.num_classes = root, split, transform, num_classes
         self.has_labels = split != "test" if labels is None else labels
         self.samples = find_samples(root, split, self.has_labels)
 
@@ -196,7 +220,7 @@ class Cityscapes(torch.utils.data.Dataset):
         if label_path is None:
             label = np.full(image.shape[:2], IGNORE, np.uint8)
         else:
-            label = read_label(label_path, image.shape[:2])
+            label = read_label(label_path, image.shape[:2], self.num_classes)
         if self.transform is None:
             return image, label.astype(np.int64)
         return self.transform(image, label, np.random.default_rng(seed))

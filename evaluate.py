@@ -7,8 +7,10 @@ Modes: ss = whole image at scale 1; ssc = sliding crops at scale 1; msf = whole 
 of eval_scales, plus its mirror image; mscf = sliding crops at every scale, plus mirror images. Sliding
 crops are eval_crop (H,W; where it is empty, the training crop_size), eval_stride of the crop apart.
 `save_dir=DIR` writes label-id PNGs (DIR/labelIds/CITY/NAME.png) for the official toolkit or the
-benchmark server, and with save_color=true colorized ones (DIR/color/...). `val_split=test` predicts
-the test split: it has no labels, so nothing is scored (the JSON's metrics are null) and save_dir is required.
+benchmark server (a folder dataset's: DIR/labelIds/NAME.png, in the values its own label files use), and with
+save_color=true colorized ones (DIR/color/...) and, for a labelled split, the image, its ground truth and the
+prediction side by side (DIR/compare/...). `val_split=test` predicts Cityscapes' test split: it has no public
+labels, so nothing is scored (the JSON's metrics are null) and save_dir is required.
 The resolved config is printed at start and stored in the results JSON (eval_SPLIT_MODE.json next to the
 checkpoint).
 """
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cityscapes import DatasetError
+import plots
+from cityscapes import DatasetError, read_image
 from configs import ConfigError, add_config_args, format_config, get_config
 from datasets import build_dataset, class_table
 from distributed import Distributed, LaunchError
@@ -172,12 +175,24 @@ class _Indexed(torch.utils.data.Dataset):
 def save_prediction(save_dir, relative_path, pred, table, color):
     """The prediction in the dataset's own label values at save_dir/labelIds/RELATIVE_PATH (Cityscapes: CITY/NAME.png,
     what the toolkit and the server read), and with `color` in the class colors at save_dir/color/RELATIVE_PATH."""
-    outputs = [("labelIds", table.to_values(pred))] + ([("color", table.colorize(pred)[..., ::-1])] if color else [])
-    for kind, picture in outputs:
-        path = os.path.join(save_dir, kind, relative_path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if not cv2.imwrite(path, picture):  # it reports failure by its return value, not by raising
-            raise OSError(f"cannot write prediction {path}: check that {save_dir} is writable and the disk not full")
+    write_png(os.path.join(save_dir, "labelIds", relative_path), table.to_values(pred))
+    if color:
+        write_png(os.path.join(save_dir, "color", relative_path), table.colorize(pred)[..., ::-1])
+
+
+def comparison(image_rgb, truth, pred, table, gap=4):
+    """RGB uint8 picture: the image, its ground truth and the prediction side by side (class colors; ignored pixels
+    of the truth black), `gap` white columns apart."""
+    space = np.full((image_rgb.shape[0], gap, 3), 255, np.uint8)
+    return np.concatenate([image_rgb, space, table.colorize(truth), space, table.colorize(pred)], axis=1)
+
+
+def write_png(path, array):
+    """cv2.imwrite into a folder it creates; an OSError naming the path where it fails (cv2 reports failure by its
+    return value, not by raising)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not cv2.imwrite(path, np.ascontiguousarray(array)):
+        raise OSError(f"cannot write {path}: check that its folder is writable and the disk not full")
 
 
 @torch.inference_mode()
@@ -208,8 +223,12 @@ def evaluate(model, dataset, cfg, ddp, mode=None):
         if dataset.has_labels:
             confusion_update(confusion, pred, label.to(ddp.device), cfg.ignore_index)
         if cfg.save_dir:
-            save_prediction(cfg.save_dir, dataset.output_path(index), pred.cpu().numpy().astype(np.uint8), table,
-                            cfg.save_color)
+            pred_ids = pred.cpu().numpy().astype(np.uint8)
+            save_prediction(cfg.save_dir, dataset.output_path(index), pred_ids, table, cfg.save_color)
+            if cfg.save_color and dataset.has_labels:
+                image = read_image(dataset.samples[index][0])
+                write_png(os.path.join(cfg.save_dir, "compare", dataset.output_path(index)),
+                          comparison(image, label.numpy(), pred_ids, table)[..., ::-1])
     results = {"mode": mode, "split": dataset.split, "images": len(dataset), "labels": dataset.has_labels,
                "miou": None, "pixel_accuracy": None, "iou": None, "confusion": None}
     if dataset.has_labels:
@@ -296,6 +315,7 @@ def main(argv=None):
             name = f"eval_{cfg.val_split}_{results['mode']}.json"
             out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
             write_results(results, out)
+            plots.plot_confusion(results, plots.confusion_path(out))
             print(f"results: {out}" + (f"; predictions: {cfg.save_dir}/labelIds" if cfg.save_dir else ""))
     except (ConfigError, CheckpointError, DatasetError, OSError) as exc:  # OSError: a folder or file not writable
         print(f"error: {exc}", file=sys.stderr)

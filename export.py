@@ -9,8 +9,8 @@ height and width: any N, H, W works, not only multiples of 32.
 
 Input "image": float32 (N, 3, H, W), RGB scaled to [0, 1], then normalized per channel as (x - mean) / std with the
 config's mean and std (ImageNet statistics by default), exactly what evaluate.py feeds the model.
-Output "logits": float32 (N, num_classes, H, W); with --argmax "labels": int64 (N, H, W) train ids
-(cityscapes.to_label_ids maps them to Cityscapes label ids).
+Output "logits": float32 (N, num_classes, H, W); with --argmax "labels": int64 (N, H, W) class ids (train ids:
+datasets.class_table(cfg).to_values maps them to the dataset's label values, Cityscapes label ids for Cityscapes).
 
 The default output is model.onnx (model_argmax.onnx with --argmax) next to the checkpoint. After writing it, the
 file is run with onnxruntime on the CPU at sizes other than the export size and compared with PyTorch: the command

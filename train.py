@@ -8,9 +8,13 @@ Distributed training is detected from torchrun's RANK variable; rank 0 prints an
 """
 
 import argparse
+import io
 import json
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -18,6 +22,7 @@ import cv2
 import torch
 from tqdm import tqdm
 
+import plots
 from cityscapes import DatasetError
 from configs import ConfigError, add_config_args, format_config, get_config
 from datasets import build_dataset, class_table, scan_labels
@@ -33,6 +38,41 @@ from transform import TrainTransform
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradients of a step are not finite: the run stops before the update."""
+
+
+NO_BEST = {"iter": None, "miou": None}  # no validation yet: the best {"iter", "miou"} so far
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT stopped the run after an iteration, with last.pth written: exit 128 + the signal."""
+
+    def __init__(self, signum, iteration, path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}; {path} holds it: "
+                         f"continue with python train.py resume={path}")
+        self.signum = signum
+
+
+class StopRequest:
+    """While entered, SIGTERM (what clusters send before preemption) and SIGINT (Ctrl-C) ask the run to stop at the
+    end of the current iteration instead of killing it; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -62,14 +102,16 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
 
 def per_rank_batch(cfg, world):
-    """The batch each process trains on; a ConfigError when the global batch does not split into >= 2 per rank."""
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size={cfg.batch_size} does not split over {world} processes; "
-                          f"use a multiple of {world}")
-    per_rank = cfg.batch_size // world
+    """The micro-batch each process runs at a time (batch_size / (world x grad_accum)); a ConfigError when the global
+    batch does not split into micro-batches of >= 2."""
+    parts = world * cfg.grad_accum
+    if cfg.batch_size % parts:
+        split = f"{world} processes" + (f" x {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else "")
+        raise ConfigError(f"batch_size={cfg.batch_size} does not split over {split}; use a multiple of {parts}")
+    per_rank = cfg.batch_size // parts
     if per_rank < 2:
-        raise ConfigError(f"batch_size={cfg.batch_size} gives {per_rank} image per process; BiSeNet needs at least 2 "
-                          "(BatchNorm after global pooling has one value per channel otherwise)")
+        raise ConfigError(f"batch_size={cfg.batch_size} gives {per_rank} image per process and micro-batch; BiSeNet "
+                          "needs at least 2 (BatchNorm after global pooling has one value per channel otherwise)")
     return per_rank
 
 
@@ -80,11 +122,19 @@ def limit_opencv_threads(worker_id=None):
         cv2.setNumThreads(1)
 
 
+def init_loader_worker(worker_id):
+    """DataLoader worker_init_fn: OpenCV single-threaded, and the stop signals left to the main process, which ends
+    the workers itself once it has saved its checkpoint (Ctrl-C reaches the whole process group)."""
+    limit_opencv_threads()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def train_loader(cfg, ddp, start_iter):
     per_rank = per_rank_batch(cfg, ddp.world)
     dataset = build_dataset(cfg, cfg.train_split, TrainTransform.from_config(cfg))
-    # The sampler counts samples: this rank has consumed start_iter * per_rank of them already.
-    sampler = InfiniteSampler(len(dataset), cfg.seed, ddp.rank, ddp.world, start_iter * per_rank)
+    # The sampler counts samples: this rank has consumed start_iter * grad_accum micro-batches already.
+    sampler = InfiniteSampler(len(dataset), cfg.seed, ddp.rank, ddp.world, start_iter * cfg.grad_accum * per_rank)
     cuda = ddp.device.type == "cuda"
     if cfg.workers > 0:
         # Here, before the workers start: a forked one inherits the setting (see limit_opencv_threads); a spawned
@@ -92,7 +142,7 @@ def train_loader(cfg, ddp, start_iter):
         limit_opencv_threads()
     loader = torch.utils.data.DataLoader(
         dataset, per_rank, sampler=sampler, num_workers=cfg.workers, pin_memory=cuda, drop_last=True,
-        persistent_workers=cuda and cfg.workers > 0, worker_init_fn=limit_opencv_threads)
+        persistent_workers=cuda and cfg.workers > 0, worker_init_fn=init_loader_worker)
     return dataset, loader
 
 
@@ -114,9 +164,11 @@ def write_atomically(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError):  # a full disk, a read-only or vanished folder: one line naming the file
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
@@ -133,7 +185,11 @@ def fsync_dir(path):
 
 
 def save_checkpoint(path, state):
-    write_atomically(path, lambda f: torch.save(state, f))
+    """torch.save into memory first, so that a full disk is an OSError of the file write (ENOSPC), not torch's
+    "unexpected pos" from inside its zip writer."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def trim_log(path, iteration):
@@ -153,12 +209,13 @@ def trim_log(path, iteration):
 
 
 def resolve_run_dir(cfg):
-    """runs/NAME, or the resumed checkpoint's folder; a used folder is never overwritten (NAME-1, -2...)."""
+    """runs/NAME, or the resumed checkpoint's folder; a used folder is never overwritten (NAME-1, -2...). A folder
+    holding only config.json is a run that failed at start: it is used again."""
     if cfg.resume:
         return os.path.dirname(os.path.abspath(cfg.resume))
     base = os.path.join(cfg.out_dir, cfg.run_name)
     run_dir, n = base, 0
-    while os.path.isdir(run_dir) and os.listdir(run_dir):
+    while os.path.isdir(run_dir) and os.listdir(run_dir) not in ([], ["config.json"]):
         n += 1
         run_dir = f"{base}-{n}"
     return run_dir
@@ -169,8 +226,25 @@ def read_config(args):
     resume = [o.split("=", 1)[1] for o in args.overrides if o.startswith("resume=")]
     if resume and resume[-1]:
         ckpt = load_training_state(resume[-1])
-        return get_config(ckpt["config"]["run_name"], args.overrides, base=ckpt["config"])
+        cfg = get_config(ckpt["config"]["run_name"], args.overrides, base=ckpt["config"])
+        if ckpt["iteration"] >= cfg.max_iter:
+            raise ConfigError(f"{resume[-1]} holds iteration {ckpt['iteration']}: max_iter={cfg.max_iter} leaves "
+                              f"nothing to train; to train longer pass max_iter above {ckpt['iteration']}")
+        return cfg
     return get_config(args.config or "cityscapes", args.overrides)
+
+
+TEMP_FILE = re.compile(r".+\.tmp\d+(\.png)?$")  # write_atomically's and plots.save's temporary names
+
+
+def remove_stale_temp_files(run_dir):
+    """Temporary files left by a run killed while writing (kill -9, power loss): nothing else removes them."""
+    if not os.path.isdir(run_dir):
+        return []
+    stale = [os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir)) if TEMP_FILE.fullmatch(n)]
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def load_training_state(path):
@@ -245,13 +319,14 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def training_state(bare, optimizer, scaler, iteration, cfg, device):
-    return {"model": bare.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "iteration": iteration, "config": cfg.to_dict(), "rng": rng_state(device)}
+def training_state(raw_model, optimizer, scaler, iteration, cfg, device, best):
+    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "iteration": iteration, "config": cfg.to_dict(), "rng": rng_state(device), "best": dict(best)}
 
 
 def restore(ckpt_path, bare, optimizer, scaler, device):
-    """Load a training checkpoint into the built model, optimizer and scaler; returns its iteration.
+    """Load a training checkpoint into the built model, optimizer and scaler; returns (its iteration, the best
+    validation so far: {"iter", "miou"}).
 
     The optimizer keeps the settings of the current config (overrides given on resume apply). A disabled scaler
     saves {}: then an fp16 run starts a fresh scaler (and a scaler that is disabled now ignores a saved state).
@@ -261,7 +336,7 @@ def restore(ckpt_path, bare, optimizer, scaler, device):
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], device)
-    return ckpt["iteration"]
+    return ckpt["iteration"], ckpt.get("best", NO_BEST)
 
 
 def finite_flags(loss, params, check_grads):
@@ -307,37 +382,93 @@ class Log:
         return record
 
 
-def non_finite_message(flags, world, it, lr, last_path, cfg):
+def non_finite_message(flags, world, it, lr, last_path, cfg, saved):
+    """What stopped the run, and what last.pth holds: `saved` is (its iteration, the loss logged last up to then)."""
     problem = "the loss is not finite" if flags[0] < world else "the loss is finite but its gradients are not"
-    kept = (f"The last good checkpoint, {last_path}, is intact" if os.path.isfile(last_path)
-            else "No checkpoint had been saved yet")
-    return (f"{problem} at iteration {it + 1} (lr {lr:.3g}); stopped before the update. {kept}: lower lr or check "
-            f"the labels (num_classes={cfg.num_classes}, ignore_index={cfg.ignore_index}) and resume.")
+    if saved is None:
+        kept = "No checkpoint had been saved yet"
+    else:
+        loss = "" if saved[1] is None else f", where the logged loss was {saved[1]:.4g}"
+        kept = (f"{last_path} holds iteration {saved[0]}{loss}; if the loss was already climbing then, its weights "
+                "may be diverging too")
+    return (f"{problem} at iteration {it + 1} (lr {lr:.3g}); stopped before the update. {kept}. Lower lr or check "
+            f"the labels (num_classes={cfg.num_classes}, ignore_index={cfg.ignore_index}), then resume or restart.")
+
+
+class Validator:
+    """Validation during training (eval_every): the val split scored with evaluate.py's evaluate(), a record per
+    validation in log.jsonl, model_best.pth for the best mIoU so far, and the run's pictures redrawn."""
+
+    def __init__(self, cfg, ddp, run_dir, best, dataset):
+        self.cfg, self.ddp, self.run_dir, self.best, self.dataset = cfg, ddp, run_dir, dict(best), dataset
+        self.best_path = os.path.join(run_dir, "model_best.pth")
+
+    def __call__(self, raw_model, iteration, log_path):
+        """Validate; returns the evaluate() results. The model is left in training mode."""
+        self.ddp.sync_buffers(raw_model)  # BatchNorm statistics as one model, under torchrun
+        t0 = time.perf_counter()
+        results = evaluate(raw_model, self.dataset, self.cfg, self.ddp)
+        raw_model.train()
+        miou = results["miou"]
+        record = {"iter": iteration, "val_miou": miou, "val_pixel_accuracy": results["pixel_accuracy"],
+                  "val_iou": results["iou"], "val_seconds": time.perf_counter() - t0, "time": time.time()}
+        improved = miou is not None and (self.best["miou"] is None or miou > self.best["miou"])
+        if improved:
+            self.best = {"iter": iteration, "miou": miou}
+        if self.ddp.main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if improved:
+                save_checkpoint(self.best_path, {"model": raw_model.state_dict(), "config": self.cfg.to_dict(),
+                                                 "iteration": iteration, "miou": miou})
+            best = "" if self.best["miou"] is None else f"; best {100 * self.best['miou']:.2f} at {self.best['iter']}"
+            tqdm.write(f"iteration {iteration}: val mIoU {100 * (miou or 0):.2f} "
+                       f"({record['val_seconds']:.0f} s){best}")
+            draw_pictures(self.run_dir, results)
+        return results
+
+
+def draw_pictures(run_dir, results=None):
+    """curves.png from log.jsonl and, given evaluation results, confusion.png (skipped without matplotlib)."""
+    plots.plot_curves(os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "curves.png"))
+    if results is not None:
+        plots.plot_confusion(results, os.path.join(run_dir, "confusion.png"))
 
 
 def train(cfg, ddp):
+    """Train; returns (the raw model, its run directory, the last validation's results or None)."""
     if ddp.main:  # first of all, so that a run failing early still shows what it was asked to do
         print(f"config:\n{format_config(cfg)}", flush=True)
-    per_rank_batch(cfg, ddp.world)  # fail on a bad batch before generating data or building anything
+    micro = per_rank_batch(cfg, ddp.world)  # fail on a bad batch before generating data or building anything
     prepare_data(cfg, ddp)
     run_dir = ddp.broadcast(resolve_run_dir(cfg) if ddp.main else None)
-    model, bare, optimizer, criterion = build_training(cfg, ddp)
+    if ddp.main:  # before anything is built: a run directory that cannot be written is a one-line error now
+        for path in remove_stale_temp_files(run_dir):
+            print(f"removed {path}, left by a run killed while writing it")
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
+        write_atomically(os.path.join(run_dir, "config.json"), lambda f: f.write(format_config(cfg).encode()))
+    val_set = build_dataset(cfg, cfg.val_split)  # a missing or empty val split fails now, not after training
+    model, raw_model, optimizer, criterion = build_training(cfg, ddp)
     dtype = autocast_dtype(cfg.amp, ddp.device, warn=False)  # fp32 where the hardware lacks it: warned below
     autocast, scaler = amp_settings(dtype, ddp.device)
-    start = restore(cfg.resume, bare, optimizer, scaler, ddp.device) if cfg.resume else 0
+    start, best = restore(cfg.resume, raw_model, optimizer, scaler, ddp.device) if cfg.resume else (0, NO_BEST)
     if ddp.rank or not start:  # a per-rank stream for anything random in the model; rank 0 resumes its own
         torch.manual_seed(cfg.seed + ddp.rank + start)
     _, loader = train_loader(cfg, ddp, start)
+    validate = Validator(cfg, ddp, run_dir, best, val_set) if cfg.eval_every else None
     last_path, log_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "log.jsonl")
     formula = criterion.formula(cfg.aux_heads)
     if ddp.main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            f.write(format_config(cfg))
         if start:
             trim_log(log_path, start)  # the records after the checkpoint are logged again
-        print(f"run directory: {run_dir}  (config.json, log.jsonl, last.pth, model_final.pth)")
-        print(f"device: {ddp.device}, processes: {ddp.world}, batch per process: {cfg.batch_size // ddp.world}, "
+        best_file = ", model_best.pth" if cfg.eval_every else ""
+        print(f"run directory: {run_dir}  (config.json, log.jsonl, last.pth, model_final.pth{best_file}, curves.png, "
+              "confusion.png)")
+        accum = f" x {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else ""
+        print(f"device: {ddp.device}, processes: {ddp.world}, batch per process: {micro}{accum}, "
               f"amp: {str(dtype or 'none (fp32)').replace('torch.', '')}")
         if cfg.amp == "bf16" and dtype is None:
             print(f"warning: amp=bf16 but {ddp.device} has no native bf16: training in fp32", file=sys.stderr)
@@ -352,50 +483,86 @@ def train(cfg, ddp):
                dynamic_ncols=True, desc="train")
     data = iter(loader)
     t_start = time.perf_counter()
-    for it in bar:
+    results, saved, logged_loss = None, (start, None) if start else None, None
+    with StopRequest() as stop:
+        for it in bar:
+            lr = lr_at(it, cfg)  # the schedule counts optimizer steps
+            set_lr(optimizer, lr)
+            optimizer.zero_grad(set_to_none=True)
+            loss, parts = accumulate_gradients(model, criterion, data, cfg, ddp, autocast, scaler)
+            # The step's one sync: every rank learns whether any rank's loss or gradients went non-finite, and
+            # whether any was asked to stop (SIGTERM, SIGINT), so that all stop after the same iteration.
+            stop_flag = torch.tensor([float(stop.signum is not None)], device=loss.device)
+            flags = ddp.all_sum(torch.cat([finite_flags(loss, params, not scaler.is_enabled()), stop_flag])).tolist()
+            if min(flags[:2]) < ddp.world:
+                raise NonFiniteError(non_finite_message(flags, ddp.world, it, lr, last_path, cfg, saved))
+            scaler.step(optimizer)
+            scaler.update()
+            log.add(loss, parts)
+            done = it + 1
+            if done % cfg.log_every == 0 or done == cfg.max_iter:
+                eta = (cfg.max_iter - done) * (time.perf_counter() - t_start) / (done - start)
+                record = log.flush(ddp, done, lr, eta)
+                logged_loss = record["loss"]
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
+            if validate and (done % cfg.eval_every == 0 or done == cfg.max_iter):
+                results = validate(raw_model, done, log_path)
+            stopping = flags[2] > 0 and done < cfg.max_iter
+            if done % cfg.ckpt_every == 0 or done == cfg.max_iter or stopping:
+                if ddp.main:
+                    best = validate.best if validate else NO_BEST
+                    save_checkpoint(last_path, training_state(raw_model, optimizer, scaler, done, cfg, ddp.device,
+                                                              best))
+                saved = (done, logged_loss)
+            if stopping:
+                bar.close()
+                ddp.barrier()
+                raise Stopped(stop.signum or signal.SIGTERM, done, last_path)  # a rank not signalled: as SIGTERM
+    bar.close()
+    ddp.sync_buffers(raw_model)
+    final_path = os.path.join(run_dir, "model_final.pth")
+    if ddp.main:
+        save_checkpoint(final_path, {"model": raw_model.state_dict(), "config": cfg.to_dict()})
+        print(f"trained {cfg.max_iter} iterations; final weights: {final_path}; training checkpoint: {last_path}")
+        if validate and validate.best["miou"] is not None:
+            print(f"best val mIoU {100 * validate.best['miou']:.2f} at iteration {validate.best['iter']}: "
+                  f"{validate.best_path}")
+    ddp.barrier()
+    return raw_model, run_dir, results
+
+
+def accumulate_gradients(model, criterion, data, cfg, ddp, autocast, scaler):
+    """Forward and backward of cfg.grad_accum micro-batches from `data`, their gradients summed as one step's:
+    each micro-batch's loss is divided by grad_accum, so the step equals one over the whole batch where the loss is
+    a mean over equal micro-batches (OHEM selects per micro-batch, as it does per GPU under torchrun). DDP averages
+    the gradients at the last micro-batch only. Returns (the step's loss, each head's), means over micro-batches."""
+    total, heads = 0, {}
+    for k in range(cfg.grad_accum):
         images, labels = next(data)
         images = images.to(ddp.device, non_blocking=True)
         labels = labels.to(ddp.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        lr = lr_at(it, cfg)
-        set_lr(optimizer, lr)
-        with autocast:
-            outputs = model(images)
-        loss, parts = criterion(outputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        # The step's one sync: every rank learns whether any rank's loss or gradients went non-finite.
-        flags = ddp.all_sum(finite_flags(loss, params, check_grads=not scaler.is_enabled())).tolist()
-        if min(flags) < ddp.world:
-            raise NonFiniteError(non_finite_message(flags, ddp.world, it, lr, last_path, cfg))
-        scaler.step(optimizer)
-        scaler.update()
-        log.add(loss, parts)
-        done = it + 1
-        if done % cfg.log_every == 0 or done == cfg.max_iter:
-            eta = (cfg.max_iter - done) * (time.perf_counter() - t_start) / (done - start)
-            record = log.flush(ddp, done, lr, eta)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
-        if ddp.main and (done % cfg.ckpt_every == 0 or done == cfg.max_iter):
-            save_checkpoint(last_path, training_state(bare, optimizer, scaler, done, cfg, ddp.device))
-    bar.close()
-    ddp.sync_buffers(bare)
-    final_path = os.path.join(run_dir, "model_final.pth")
-    if ddp.main:
-        save_checkpoint(final_path, {"model": bare.state_dict(), "config": cfg.to_dict()})
-        print(f"trained {cfg.max_iter} iterations; final weights: {final_path}; training checkpoint: {last_path}")
-    ddp.barrier()
-    return bare, run_dir
+        last = k == cfg.grad_accum - 1
+        with nullcontext() if last or not ddp.enabled else model.no_sync():
+            with autocast:
+                outputs = model(images)
+            loss, parts = criterion(outputs, labels)
+            scaler.scale(loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+        total = total + loss.detach() / cfg.grad_accum
+        heads = {n: heads.get(n, 0) + v / cfg.grad_accum for n, v in parts.items()}
+    return total, heads
 
 
-def final_evaluation(cfg, ddp, model, run_dir):
-    """Evaluate on the val split with the same function evaluate.py runs, and write eval.json."""
-    dataset = build_dataset(cfg, cfg.val_split)
-    results = evaluate(model, dataset, cfg, ddp)
+def final_evaluation(cfg, ddp, model, run_dir, results=None):
+    """The val split scored with the same function evaluate.py runs (or the last validation's `results`, of the
+    same model), eval.json written and the pictures drawn."""
+    if results is None:
+        results = evaluate(model, build_dataset(cfg, cfg.val_split), cfg, ddp)
     if ddp.main:
         print(format_results(results))
         write_results(results, os.path.join(run_dir, "eval.json"))
+        draw_pictures(run_dir, results)
     return results
 
 
@@ -412,16 +579,18 @@ def main(argv=None):
         cfg = read_config(args)
         if ddp.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
-        model, run_dir = train(cfg, ddp)
-        final_evaluation(cfg, ddp, model, run_dir)
-    except (ConfigError, NonFiniteError) as exc:
+        model, run_dir, results = train(cfg, ddp)
+        final_evaluation(cfg, ddp, model, run_dir, results)
+    except (ConfigError, NonFiniteError, Stopped) as exc:
         # The same on every rank (one config; an all-reduced check): said once.
         if ddp.main:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"{'' if isinstance(exc, Stopped) else 'error: '}{exc}", file=sys.stderr)
+        if isinstance(exc, Stopped):
+            return 128 + exc.signum  # the shell's code for a process ended by that signal: 143 SIGTERM, 130 SIGINT
         return 2 if isinstance(exc, ConfigError) else 1
-    except (CheckpointError, DatasetError, PretrainedError, FileExistsError) as exc:
-        # Possibly one machine's own problem (a file missing there): every rank says it.
-        print(f"error: {exc}", file=sys.stderr)
+    except (CheckpointError, DatasetError, PretrainedError, OSError) as exc:
+        # Possibly one machine's own problem (a file missing there, a full disk): every rank says it.
+        print(f"error: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}", file=sys.stderr)
         return 2
     finally:
         ddp.close()

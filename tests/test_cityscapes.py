@@ -131,8 +131,31 @@ def test_unreadable_label_is_an_error(tmp_path):
     _, lbl = write_frame(root, "val", "lindau", 0, np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
     with open(lbl, "wb") as f:
         f.write(b"not a png")
-    with pytest.raises(DatasetError, match="cannot read label") as err:
+    with pytest.raises(DatasetError, match="is not a PNG file") as err:
         Cityscapes(root, "val")[0]
+    assert lbl in str(err.value)
+
+
+def test_a_jpeg_under_a_png_label_name_is_an_error(tmp_path):
+    # read as it is, about 29% of its label pixels would change silently
+    root = str(tmp_path)
+    _, lbl = write_frame(root, "val", "lindau", 0, np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))
+    ok, data = cv2.imencode(".jpg", np.full((8, 8), 26, np.uint8))
+    with open(lbl, "wb") as f:
+        f.write(data.tobytes())
+    with pytest.raises(DatasetError, match="is not a PNG file .*JPEG") as err:
+        Cityscapes(root, "val")[0]
+    assert lbl in str(err.value)
+
+
+def test_labels_beyond_num_classes_are_refused_naming_the_file(tmp_path):
+    root = str(tmp_path)
+    label = np.full((8, 8), 7, np.uint8)  # road, train id 0
+    label[0, 0] = 26  # car, train id 13
+    _, lbl = write_frame(root, "val", "lindau", 0, np.zeros((8, 8, 3), np.uint8), label)
+    assert Cityscapes(root, "val", num_classes=14)[0][1].max() == 13
+    with pytest.raises(DatasetError, match="train ids up to 13 .* num_classes=5; expected num_classes=19") as err:
+        Cityscapes(root, "val", num_classes=5)[0]
     assert lbl in str(err.value)
 
 
@@ -145,7 +168,8 @@ def test_16bit_label_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["configs", "cityscapes", "transform", "synthetic", "resnet", "model", "loss",
-                                    "optimizer", "distributed", "train", "evaluate", "demo", "export", "benchmark"])
+                                    "optimizer", "distributed", "train", "evaluate", "demo", "export", "benchmark",
+                                    "datasets", "check_data", "plots"])
 def test_import_has_no_side_effects(module, tmp_path):
     out = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})

@@ -418,3 +418,10 @@ def test_a_folder_dataset_is_scored_under_its_class_names_and_saved_in_its_own_v
             seen.update([value] if at.any() else [])
         assert set(np.unique(values).tolist()) <= {0, 2, 5}
     assert seen  # something was predicted
+    # the comparison picture: image | truth | prediction, 4 white columns apart, truth in the class colors
+    picture = cv2.cvtColor(cv2.imread(str(tmp_path / "pred" / "compare" / "frame00.png")), cv2.COLOR_BGR2RGB)
+    assert picture.shape == (24, 3 * 32 + 8, 3)
+    image, truth = build_dataset(cfg, "val")[0]
+    assert np.array_equal(picture[:, :32], image)
+    assert np.array_equal(picture[:, 36:68], class_table(cfg).colorize(truth))
+    assert (picture[:, 32:36] == 255).all()

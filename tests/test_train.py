@@ -32,7 +32,7 @@ def tiny_root(tmp_path_factory):
 def tiny_args(root, out, *extra):
     return ["--config", "synthetic", "synthetic=false", f"data_root={root}", f"out_dir={out}", "crop_size=64,64",
             "batch_size=2", "max_iter=6", "warmup_iters=2", "log_every=1", "ckpt_every=3", "workers=0",
-            "eval_workers=0", *extra]
+            "eval_workers=0", "eval_every=0", *extra]
 
 
 def read_log(run_dir):
@@ -127,7 +127,7 @@ def nan_at_fifth_call(monkeypatch, poison):
 def assert_stopped_at_5_with_checkpoint_3(tmp_path, err, words):
     assert f"error: {words} at iteration 5" in err
     last = tmp_path / "synthetic" / "last.pth"
-    assert f"The last good checkpoint, {last}, is intact" in err
+    assert f"{last} holds iteration 3, where the logged loss was " in err
     ckpt = load_checkpoint(build_model(get_config("synthetic"), pretrained=False), str(last))
     assert ckpt["iteration"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -193,10 +193,11 @@ def test_resume_into_fp16_with_a_disabled_scalers_state(tmp_path):
     optimizer = build_optimizer(model, cfg)
     disabled = torch.amp.GradScaler("cuda", enabled=False)
     path = str(tmp_path / "last.pth")
-    train.save_checkpoint(path, train.training_state(model, optimizer, disabled, 7, cfg, torch.device("cpu")))
+    train.save_checkpoint(path, train.training_state(model, optimizer, disabled, 7, cfg, torch.device("cpu"),
+                                                     train.NO_BEST))
     assert torch.load(path, weights_only=True)["scaler"] == {}
     enabled = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    assert train.restore(path, model, optimizer, enabled, torch.device("cpu")) == 7
+    assert train.restore(path, model, optimizer, enabled, torch.device("cpu")) == (7, train.NO_BEST)
     assert enabled.is_enabled() and enabled.get_scale() == 1024.0
 
 
@@ -326,6 +327,8 @@ def test_loader_workers_run_opencv_single_threaded(tiny_root):
     (["resume=/no/such/last.pth"], "/no/such/last.pth"),
     (["--config", "synthetic", "data_root=/no/such/root", "synthetic=false"], "--config synthetic"),
     (["--config", "synthetic", "batch_size=1"], "batch_size=1 gives 1 image per process"),
+    (["--config", "synthetic", "run_name=../elsewhere"], "run_name: '../elsewhere'; expected a folder name"),
+    (["--config", "synthetic", "std=0.2,0,0.2"], "std: (0.2, 0.0, 0.2); expected three positive numbers"),
 ])
 def test_bad_input_is_a_clear_error(argv, words, capsys, tmp_path):
     # The synthetic preset's data root goes to tmp_path too: a failing run must not write into the repository.
@@ -363,7 +366,7 @@ def test_torchrun_two_processes_keep_identical_weights_and_write_once(tiny_root,
         "    open(os.path.join(sys.argv[1], f'saved_by_rank{ddp.rank}'), 'a').close()\n"
         "    save(path, state)\n"
         "train.save_checkpoint = save_and_mark\n"
-        "model, run_dir = train.train(cfg, ddp)\n"
+        "model, run_dir, _ = train.train(cfg, ddp)\n"
         "torch.save(model.state_dict(), os.path.join(sys.argv[1], f'rank{ddp.rank}.pt'))\n"
         "ddp.close()\n")
     args = tiny_args(tiny_root, tmp_path / "runs", "batch_size=4", "max_iter=4", "ckpt_every=2")[2:]
@@ -504,3 +507,219 @@ def test_a_label_outside_the_table_stops_training_with_one_line_naming_it(tiny_f
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "Traceback" not in err
     assert errors[0].startswith(f"error: label {label_path} holds values outside the class table: 40 (1 px); ")
+
+
+# ---- validation during training, pictures, gradient accumulation ----
+
+def test_validation_records_and_the_best_checkpoint(tiny_root, tmp_path, capsys):
+    assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=6", "eval_every=2", "lr=0.05")) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "synthetic"
+    val = [r for r in read_log(run_dir) if "val_miou" in r]
+    assert [r["iter"] for r in val] == [2, 4, 6]
+    assert all(set(r["val_iou"]) == set(val[0]["val_iou"]) and r["val_seconds"] > 0 for r in val)
+    best = max(val, key=lambda r: r["val_miou"])  # the first of equal ones
+    assert f"best val mIoU {100 * best['val_miou']:.2f} at iteration {best['iter']}" in out
+    # model_best.pth re-evaluated gives the best record's mIoU
+    cfg = get_config("synthetic", tiny_args(tiny_root, tmp_path)[2:])
+    model = build_model(cfg, pretrained=False)
+    ckpt = load_checkpoint(model, str(run_dir / "model_best.pth"))
+    assert ckpt["iteration"] == best["iter"]
+    from datasets import build_dataset
+    results = train.evaluate(model, build_dataset(cfg, "val"), cfg, Distributed())
+    assert results["miou"] == pytest.approx(best["val_miou"], abs=1e-9)
+    # eval.json is the last validation's
+    with open(run_dir / "eval.json") as f:
+        assert json.load(f)["miou"] == pytest.approx(val[-1]["val_miou"])
+    for name in ("curves.png", "confusion.png"):
+        assert cv2.imread(str(run_dir / name)) is not None, name
+
+
+def test_resume_keeps_the_best_so_far(tiny_root, tmp_path, capsys):
+    assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=4", "eval_every=2", "ckpt_every=2")) == 0
+    run_dir = tmp_path / "synthetic"
+    first = [r for r in read_log(run_dir) if "val_miou" in r]
+    best_first = max(first, key=lambda r: r["val_miou"])
+    ckpt = torch.load(run_dir / "last.pth", weights_only=True)
+    assert ckpt["best"] == {"iter": best_first["iter"], "miou": pytest.approx(best_first["val_miou"])}
+    capsys.readouterr()
+    assert train.main([f"resume={run_dir / 'last.pth'}", "max_iter=8"]) == 0
+    out = capsys.readouterr().out
+    val = [r for r in read_log(run_dir) if "val_miou" in r]
+    assert [r["iter"] for r in val] == [2, 4, 6, 8]
+    best = max(val, key=lambda r: r["val_miou"])
+    assert f"best val mIoU {100 * best['val_miou']:.2f} at iteration {best['iter']}" in out
+    assert torch.load(run_dir / "model_best.pth", weights_only=True)["iteration"] == best["iter"]
+
+
+def test_pictures_have_the_expected_size_and_classes(tmp_path, monkeypatch):
+    import plots
+    log = tmp_path / "log.jsonl"
+    records = [{"iter": i, "loss": 3.0 / i, "loss_sums": "main+aux8+aux16", "loss_main": 1.0 / i, "loss_aux8": 1.0 / i,
+                "loss_aux16": 1.0 / i, "lr": 0.01, "images_per_s": 4.0, "eta_s": 0, "time": 0} for i in range(1, 5)]
+    records.insert(2, {"iter": 2, "val_miou": 0.25, "val_pixel_accuracy": 0.5, "val_iou": {}, "val_seconds": 1})
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plots.plot_curves(str(log), str(tmp_path / "curves.png"))
+    assert cv2.imread(str(tmp_path / "curves.png")).shape == (800, 1200, 3)
+    names = ["road", "tree", "car"]
+    results = {"split": "val", "mode": "ss", "miou": 0.5, "confusion": [[5, 1, 0], [2, 2, 0], [0, 0, 0]],
+               "iou": {"road": 0.625, "tree": 0.4, "car": None}}
+    drawn = {}
+    save = plots.save
+
+    def keep(fig, plt, path):
+        ax = fig.axes[0]
+        drawn["y"] = [t.get_text() for t in ax.get_yticklabels()]
+        drawn["x"] = [t.get_text() for t in ax.get_xticklabels()]
+        drawn["cells"] = ax.images[0].get_array().tolist()
+        save(fig, plt, path)
+
+    monkeypatch.setattr(plots, "save", keep)
+    assert plots.plot_confusion(results, str(tmp_path / "confusion.png"))
+    assert cv2.imread(str(tmp_path / "confusion.png")).shape == (600, 750, 3)  # 6x6 inches + colorbar, 100 dpi
+    assert drawn["x"] == names and drawn["y"] == ["road (IoU 62.5)", "tree (IoU 40.0)", "car (IoU n/a)"]
+    # row-normalized: each true class's pixels split over the predictions
+    assert drawn["cells"] == [[5 / 6, 1 / 6, 0], [0.5, 0.5, 0], [0, 0, 0]]
+
+
+def test_pictures_are_skipped_with_one_warning_without_matplotlib(tmp_path, monkeypatch):
+    import plots
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(plots, "_warned", False)
+    (tmp_path / "log.jsonl").write_text(json.dumps({"iter": 1, "loss": 1.0, "lr": 0.1, "images_per_s": 1.0}) + "\n")
+    results = {"split": "val", "mode": "ss", "miou": 1.0, "confusion": [[1]], "iou": {"a": 1.0}}
+    with pytest.warns(UserWarning, match="matplotlib is not installed.*requirements-plot.txt") as warned:
+        train.draw_pictures(str(tmp_path), results)
+        train.draw_pictures(str(tmp_path), results)
+    assert len(warned) == 1
+    assert not (tmp_path / "curves.png").exists() and not (tmp_path / "confusion.png").exists()
+
+
+def bn_eval_model(seed=0):
+    torch.manual_seed(seed)
+    model = build_model(get_config("synthetic"), pretrained=False).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()  # running statistics: the output of an image does not depend on its batch
+    return model
+
+
+def test_two_micro_batches_make_the_same_update_as_one_batch():
+    from contextlib import nullcontext
+
+    from loss import build_loss
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 64, 64, generator=g)
+    labels = torch.randint(0, 19, (8, 64, 64), generator=g)  # no ignored pixel: equal micro-batches
+    # thresh 0.9999: every pixel is hard, so each loss is the mean over its pixels
+    grads = []
+    for accum in (1, 2):
+        cfg = get_config("synthetic", ["batch_size=8", f"grad_accum={accum}", "ohem_thresh=0.9999"])
+        model, criterion = bn_eval_model(), build_loss(cfg)
+        micro = 8 // accum
+        data = iter([(images[i:i + micro], labels[i:i + micro]) for i in range(0, 8, micro)])
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        loss, parts = train.accumulate_gradients(model, criterion, data, cfg, Distributed(), nullcontext(), scaler)
+        grads.append(([p.grad.clone() for p in model.parameters()], loss.item(), parts))
+        assert next(data, None) is None  # every micro-batch used
+    (one, loss_one, parts_one), (two, loss_two, parts_two) = grads
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
+    assert {k: float(v) for k, v in parts_two.items()} == pytest.approx({k: float(v) for k, v in parts_one.items()})
+
+
+def test_grad_accum_counts_optimizer_steps(tiny_root, tmp_path):
+    assert train.main(tiny_args(tiny_root, tmp_path, "batch_size=4", "grad_accum=2", "max_iter=4")) == 0
+    run_dir = tmp_path / "synthetic"
+    assert [r["iter"] for r in read_log(run_dir)] == [1, 2, 3, 4]
+    assert all(r["images_per_s"] > 0 for r in read_log(run_dir))
+    ckpt = torch.load(run_dir / "last.pth", weights_only=True)
+    lrs = {g["name"]: g["lr"] for g in ckpt["optimizer"]["param_groups"]}
+    assert lrs["base"] == pytest.approx(poly_lr(3, 0.02, 2, 4))  # the synthetic preset's lr, step 3 of 4
+    # a resumed run skips the samples of start x grad_accum micro-batches of 2
+    cfg = get_config("synthetic", tiny_args(tiny_root, tmp_path, "batch_size=4", "grad_accum=2")[2:])
+    assert train.train_loader(cfg, Distributed(), 3)[1].sampler.start == 3 * 2 * 2
+
+
+def test_a_batch_that_does_not_split_into_micro_batches_is_a_config_error():
+    with pytest.raises(train.ConfigError, match="does not split over 1 processes x 3 micro-batches"):
+        train.per_rank_batch(get_config("synthetic", ["batch_size=8", "grad_accum=3"]), 1)
+    with pytest.raises(train.ConfigError, match="gives 1 image per process and micro-batch"):
+        train.per_rank_batch(get_config("synthetic", ["batch_size=8", "grad_accum=4"]), 2)
+    assert train.per_rank_batch(get_config("cityscapes_1gpu_accum"), 1) == 8  # the reference batch 16 in two
+
+
+# ---- stopping and resuming ----
+
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])  # SIGINT (Ctrl-C), SIGTERM (preemption)
+def test_a_stop_signal_finishes_the_iteration_writes_last_pth_and_resumes(tiny_root, tmp_path, signum, code):
+    import signal
+    import time
+    args = tiny_args(tiny_root, tmp_path, "max_iter=500", "ckpt_every=1000", "workers=1")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log_path = tmp_path / "synthetic" / "log.jsonl"
+    deadline = time.time() + 240
+    while (not log_path.exists() or len(log_path.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == code, err
+    done = torch.load(tmp_path / "synthetic" / "last.pth", weights_only=True)["iteration"]
+    assert 2 <= done < 500
+    assert f"stopped by {signal.Signals(signum).name} after iteration {done}" in err and "Traceback" not in err
+    assert [r["iter"] for r in read_log(tmp_path / "synthetic")] == list(range(1, done + 1))
+    assert train.main([f"resume={tmp_path / 'synthetic' / 'last.pth'}", f"max_iter={done + 2}"]) == 0
+    assert [r["iter"] for r in read_log(tmp_path / "synthetic")] == list(range(1, done + 3))
+
+
+def test_resume_removes_temp_files_of_a_killed_write(tiny_root, tmp_path, capsys):
+    assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=3")) == 0
+    stale = tmp_path / "synthetic" / "last.pth.tmp4242"
+    stale.write_bytes(b"half a checkpoint")
+    assert train.main([f"resume={tmp_path / 'synthetic' / 'last.pth'}", "max_iter=4"]) == 0
+    assert not stale.exists() and f"removed {stale}" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_max_iter_it_has_reached(tiny_root, tmp_path, capsys):
+    assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=3")) == 0
+    run_dir = tmp_path / "synthetic"
+    before = {n: (run_dir / n).read_bytes() for n in ("config.json", "model_final.pth")}
+    capsys.readouterr()
+    assert train.main([f"resume={run_dir / 'last.pth'}", "max_iter=3"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {run_dir / 'last.pth'} holds iteration 3: max_iter=3 leaves nothing to train; to train "
+                   "longer pass max_iter above 3\n")
+    assert before == {n: (run_dir / n).read_bytes() for n in before}
+
+
+def test_an_unwritable_run_directory_is_one_line_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(train, "build_training", lambda *a: pytest.fail("built before the run directory was made"))
+    assert train.main(["--config", "synthetic", f"data_root={tmp_path / 'data'}", f"out_dir={tmp_path / 'file'}",
+                       "synthetic_train=2", "synthetic_val=1", "synthetic_size=64,128"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot create the run directory {tmp_path / 'file' / 'synthetic'}: Not a directory\n"
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(train.os, "fsync", full)
+    with pytest.raises(OSError) as err:
+        train.save_checkpoint(str(tmp_path / "last.pth"), {"iteration": 1})
+    assert err.value.strerror == f"cannot write {tmp_path / 'last.pth'}: No space left on device"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_run_that_failed_at_start_leaves_its_folder_to_the_next(tiny_root, tmp_path):
+    assert train.main(tiny_args(str(tmp_path / "missing"), tmp_path)) == 2
+    assert os.listdir(tmp_path / "synthetic") == ["config.json"]
+    assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=2")) == 0
+    assert sorted(os.listdir(tmp_path)) == ["synthetic"]
+    assert "last.pth" in os.listdir(tmp_path / "synthetic")

@@ -1,0 +1,162 @@
+"""Pictures of a run: training curves from log.jsonl and the confusion matrix of an evaluation.
+
+    python plots.py runs/NAME                  # (re)draw runs/NAME/curves.png from its log.jsonl
+    python plots.py runs/NAME/eval_val_ss.json # draw eval_val_ss_confusion.png beside it
+
+train.py redraws both in the run directory at each validation and at the end; evaluate.py draws the confusion
+picture next to its JSON. matplotlib is optional (pip install -r requirements-plot.txt): without it the pictures
+are skipped with one warning.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+
+_warned = False
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with one warning per process) where it is missing."""
+    global _warned
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _warned:
+            warnings.warn("matplotlib is not installed: no curves or confusion pictures "
+                          "(pip install -r requirements-plot.txt)", stacklevel=2)
+            _warned = True
+        return None
+    return plt
+
+
+def read_log(path):
+    """(training records, validation records) of a log.jsonl; a line cut short by a crash ends the reading."""
+    train, val = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            (val if "val_miou" in record else train).append(record)
+    return train, val
+
+
+def save(fig, plt, path):
+    """Write the figure atomically (a picture being redrawn is never seen half-written)."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plot_curves(log_path, out_path):
+    """curves.png: the optimized loss and each head's, lr, throughput, and val mIoU (where the run validated).
+    Returns out_path, or None where there is nothing to draw or no matplotlib."""
+    train, val = read_log(log_path)
+    plt = pyplot() if train else None
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    its = [r["iter"] for r in train]
+    loss_ax, lr_ax, speed_ax, miou_ax = axes.ravel()
+    loss_ax.plot(its, [r["loss"] for r in train], label=f"loss = {train[-1].get('loss_sums', 'total')}", lw=2)
+    for key in sorted(k for k in train[-1] if k.startswith("loss_") and k != "loss_sums"):
+        loss_ax.plot(its, [r.get(key) for r in train], label=key, lw=1)
+    loss_ax.set(title="training loss", xlabel="iteration", yscale="log")
+    loss_ax.legend()
+    lr_ax.plot(its, [r["lr"] for r in train])
+    lr_ax.set(title="learning rate (base group)", xlabel="iteration")
+    speed_ax.plot(its, [r["images_per_s"] for r in train])
+    speed_ax.set(title="throughput", xlabel="iteration", ylabel="images/s")
+    speed_ax.set_ylim(bottom=0)
+    if val:
+        miou = [100 * r["val_miou"] if r["val_miou"] is not None else np.nan for r in val]
+        miou_ax.plot([r["iter"] for r in val], miou, marker="o")
+        best = int(np.nanargmax(miou)) if not np.isnan(miou).all() else None
+        if best is not None:
+            miou_ax.annotate(f"best {miou[best]:.1f} @ {val[best]['iter']}", (val[best]["iter"], miou[best]),
+                             textcoords="offset points", xytext=(-40, -15))
+        miou_ax.set_xlim(0, max(its[-1], val[-1]["iter"]))
+    else:
+        miou_ax.text(0.5, 0.5, "no validation during training (eval_every=0)", ha="center", va="center",
+                     transform=miou_ax.transAxes)
+    miou_ax.set(title="val mIoU (%)", xlabel="iteration")
+    for ax in axes.ravel():
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save(fig, plt, out_path)
+    return out_path
+
+
+def plot_confusion(results, out_path):
+    """The row-normalized confusion matrix of evaluate() results (rows: truth, columns: prediction), class names on
+    both axes and each class's IoU beside its row. Returns out_path, or None without labels or matplotlib."""
+    if not results.get("confusion"):
+        return None
+    plt = pyplot()
+    if plt is None:
+        return None
+    confusion = np.asarray(results["confusion"], np.float64)
+    names = list(results["iou"])
+    rows = confusion.sum(1, keepdims=True)
+    normalized = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+    n = len(names)
+    size = max(6.0, 0.45 * n + 3)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's pixels")
+    ious = ["n/a" if v is None else f"{100 * v:.1f}" for v in results["iou"].values()]
+    ax.set_xticks(range(n), names, rotation=90)
+    ax.set_yticks(range(n), [f"{name} (IoU {iou})" for name, iou in zip(names, ious, strict=True)])
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if normalized[i, j] >= 0.005:
+                    ax.text(j, i, f"{100 * normalized[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if normalized[i, j] > 0.5 else "black")
+    miou = results.get("miou")
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"{results['split']} split, {results['mode']}: mIoU {100 * miou:.2f}" if miou is not None else "")
+    fig.tight_layout()
+    save(fig, plt, out_path)
+    return out_path
+
+
+def confusion_path(json_path):
+    return os.path.splitext(json_path)[0] + "_confusion.png"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("path", help="a run directory (curves) or an evaluation JSON (confusion)")
+    args = parser.parse_args(argv)
+    try:
+        if os.path.isdir(args.path):
+            out = plot_curves(os.path.join(args.path, "log.jsonl"), os.path.join(args.path, "curves.png"))
+        else:
+            with open(args.path) as f:
+                out = plot_confusion(json.load(f), confusion_path(args.path))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot draw {args.path}: {exc}", file=sys.stderr)
+        return 2
+    if out is None:
+        print(f"error: nothing drawn for {args.path} (no records, no labels, or no matplotlib)", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
