@@ -220,10 +220,14 @@ class Cityscapes(torch.utils.data.Dataset):
         if label_path is None:
             label = np.full(image.shape[:2], IGNORE, np.uint8)
         else:
-            label = read_label(label_path, image.shape[:2], self.num_classes)
+            label = self.read_label(label_path, image.shape[:2])
         if self.transform is None:
             return image, label.astype(np.int64)
         return self.transform(image, label, np.random.default_rng(seed))
+
+    def read_label(self, path, shape):
+        """Train ids (H, W) uint8 of the label file at `path` for an image of (H, W) `shape`."""
+        return read_label(path, shape, self.num_classes)
 
     def name(self, index):
         """The frame's name, {city}_{seq}_{frame}, as the official toolkit matches predictions by it."""

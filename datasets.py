@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 import cityscapes
 from cityscapes import IGNORE, DatasetError, read_image, read_label_png
@@ -194,8 +193,9 @@ def _listing(paths, limit=5):
     return "\n".join(f"    {p}" for p in paths[:limit]) + more
 
 
-class FolderDataset(torch.utils.data.Dataset):
-    """A split of a folder dataset (see the module docstring); `table` maps label values to class ids."""
+class FolderDataset(cityscapes.Cityscapes):
+    """A split of a folder dataset (see the module docstring); `table` maps label values to class ids. Items,
+    indexing and seeding are those of cityscapes.Cityscapes; only the files and the label mapping differ."""
 
     def __init__(self, root, split, table, image_dir="{split}", label_dir="{split}annot", transform=None):
         self.root, self.split, self.table, self.transform = root, split, table, transform
@@ -215,17 +215,9 @@ class FolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f"no images found in {image_folder}\n{folder_layout_help()}")
         self.samples = pairs
 
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        index, seed = index if isinstance(index, tuple) else (index, None)
-        image_path, label_path = self.samples[index]
-        image = read_image(image_path)
-        label = self.table.to_class_ids(read_label_png(label_path, image.shape[:2]), label_path)
-        if self.transform is None:
-            return image, label.astype(np.int64)
-        return self.transform(image, label, np.random.default_rng(seed))
+    def read_label(self, path, shape):
+        """Class ids (H, W) uint8 of a label PNG: its values mapped by the class table, which refuses the others."""
+        return self.table.to_class_ids(read_label_png(path, shape), path)
 
     def name(self, index):
         """The frame's file name without extension."""

@@ -123,11 +123,11 @@ def limit_opencv_threads(worker_id=None):
 
 
 def init_loader_worker(worker_id):
-    """DataLoader worker_init_fn: OpenCV single-threaded, and the stop signals left to the main process, which ends
-    the workers itself once it has saved its checkpoint (Ctrl-C reaches the whole process group)."""
+    """DataLoader worker_init_fn: OpenCV single-threaded, and Ctrl-C (which reaches the whole process group) left to
+    the main process, which ends the workers itself once it has saved its checkpoint. SIGTERM keeps its default:
+    it is how multiprocessing ends workers at exit."""
     limit_opencv_threads()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_loader(cfg, ddp, start_iter):

@@ -137,6 +137,10 @@ def test_the_checker_reports_every_finding_naming_files_and_exits_1(tiny_folder,
     cv2.imwrite(os.path.join(annot, "frame02.png"), bad)
     with open(os.path.join(train, "frame03.jpg"), "wb") as f:  # an image that is no image
         f.write(b"not an image")
+    for name, flaw in (("deep", "16bit"), ("cut", "truncated"), ("jpeg", "jpeg")):
+        _, path = write_folder_pair(tiny_folder, "train", name, np.zeros((8, 8, 3), np.uint8),
+                                    np.zeros((8, 8), np.uint8))
+        write_label_flaw(path, flaw)
     code = check_data.main(["--config", "camvid", *FOLDER_OVERRIDES, f"data_root={tiny_folder}", "--split", "train",
                             "--quiet"])
     out = capsys.readouterr().out
@@ -147,7 +151,10 @@ def test_the_checker_reports_every_finding_naming_files_and_exits_1(tiny_folder,
                   os.path.join(annot, "frame01.png") + " is 24x30",
                   "value 9 outside the class table: 64 px, first in " + os.path.join(annot, "frame02.png"),
                   "cannot read image " + os.path.join(train, "frame03.jpg"),
-                  "6 problem(s)", "result: problems found"):
+                  os.path.join(annot, "deep.png") + " is 1-channel uint16",
+                  "cannot read label " + os.path.join(annot, "cut.png") + ": unreadable or truncated PNG",
+                  os.path.join(annot, "jpeg.png") + " is not a PNG file",
+                  "9 problem(s)", "result: problems found"):
         assert words in out, (words, out)
 
 
