@@ -64,11 +64,14 @@ class ClassTable:
         mapped = self.lookup[label]
         bad = mapped < 0
         if bad.any():
-            values, counts = np.unique(label[bad], return_counts=True)
-            found = ", ".join(f"{v} ({c} px)" for v, c in zip(values.tolist(), counts.tolist(), strict=True))
-            raise DatasetError(f"label {path} holds values outside the class table: {found}; expected "
-                               f"{self.allowed()} (check num_classes, void_values and label_remap)")
+            raise DatasetError(self.outside_message(path, *np.unique(label[bad], return_counts=True)))
         return mapped.astype(np.uint8)
+
+    def outside_message(self, path, values, counts):
+        """The one line naming a label file's values outside the table, with their pixel counts."""
+        found = ", ".join(f"{v} ({c} px)" for v, c in zip(values.tolist(), counts.tolist(), strict=True))
+        return (f"label {path} holds values outside the class table: {found}; expected {self.allowed()} "
+                "(check num_classes, void_values and label_remap)")
 
 
 def _ranges(values):
@@ -272,19 +275,21 @@ def scan_labels(samples, table, num_classes, progress=True, desc="labels", check
         try:
             shape = read_image(image_path).shape[:2] if check_images else None
             raw = read_label_png(label_path, shape)
-            table.to_class_ids(raw, label_path)
         except DatasetError as err:
             problems.append(str(err))
-            if "outside the class table" not in str(err):
-                continue
-            values, counts = np.unique(raw[table.lookup[raw] < 0], return_counts=True)
+            continue
+        mapped = table.lookup[raw]
+        bad = mapped < 0
+        if bad.any():  # what ClassTable.to_class_ids refuses, with its message
+            values, counts = np.unique(raw[bad], return_counts=True)
+            problems.append(table.outside_message(label_path, values, counts))
             for value, count in zip(values.tolist(), counts.tolist(), strict=True):
                 entry = bad_values.setdefault(value, [0, []])
                 entry[0] += count
                 if len(entry[1]) < 3:
                     entry[1].append(label_path)
             continue
-        counts = np.bincount(table.lookup[raw].astype(np.int64).ravel(), minlength=256)
+        counts = np.bincount(mapped.astype(np.int64).ravel(), minlength=256)
         ignored += int(counts[IGNORE])
         counts = counts[:num_classes]
         pixels += counts

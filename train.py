@@ -548,7 +548,7 @@ def accumulate_gradients(model, criterion, data, cfg, ddp, autocast, scaler):
             with autocast:
                 outputs = model(images)
             loss, parts = criterion(outputs, labels)
-            scaler.scale(loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+            scaler.scale(loss / cfg.grad_accum).backward()  # exact for grad_accum=1: x / 1 == x in IEEE floats
         total = total + loss.detach() / cfg.grad_accum
         heads = {n: heads.get(n, 0) + v / cfg.grad_accum for n, v in parts.items()}
     return total, heads
