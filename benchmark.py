@@ -18,6 +18,7 @@ its sections; --out FILE writes any run's sections to FILE.
 
 import argparse
 import dataclasses
+import itertools
 import os
 import platform
 import statistics
@@ -31,12 +32,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from configs import get_config
 from datasets import build_dataset
+from distributed import Distributed
 from evaluate import eval_crop_size, predict, predict_scores
 from loss import build_loss
-from model import autocast_dtype, build_model, fold_batchnorm, inference_model, native_bf16
+from model import build_model, fold_batchnorm, inference_model
 from optimizer import build_optimizer
+from precision import native_bf16, training_precision
 from synthetic import generate
-from train import amp_settings
+from train import train_step
 from transform import TrainTransform
 
 SECTIONS = ("data", "train", "latency", "eval")
@@ -131,31 +134,27 @@ def bench_data(cfg, root, repeat):
 # ---- training ----
 
 def bench_train(cfg, device, batch, repeat):
-    """Training step time in each precision train.py can use here: fp32, and the autocast of amp=fp16 / amp=bf16
-    where model.autocast_dtype grants it on this device (CUDA; bf16 on CPUs with native bf16)."""
+    """Time of train.train_step (forward, OHEM loss on 3 heads, backward, the step's sync, SGD update) in each
+    precision train.py can use here: fp32, and the autocast of amp=fp16 / amp=bf16 where precision.py grants it on
+    this device (CUDA; bf16 on CPUs with native bf16)."""
     h, w = cfg.crop_size
-    images = torch.randn(batch, 3, h, w, device=device)
-    labels = torch.randint(0, cfg.num_classes, (batch, h, w), device=device)
-    lines = [f"Training step (forward, OHEM loss on 3 heads, backward, SGD), crop {h}x{w}, batch {batch} per "
-             "process, random data:", "", "| precision | images/s | s/iteration | speed vs fp32 |", "|---|---|---|---|"]
+    batches = itertools.repeat((torch.randn(batch, 3, h, w, device=device),
+                                torch.randint(0, cfg.num_classes, (batch, h, w), device=device)))
+    proc = Distributed()
+    lines = [f"Training step (`train.train_step`: forward, OHEM loss on 3 heads, backward, SGD), crop {h}x{w}, batch "
+             f"{batch} per process, random data:", "",
+             "| precision | images/s | s/iteration | speed vs fp32 |", "|---|---|---|---|"]
     base = None
     for amp in ("none", "fp16", "bf16"):
-        dtype = autocast_dtype(amp, device, warn=False)
+        dtype, autocast, scaler = training_precision(amp, device)
         if amp != "none" and dtype is None:
             continue
         torch.manual_seed(0)
         model = build_model(cfg, pretrained=False).to(device).train()
         optimizer, criterion = build_optimizer(model, cfg), build_loss(cfg).to(device)
-        autocast, scaler = amp_settings(dtype, device)
 
         def step(model=model, optimizer=optimizer, criterion=criterion, autocast=autocast, scaler=scaler):
-            with autocast:
-                outputs = model(images)
-            loss, _ = criterion(outputs, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            train_step(model, criterion, optimizer, scaler, autocast, batches, cfg, proc, cfg.lr)
 
         seconds = timed(step, device, repeat)
         base = base or seconds
@@ -284,6 +283,22 @@ def bench_eval(cfg, device, repeat, hw=(1024, 2048)):
     return lines
 
 
+# BENCHMARKS.md from this line on is measured by hand (whole training runs): a benchmark run keeps it.
+HAND_MEASURED = "<!-- measured by hand, kept by benchmark.py -->"
+
+
+def write_report(path, text):
+    """Write the report to `path`, keeping the part of the file there from the HAND_MEASURED line on."""
+    kept = ""
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read()
+        if HAND_MEASURED in old:
+            kept = "\n" + old[old.index(HAND_MEASURED):]
+    with open(path, "w") as f:
+        f.write(text + kept)
+
+
 def report_path(out, sections):
     """Where the report goes: --out if given ('' for nowhere), else BENCHMARKS.md for a full run only."""
     if out is not None:
@@ -328,8 +343,7 @@ def main(argv=None):
         print("\n".join(block), flush=True)
         report += block
     if out:
-        with open(out, "w") as f:
-            f.write("\n".join(report))
+        write_report(out, "\n".join(report))
         print(f"wrote {out}")
     else:
         print("report not written: BENCHMARKS.md is written by a full run only; pass --out FILE to write this one")

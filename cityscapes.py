@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import torch
 
-IGNORE = 255
+IGNORE = 255  # the label of ignored pixels everywhere: train ids, crop padding, the loss, the confusion matrix
 
 Label = namedtuple("Label", "name id train_id color")
 

@@ -35,7 +35,6 @@ class Config:
     train_split: str = "train"
     val_split: str = "val"
     num_classes: int = 19
-    ignore_index: int = 255  # the label of ignored pixels: Cityscapes' train-id map and the padding use 255
     mean: tuple = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB in [0, 1]
     std: tuple = (0.229, 0.224, 0.225)
 
@@ -183,7 +182,7 @@ PRESETS = {
     "cityscapes_1gpu_accum": _CITYSCAPES_1GPU_ACCUM,
     "synthetic": _SYNTHETIC,
     "camvid": _CAMVID,
-    # The seed author's ablations (README "Ablations"), on the reference recipe.
+    # The ablations of the paper and of the original implementation (README "Ablations"), on the reference recipe.
     "ablation_context_only": dict(spatial_path="none", arm=False, global_pool=False, fusion="sum"),
     "ablation_ushape_sp_ffm": dict(arm=False, global_pool=False),
     "ablation_no_arm": dict(arm=False),
@@ -296,10 +295,26 @@ def _check(cfg):
             interval = f"{'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
             raise ConfigError(f"bad value for {key}: {value}; expected a number in {interval}")
     _check_dataset(cfg)
-    if cfg.ignore_index != 255:
-        raise ConfigError(f"bad value for ignore_index: {cfg.ignore_index}; expected 255, the ignore label of "
-                          "Cityscapes' train-id map (cityscapes.py) and of the crop padding (transform.py)")
     return cfg
+
+
+def parse_color(text):
+    """'#RRGGBB' (or 'RRGGBB') -> (R, G, B); ValueError otherwise."""
+    digits = text.strip().lstrip("#")
+    if len(digits) != 6 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+        raise ValueError(text)
+    return tuple(int(digits[i:i + 2], 16) for i in (0, 2, 4))
+
+
+def parse_remap(items):
+    """('3:0', '4:255') -> {3: 0, 4: 255}; ValueError naming the bad item."""
+    remap = {}
+    for item in items:
+        source, sep, target = item.partition(":")
+        if not sep:
+            raise ValueError(item)
+        remap[int(source)] = int(target)
+    return remap
 
 
 def _check_dataset(cfg):
@@ -312,19 +327,19 @@ def _check_dataset(cfg):
         if value and len(value) != n:
             raise ConfigError(f"bad value for {key}: {len(value)} given; expected one per class (num_classes={n})")
     for color in cfg.class_colors:
-        digits = color.strip().lstrip("#")
-        if len(digits) != 6 or any(c not in "0123456789abcdefABCDEF" for c in digits):
-            raise ConfigError(f"bad value for class_colors: {color!r} is not a color; expected #RRGGBB")
+        try:
+            parse_color(color)
+        except ValueError:
+            raise ConfigError(f"bad value for class_colors: {color!r} is not a color; expected #RRGGBB") from None
     for value in cfg.void_values:
         if not 0 <= value <= 255:
             raise ConfigError(f"bad value for void_values: {value}; expected label values in 0..255")
     for item in cfg.label_remap:
-        source, sep, target = item.partition(":")
         try:
-            source, target = int(source), int(target)
+            [(source, target)] = parse_remap([item]).items()
         except ValueError:
-            sep = ""
-        if not sep or not 0 <= source <= 255 or not (0 <= target < n or target == 255):
+            source = target = -1
+        if not 0 <= source <= 255 or not (0 <= target < n or target == 255):
             raise ConfigError(f"bad value for label_remap: {item!r}; expected FROM:TO with FROM a label value in "
                               f"0..255 and TO a class id in 0..{n - 1} or 255 (ignore)")
     weights = cfg.class_weights

@@ -21,6 +21,7 @@ import numpy as np
 
 import cityscapes
 from cityscapes import IGNORE, DatasetError, read_image, read_label_png
+from configs import parse_color, parse_remap
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -84,25 +85,6 @@ def _ranges(values):
             parts.append(f"{start}" if start == v else f"{start}-{v}")
             start = None
     return ", ".join(parts)
-
-
-def parse_color(text):
-    """'#RRGGBB' (or 'RRGGBB') -> (R, G, B); ValueError otherwise."""
-    digits = text.strip().lstrip("#")
-    if len(digits) != 6:
-        raise ValueError(text)
-    return tuple(int(digits[i:i + 2], 16) for i in (0, 2, 4))
-
-
-def parse_remap(items):
-    """('3:0', '4:255') -> {3: 0, 4: 255}; ValueError naming the bad item."""
-    remap = {}
-    for item in items:
-        source, sep, target = item.partition(":")
-        if not sep:
-            raise ValueError(item)
-        remap[int(source)] = int(target)
-    return remap
 
 
 def cityscapes_table(num_classes=cityscapes.NUM_CLASSES):

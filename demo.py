@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checkpoint import CheckpointError, load_for_inference
 from cityscapes import DatasetError, read_image
 from configs import ConfigError, add_config_args
 from datasets import cityscapes_table, class_table
-from evaluate import predict, read_config
-from model import CheckpointError, build_model, inference_model, load_checkpoint, read_checkpoint
+from evaluate import predict, write_png
+from model import inference_model
 from transform import Normalize
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -167,11 +168,6 @@ def check_unique_names(items):
             raise DemoError(f"inputs {other} and {path} would both write {stem(path)}_*: rename one or run them apart")
 
 
-def write_image(path, picture_rgb):
-    if not cv2.imwrite(path, cv2.cvtColor(picture_rgb, cv2.COLOR_RGB2BGR)):
-        raise DemoError(f"cannot write {path}: check that the folder is writable")
-
-
 def video_formats(size):
     """The (backend, fourcc, extension) choices for frames of `size` (W, H), best first: each keeps that size."""
     return (MP4, MJPEG) if size[0] % 2 == 0 and size[1] % 2 == 0 else (MJPEG,)
@@ -192,8 +188,8 @@ def open_writer(out_base, fps, size):
 def process_image(model, cfg, table, path, out_dir):
     color, annotated = render(model, read_image(path), cfg, table)
     base = os.path.join(out_dir, stem(path))
-    write_image(base + "_color.png", color)
-    write_image(base + "_overlay.png", annotated)
+    write_png(base + "_color.png", color[..., ::-1])  # RGB to OpenCV's BGR
+    write_png(base + "_overlay.png", annotated[..., ::-1])
 
 
 def process_video(model, cfg, table, path, out_dir):
@@ -239,18 +235,6 @@ def run(model, cfg, items, out_dir):
 
 # ---- command line ----
 
-def load_model(args):
-    """(inference_model of the checkpoint on cuda if available else cpu, config): the checkpoint's config, aux heads
-    off."""
-    ckpt_config = read_checkpoint(args.ckpt).get("config")
-    cfg = read_config(argparse.Namespace(config=args.config, overrides=[*args.overrides, "aux_heads=false"]),
-                      ckpt_config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg, pretrained=False)
-    load_checkpoint(model, args.ckpt)
-    return inference_model(model.to(device), cfg.eval_amp), cfg
-
-
 def split_arguments(args):
     # argparse cannot tell INPUTs from key=value overrides (both positional): a word shaped key=value is an
     # override unless a file of that name exists.
@@ -275,7 +259,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         items = list_inputs(args.inputs)  # every input checked before the model is loaded
-        model, cfg = load_model(args)
+        model, cfg = load_for_inference(args.ckpt, args.config, args.overrides)
+        model = inference_model(model, cfg.eval_amp, "cuda" if torch.cuda.is_available() else "cpu")
         run(model, cfg, items, args.out)
     except (ConfigError, CheckpointError, DatasetError, DemoError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

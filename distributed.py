@@ -73,3 +73,9 @@ class Distributed:
     def close(self):
         if self.enabled:
             dist.destroy_process_group()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

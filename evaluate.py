@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import plots
-from cityscapes import DatasetError, read_image
-from configs import ConfigError, add_config_args, format_config, get_config
+from checkpoint import CheckpointError, load_for_inference
+from cityscapes import IGNORE, DatasetError, read_image
+from configs import ConfigError, add_config_args, format_config
 from datasets import build_dataset, class_table
 from distributed import Distributed, LaunchError
-from model import CheckpointError, build_model, inference_model, load_checkpoint, read_checkpoint
+from model import inference_model
 from synthetic import prepare_data
 from transform import EvalTransform
 
@@ -42,14 +43,9 @@ MODES = {  # mode: (sliding crops, multi-scale and flip)
     "msf": (False, True),
     "mscf": (True, True),
 }
-# Settings a model was trained with that no weight records: a checkpoint loads whatever their value, and its
-# predictions change with them (upsample is the one architecture switch that shapes no parameter).
-UNRECORDED_KEYS = ("upsample", "mean", "std")
-
-
 # ---- the math: confusion matrix and IoU ----
 
-def confusion_update(confusion, pred, label, ignore_index=255):
+def confusion_update(confusion, pred, label, ignore_index=IGNORE):
     """Add the pixels of one prediction to a (C, C) int64 confusion matrix: rows = truth, columns = prediction."""
     n = confusion.shape[0]
     valid = label != ignore_index
@@ -87,8 +83,8 @@ def eval_crop_size(cfg):
 
 def crop_scores(model, crops, flip, fusion):
     """Scores (N, C, h, w) of a batch of crops: softmax; with flip, the mirrored crops' softmax mirrored back is
-    added to it. "exp" fusion (the seed author's) takes exp of that sum; "mean" fusion halves it, so that the
-    scores stay probabilities."""
+    added to it. "exp" fusion (the original implementation's) takes exp of that sum; "mean" fusion halves it, so
+    that the scores stay probabilities."""
     batch = torch.cat([crops, crops.flip(-1)]) if flip else crops
     probs = model(batch).float().softmax(1)
     if flip:
@@ -102,7 +98,7 @@ def sliding_scores(model, image, crop_hw, stride_frac, batch_size, flip, fusion)
     """Scores (C, H, W) of one image (1, 3, H, W) from overlapping crops run `batch_size` at a time.
 
     An image smaller than the crop is padded (bottom/right) to it. "exp" fusion adds the scores of
-    overlapping crops, as the seed author did; "mean" fusion averages them.
+    overlapping crops, as the original implementation does; "mean" fusion averages them.
     """
     _, _, h, w = image.shape
     ch, cw = crop_hw  # windows keep the training crop size; the image is padded up to it where smaller
@@ -195,9 +191,14 @@ def write_png(path, array):
         raise OSError(f"cannot write {path}: check that its folder is writable and the disk not full")
 
 
+def eval_dataset(cfg, split=None):
+    """The dataset evaluate() scores: `split` (default cfg.val_split) with the evaluation transform."""
+    return build_dataset(cfg, split or cfg.val_split, EvalTransform.from_config(cfg))
+
+
 @torch.inference_mode()
-def evaluate(model, dataset, cfg, ddp, mode=None):
-    """Score `model` on `dataset` (a split from datasets.build_dataset) in `mode` (default cfg.eval_mode).
+def evaluate(model, dataset, cfg, proc, mode=None):
+    """Score `model` on `dataset` (a split from eval_dataset) in `mode` (default cfg.eval_mode).
 
     Under torchrun each rank takes every world-th image (no padding, no duplicates) and the confusion
     matrices are summed, so the result equals a single process's. A split without labels (test) is only
@@ -205,23 +206,22 @@ def evaluate(model, dataset, cfg, ddp, mode=None):
     (None, never NaN, where a figure is undefined).
     """
     mode = mode or cfg.eval_mode
-    if mode not in MODES:
-        raise ConfigError(f"unknown evaluation mode {mode!r}; expected one of {', '.join(MODES)}")
     if not dataset.has_labels and not cfg.save_dir:
         raise ConfigError(f"the {dataset.split} split has no labels, so there is nothing to score: pass save_dir=DIR "
                           "to write its predictions (label-id PNGs for the benchmark server)")
-    dataset.transform = EvalTransform.from_config(cfg)
-    shard = _Indexed(dataset, list(range(ddp.rank, len(dataset), ddp.world)))
+    if not isinstance(dataset.transform, EvalTransform):
+        raise TypeError("evaluate() takes a dataset with its evaluation transform: eval_dataset(cfg, split)")
+    shard = _Indexed(dataset, list(range(proc.rank, len(dataset), proc.world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=cfg.eval_workers,
-                                         pin_memory=ddp.device.type == "cuda")
+                                         pin_memory=proc.device.type == "cuda")
     # a folded channels_last copy on the device the images go to: `model` stays as and where it is
-    net = inference_model(model, cfg.eval_amp, ddp.device)
+    net = inference_model(model, cfg.eval_amp, proc.device)
     table = class_table(cfg)
-    confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=ddp.device)
-    for index, image, label in tqdm(loader, desc=f"eval {mode}", disable=not ddp.main, dynamic_ncols=True):
-        pred = predict(net, image[None].to(ddp.device), cfg, mode)
+    confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=proc.device)
+    for index, image, label in tqdm(loader, desc=f"eval {mode}", disable=not proc.main, dynamic_ncols=True):
+        pred = predict(net, image[None].to(proc.device), cfg, mode)
         if dataset.has_labels:
-            confusion_update(confusion, pred, label.to(ddp.device), cfg.ignore_index)
+            confusion_update(confusion, pred, label.to(proc.device))
         if cfg.save_dir:
             pred_ids = pred.cpu().numpy().astype(np.uint8)
             save_prediction(cfg.save_dir, dataset.output_path(index), pred_ids, table, cfg.save_color)
@@ -232,7 +232,7 @@ def evaluate(model, dataset, cfg, ddp, mode=None):
     results = {"mode": mode, "split": dataset.split, "images": len(dataset), "labels": dataset.has_labels,
                "miou": None, "pixel_accuracy": None, "iou": None, "confusion": None}
     if dataset.has_labels:
-        confusion = ddp.all_sum(confusion).cpu()
+        confusion = proc.all_sum(confusion).cpu()
         iou, miou, accuracy = iou_from_confusion(confusion)
         results.update(miou=_none_if_nan(miou), pixel_accuracy=_none_if_nan(accuracy), confusion=confusion.tolist(),
                        iou={name: _none_if_nan(v) for name, v in zip(table.names, iou.tolist(), strict=True)})
@@ -264,28 +264,6 @@ def format_results(results):
 
 # ---- command line ----
 
-def read_config(args, ckpt_config):
-    """--config NAME if given, else the config stored in the checkpoint; then the overrides. Warns (stderr) where
-    the result differs from the checkpoint's config in a setting no weight records (UNRECORDED_KEYS)."""
-    overrides = [("eval_" + o) if o.startswith("mode=") else o for o in args.overrides]
-    if args.config or ckpt_config is None:
-        cfg = get_config(args.config or "cityscapes", overrides)
-    else:
-        cfg = get_config(ckpt_config.get("run_name", "cityscapes"), overrides, base=ckpt_config)
-    differ = [f"{key}={_plain(getattr(cfg, key))!r} (trained with {_plain(ckpt_config[key])!r})"
-              for key in UNRECORDED_KEYS
-              if isinstance(ckpt_config, dict) and key in ckpt_config
-              and _plain(ckpt_config[key]) != _plain(getattr(cfg, key))]
-    if differ:
-        print(f"warning: {', '.join(differ)}: the checkpoint loads, but its predictions change; to use the values "
-              "it was trained with, leave out --config or override them", file=sys.stderr)
-    return cfg
-
-
-def _plain(value):
-    return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
 def write_results(results, path):
     """The results as strict JSON (json.dump refuses NaN here rather than write a file other parsers reject)."""
     with open(path, "w") as f:
@@ -297,31 +275,23 @@ def main(argv=None):
     parser.add_argument("--ckpt", required=True, help="model_final.pth or last.pth of a run")
     args = add_config_args(parser).parse_args(argv)
     try:
-        ddp = Distributed()
-    except LaunchError as exc:
+        with Distributed() as proc:
+            model, cfg = load_for_inference(args.ckpt, args.config, args.overrides)
+            if proc.main:
+                print(format_config(cfg))
+            prepare_data(cfg, proc)
+            results = evaluate(model, eval_dataset(cfg), cfg, proc)
+            if proc.main:
+                print(format_results(results))
+                name = f"eval_{cfg.val_split}_{results['mode']}.json"
+                out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
+                write_results(results, out)
+                plots.plot_confusion(results, plots.confusion_path(out))
+                print(f"results: {out}" + (f"; predictions: {cfg.save_dir}/labelIds" if cfg.save_dir else ""))
+    # OSError: a folder or file not writable
+    except (LaunchError, ConfigError, CheckpointError, DatasetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        cfg = read_config(args, read_checkpoint(args.ckpt).get("config"))
-        if ddp.main:
-            print(format_config(cfg))
-        model = build_model(cfg, pretrained=False).to(ddp.device)
-        load_checkpoint(model, args.ckpt)
-        prepare_data(cfg, ddp)
-        dataset = build_dataset(cfg, cfg.val_split)
-        results = evaluate(model, dataset, cfg, ddp)
-        if ddp.main:
-            print(format_results(results))
-            name = f"eval_{cfg.val_split}_{results['mode']}.json"
-            out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
-            write_results(results, out)
-            plots.plot_confusion(results, plots.confusion_path(out))
-            print(f"results: {out}" + (f"; predictions: {cfg.save_dir}/labelIds" if cfg.save_dir else ""))
-    except (ConfigError, CheckpointError, DatasetError, OSError) as exc:  # OSError: a folder or file not writable
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        ddp.close()
     return 0
 
 

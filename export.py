@@ -19,7 +19,6 @@ the logits' scale) or where fewer than 99.9% of the pixels get the same class.
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 import warnings
@@ -28,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from checkpoint import CheckpointError, load_for_inference
 from configs import ConfigError, add_config_args
-from evaluate import read_config
-from model import CheckpointError, build_model, fold_batchnorm, load_checkpoint, read_checkpoint
+from model import fold_batchnorm
 
 MIN_OPSET = 17  # the oldest opset this export is verified with
 # Verification sizes: odd, so that they are not multiples of 32, and other than the export size, so that a size
@@ -152,12 +151,6 @@ def default_output(ckpt, argmax):
     return os.path.join(os.path.dirname(os.path.abspath(ckpt)), "model_argmax.onnx" if argmax else "model.onnx")
 
 
-def export_config(args, ckpt_config):
-    """The checkpoint's config (or --config NAME) with overrides, without the aux heads: a deployment runs the main
-    head only, and load_checkpoint skips the aux weights of a model built without them."""
-    return dataclasses.replace(read_config(args, ckpt_config), aux_heads=False)
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="model_final.pth or last.pth of a run")
@@ -193,10 +186,7 @@ def format_report(report):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        cfg = export_config(args, read_checkpoint(args.ckpt).get("config"))
-        model = build_model(cfg, pretrained=False)
-        load_checkpoint(model, args.ckpt)
-        model.eval()
+        model, _ = load_for_inference(args.ckpt, args.config, args.overrides)
         path = args.output or default_output(args.ckpt, args.argmax)
         export_onnx(model if args.no_fold else fold_batchnorm(model), path, args.argmax, args.opset)
         # against the unfolded model, so that the figures cover folding and export together

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cityscapes import IGNORE
+
 
 def ohem_index(losses, thresh_loss, n_min):
     """The hard examples among the 1-D per-pixel `losses` (valid pixels only), as an index into `losses`.
@@ -42,12 +44,8 @@ class OhemCrossEntropy(nn.Module):
     pixels' mean weight, several times 1 with median-frequency weights, and can make a run diverge.
     """
 
-    def __init__(self, thresh=0.7, min_frac=1 / 16, ignore_index=255, weight=None):
+    def __init__(self, thresh=0.7, min_frac=1 / 16, ignore_index=IGNORE, weight=None):
         super().__init__()
-        if not 0 < thresh < 1:
-            raise ValueError(f"OHEM thresh must be a probability in (0, 1), got {thresh}")
-        if not 0 < min_frac <= 1:
-            raise ValueError(f"OHEM min_frac must be in (0, 1], got {min_frac}")
         self.thresh_loss = -math.log(thresh)  # p < thresh  <=>  -log p > -log thresh
         self.min_frac = min_frac
         self.ignore_index = ignore_index
@@ -113,5 +111,5 @@ class BiSeNetLoss(nn.Module):
 
 def build_loss(cfg, class_weights=None):
     """The training loss; `class_weights` (num_classes numbers) or None, as train.resolve_class_weights gives."""
-    criterion = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac, cfg.ignore_index, class_weights)
+    criterion = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac, weight=class_weights)
     return BiSeNetLoss(criterion, cfg.aux_weight)

@@ -1,28 +1,18 @@
-"""BiSeNet (ResNet18) with the ablation switches of configs.py, its builder and the one checkpoint loader.
+"""BiSeNet (ResNet18) with the ablation switches of configs.py, its builder, BatchNorm folding and the inference copy.
 
-Layout (RECIPE.md): a spatial path at 1/8, a context path (ResNet18, attention refinement on the 1/16 and 1/32
-features, a global pooling branch), a feature fusion module, a main head and two auxiliary heads. A part that is
-switched off has no parameters at all, so DistributedDataParallel needs no find_unused_parameters.
+Layout (the BiSeNet paper, arXiv 1808.00897): a spatial path at 1/8, a context path (ResNet18, attention refinement on
+the 1/16 and 1/32 features, a global pooling branch), a feature fusion module, a main head and two auxiliary heads. A
+part that is switched off has no parameters at all, so DistributedDataParallel needs no find_unused_parameters.
 """
 
 import copy
-import os
-import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configs import MODEL_KEYS
+from precision import autocast_dtype
 from resnet import ResNet18, load_pretrained
-
-SPATIAL_PATHS = ("conv", "backbone", "none")
-FUSIONS = ("ffm", "sum")
-UPSAMPLES = ("nearest", "bilinear")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read or does not fit the model it is loaded into."""
 
 
 class ConvBNReLU(nn.Module):
@@ -112,13 +102,6 @@ class BiSeNet(nn.Module):
         aux_heads=True,
     ):
         super().__init__()
-        for name, value, allowed in (
-            ("spatial_path", spatial_path, SPATIAL_PATHS),
-            ("fusion", fusion, FUSIONS),
-            ("upsample", upsample, UPSAMPLES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"BiSeNet: bad {name} {value!r}; expected one of {', '.join(allowed)}")
         # the switches that shape the parameter set (configs.MODEL_KEYS), to explain checkpoint mismatches
         self.arch = dict(
             num_classes=num_classes,
@@ -243,33 +226,6 @@ def fold_batchnorm(model):
     return folded
 
 
-def native_bf16(device):
-    """Whether bf16 runs natively: an NVIDIA GPU of compute capability 8.0 or newer (Ampere on; older ones emulate
-    bf16, though torch.cuda.is_bf16_supported() says yes) or an AMD GPU, or a CPU with AVX512-BF16 or AMX (elsewhere
-    oneDNN emulates bf16, several times slower than fp32)."""
-    if device.type == "cuda":
-        if torch.version.hip:
-            return torch.cuda.is_bf16_supported()
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private helpers: absent in some versions
-    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in cpu_checks)
-
-
-def autocast_dtype(amp, device, warn=True):
-    """The autocast dtype for amp ("none", "bf16", "fp16") on `device`; None (fp32) where the hardware lacks it,
-    with a warning that says so unless warn=False (training, where fp16 is the default even on a CPU, says it its
-    own way). fp16 is CUDA only: the CPU has no fast fp16."""
-    if amp == "none":
-        return None
-    if amp == "fp16" and device.type == "cuda":
-        return torch.float16
-    if amp == "bf16" and native_bf16(device):
-        return torch.bfloat16
-    if warn:
-        warnings.warn(f"eval_amp={amp}: {device} has no native {amp}; running fp32", stacklevel=2)
-    return None
-
-
 class InferenceModel(nn.Module):
     """Runs `model` with weights and input in channels_last memory format (oneDNN's and cuDNN's faster convolution
     layout), under autocast to `dtype` if one is given; float32 logits come out."""
@@ -297,114 +253,3 @@ def inference_model(model, amp="none", device=None):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
-
-
-def load_checkpoint(model, path):
-    """Load a checkpoint's weights into a built BiSeNet: the one place that does it.
-
-    Accepts our checkpoints (a dict with "model", optionally "config") or a bare state dict, with DDP `module.` and
-    torch.compile `_orig_mod.` prefixes stripped. Aux-head weights are skipped for a model built without aux heads.
-    Returns the checkpoint dict (a bare state dict comes back as {"model": state}). Raises CheckpointError.
-    """
-    ckpt, state = _read_state(model, path)
-    _raise_mismatches(model, state, path, ckpt)
-    model.load_state_dict(state)
-    return ckpt
-
-
-def load_fitting(model, path):
-    """Fine-tuning (init_from): load every tensor of checkpoint `path` whose shape fits `model`; the others (the
-    classifiers of a model trained on other classes) keep their fresh initialization.
-
-    A checkpoint of another architecture (missing or unexpected tensors: other ablation switches) is still a
-    CheckpointError. Returns (loaded names, [(name, checkpoint shape, model shape)] of the tensors left new).
-    """
-    ckpt, state = _read_state(model, path)
-    _raise_mismatches(model, state, path, ckpt, shapes=False)
-    expected = model.state_dict()
-    fitting = {k: v for k, v in state.items() if v.shape == expected[k].shape}
-    skipped = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if k not in fitting]
-    model.load_state_dict(fitting, strict=False)
-    return sorted(fitting), skipped
-
-
-def _read_state(model, path):
-    """(checkpoint, its state dict with wrapper prefixes stripped and, for a model without aux heads, theirs left
-    out)."""
-    ckpt = read_checkpoint(path)
-    state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
-    if model.aux8 is None:
-        state = {k: v for k, v in state.items() if not k.startswith(("aux8.", "aux16."))}
-    return ckpt, state
-
-
-def _raise_mismatches(model, state, path, ckpt, shapes=True):
-    problems = _mismatches(model, state, path, shapes)
-    if problems:
-        hint = _config_hint(model, ckpt.get("config"), shapes)
-        raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems) + hint)
-
-
-def read_checkpoint(path):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch's own message suggests weights_only=False, which is not the fix here
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(err).__name__}): expected a file written by torch.save holding "
-            "tensors and plain Python values; it may be truncated or not a checkpoint (details in the cause above)"
-        ) from err
-    if isinstance(ckpt, dict) and not isinstance(ckpt.get("model"), dict):
-        ckpt = {"model": ckpt}  # a bare state dict
-    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
-        raise CheckpointError(
-            f"{path} is not a model checkpoint: expected a dict with a 'model' state dict, or a bare state dict"
-        )
-    return ckpt
-
-
-def _strip_prefixes(key):
-    # DDP(compile(model)) and compile(DDP(model)) nest the two prefixes in either order
-    while key.startswith(("module.", "_orig_mod.")):
-        key = key.split(".", 1)[1]
-    return key
-
-
-def _mismatches(model, state, path, shapes=True):
-    """What keeps `state` from loading into `model`; with shapes=False (fine-tuning) only missing and unexpected
-    tensors count."""
-    expected = model.state_dict()
-    problems = []
-    cls = state.get("head.cls.weight")
-    if shapes and cls is not None and cls.shape[0] != model.arch["num_classes"]:
-        problems.append(f"checkpoint has {cls.shape[0]} classes, config has {model.arch['num_classes']} (num_classes); "
-                        "to fine-tune it on other classes use init_from=PATH")
-    wrong_shape = [
-        f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if shapes and k in state and state[k].shape != v.shape
-    ]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    for label, keys in (("wrong shapes", wrong_shape), ("missing keys", missing), ("unexpected keys", unexpected)):
-        if keys:
-            problems.append(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)")
-    if missing or unexpected:
-        problems.append(
-            "it was probably trained with different ablation switches (spatial_path, arm, global_pool, fusion)"
-        )
-    return problems
-
-
-def _config_hint(model, ckpt_config, shapes=True):
-    if not isinstance(ckpt_config, dict):
-        return ""
-    differ = [
-        f"{k}={ckpt_config[k]!r} (model {model.arch[k]!r})"
-        for k in MODEL_KEYS
-        if k in ckpt_config and ckpt_config[k] != model.arch[k] and (shapes or k != "num_classes")
-    ]
-    if not differ:
-        return ""
-    return ". The checkpoint's config differs in: " + ", ".join(differ)

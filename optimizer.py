@@ -28,7 +28,7 @@ def param_groups(model, head_prefixes=(), weight_decay=5e-4, head_lr_mult=10.0):
     A parameter is in a head group when its name starts with one of `head_prefixes` (module names,
     e.g. "ffm", "head"); it gets no weight decay when it belongs to a normalization layer or is a bias.
     Every trainable parameter is in exactly one group. Each group dict has "params", "weight_decay",
-    "lr_mult" and "name". Call it on the bare model, not on a DistributedDataParallel wrapper
+    "lr_mult" and "name". Call it on the raw model, not on a DistributedDataParallel wrapper
     (whose parameter names start with "module.").
     """
     groups = {}
@@ -86,9 +86,7 @@ def lr_at(it, cfg):
         frac = it / warmup_iters
         if cfg.warmup == "exp":
             return base * cfg.warmup_start ** (1 - frac)
-        if cfg.warmup == "linear":
-            return base * (cfg.warmup_start + (1 - cfg.warmup_start) * frac)
-        raise ValueError(f"unknown warmup {cfg.warmup!r}; expected 'exp' or 'linear'")
+        return base * (cfg.warmup_start + (1 - cfg.warmup_start) * frac)  # "linear"
     # Clamped: past max_iter a negative base would make the fractional power complex.
     progress = min(1.0, (it - warmup_iters) / (cfg.max_iter - warmup_iters))
     return base * (1 - progress) ** cfg.poly_power

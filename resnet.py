@@ -121,24 +121,26 @@ def _read_state_dict(path):
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
+def state_dict_problems(expected, state, shapes=True, shown=5):
+    """How `state` differs from a module's state dict `expected`: a "wrong shapes: ...", "missing keys: ..." and
+    "unexpected keys: ..." line where there are any (the first `shown` names, then the count); shapes=False leaves
+    the shapes unchecked. The one report of a mismatch, for ImageNet weights and for checkpoints (checkpoint.py)."""
+    wrong_shape = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+                   for k, v in expected.items() if shapes and k in state and state[k].shape != v.shape]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    found = (("wrong shapes", wrong_shape), ("missing keys", missing), ("unexpected keys", unexpected))
+    return [f"{label}: {', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''} ({len(keys)} in all)"
+            for label, keys in found if keys]
+
+
 def _load_strict(backbone, state, path):
     expected = backbone.state_dict()
     # BatchNorm's batch counter is absent from older torchvision files and unused with a fixed momentum
     for key, value in expected.items():
         if key.endswith("num_batches_tracked"):
             state.setdefault(key, value)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = [
-        f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''} ({len(keys)} in all)"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape))
-        if keys
-    ]
+    problems = state_dict_problems(expected, state)
     if problems:
         raise PretrainedError(f"{path} does not match torchvision's resnet18 layout: " + "; ".join(problems))
     backbone.load_state_dict(state)

@@ -8,7 +8,6 @@ Distributed training is detected from torchrun's RANK variable; rank 0 prints an
 """
 
 import argparse
-import io
 import json
 import os
 import re
@@ -23,14 +22,23 @@ import torch
 from tqdm import tqdm
 
 import plots
-from cityscapes import DatasetError
+from checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_fitting,
+    read_checkpoint,
+    save_checkpoint,
+    write_atomically,
+)
+from cityscapes import IGNORE, DatasetError
 from configs import ConfigError, add_config_args, format_config, get_config
 from datasets import build_dataset, class_table, scan_labels
 from distributed import Distributed, LaunchError
-from evaluate import evaluate, format_results, write_results
+from evaluate import eval_dataset, evaluate, format_results, write_results
 from loss import build_loss
-from model import CheckpointError, autocast_dtype, build_model, load_checkpoint, load_fitting, read_checkpoint
+from model import build_model
 from optimizer import build_optimizer, load_optimizer_state, lr_at, set_lr
+from precision import training_precision
 from resnet import PretrainedError
 from synthetic import prepare_data
 from transform import TrainTransform
@@ -130,12 +138,12 @@ def init_loader_worker(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_loader(cfg, ddp, start_iter):
-    per_rank = per_rank_batch(cfg, ddp.world)
+def train_loader(cfg, proc, start_iter):
+    per_rank = per_rank_batch(cfg, proc.world)
     dataset = build_dataset(cfg, cfg.train_split, TrainTransform.from_config(cfg))
     # The sampler counts samples: this rank has consumed start_iter * grad_accum micro-batches already.
-    sampler = InfiniteSampler(len(dataset), cfg.seed, ddp.rank, ddp.world, start_iter * cfg.grad_accum * per_rank)
-    cuda = ddp.device.type == "cuda"
+    sampler = InfiniteSampler(len(dataset), cfg.seed, proc.rank, proc.world, start_iter * cfg.grad_accum * per_rank)
+    cuda = proc.device.type == "cuda"
     if cfg.workers > 0:
         # Here, before the workers start: a forked one inherits the setting (see limit_opencv_threads); a spawned
         # one (macOS, Windows) gets it from worker_init_fn. This process does no augmentation itself then.
@@ -144,52 +152,6 @@ def train_loader(cfg, ddp, start_iter):
         dataset, per_rank, sampler=sampler, num_workers=cfg.workers, pin_memory=cuda, drop_last=True,
         persistent_workers=cuda and cfg.workers > 0, worker_init_fn=init_loader_worker)
     return dataset, loader
-
-
-def amp_settings(dtype, device):
-    """(autocast context, GradScaler) for autocast `dtype` (None: fp32) on `device`; the scaler is only enabled for
-    fp16. The dtype comes from model.autocast_dtype."""
-    if dtype is None:
-        return nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
-    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-
-def write_atomically(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it to `path`: a crash at any moment leaves the
-    old file or the new one, never a half-written one. The fsyncs make that hold across a power loss as well."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(err, OSError):  # a full disk, a read-only or vanished folder: one line naming the file
-            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def fsync_dir(path):
-    """Make a rename in folder `path` durable. Windows cannot open a folder (no O_DIRECTORY) and needs none."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(path, state):
-    """torch.save into memory first, so that a full disk is an OSError of the file write (ENOSPC), not torch's
-    "unexpected pos" from inside its zip writer."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomically(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def trim_log(path, iteration):
@@ -256,7 +218,7 @@ def load_training_state(path):
     return ckpt
 
 
-def resolve_class_weights(cfg, ddp):
+def resolve_class_weights(cfg, proc):
     """The loss's class weights: None, the configured numbers, or (class_weights=median) the median-frequency
     weights of the training split's labels, computed by the main process and sent to the others."""
     if not cfg.class_weights:
@@ -264,45 +226,45 @@ def resolve_class_weights(cfg, ddp):
     if tuple(cfg.class_weights) != ("median",):
         return [float(w) for w in cfg.class_weights]
     weights = None
-    if ddp.main:
+    if proc.main:
         samples = build_dataset(cfg, cfg.train_split).samples
         scan = scan_labels(samples, class_table(cfg), cfg.num_classes, desc="class weights", check_images=False)
         if scan.problems:
             raise DatasetError(scan.problems[0])
         weights = scan.median_frequency_weights().tolist()
         print("class_weights=median: " + ",".join(f"{w:.4f}" for w in weights), flush=True)
-    return ddp.broadcast(weights)
+    return proc.broadcast(weights)
 
 
-def init_from(model, cfg, ddp):
+def init_from(model, cfg, proc):
     """Fine-tuning: the tensors of cfg.init_from that fit; says what was loaded and what was left new."""
     loaded, skipped = load_fitting(model, cfg.init_from)
-    if ddp.main:
+    if proc.main:
         print(f"init_from {cfg.init_from}: loaded {len(loaded)} tensors; {len(skipped)} re-initialized (shapes differ)"
               + "".join(f"\n    {name}: checkpoint {old}, model {new}" for name, old, new in skipped))
 
 
-def build_training(cfg, ddp):
-    """Model (DDP-wrapped when distributed), its bare module, optimizer, loss."""
+def build_training(cfg, proc):
+    """(model to train: DDP-wrapped when distributed, the raw model inside it, optimizer, loss)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     # A resumed or fine-tuned run takes its weights from a checkpoint: no ImageNet file needed. Otherwise the first
     # process of each machine fetches the file into the torch hub cache, which the others then read instead of racing
     # on it.
-    with ddp.local_main_first():
+    with proc.local_main_first():
         model = build_model(cfg, pretrained=not cfg.resume and not cfg.init_from)
     if cfg.init_from and not cfg.resume:
-        init_from(model, cfg, ddp)
-    model = model.to(ddp.device)
-    if ddp.enabled and ddp.device.type == "cuda" and cfg.sync_bn:
+        init_from(model, cfg, proc)
+    model = model.to(proc.device)
+    if proc.enabled and proc.device.type == "cuda" and cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)  # on the bare model: group names must not carry "module."
-    bare = model
-    if ddp.enabled:
-        ids = [ddp.device.index] if ddp.device.type == "cuda" else None
+    optimizer = build_optimizer(model, cfg)  # on the raw model: group names must not carry "module."
+    raw_model = model
+    if proc.enabled:
+        ids = [proc.device.index] if proc.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return model, bare, optimizer, build_loss(cfg, resolve_class_weights(cfg, ddp)).to(ddp.device)
+    return model, raw_model, optimizer, build_loss(cfg, resolve_class_weights(cfg, proc)).to(proc.device)
 
 
 def rng_state(device):
@@ -324,14 +286,14 @@ def training_state(raw_model, optimizer, scaler, iteration, cfg, device, best):
             "iteration": iteration, "config": cfg.to_dict(), "rng": rng_state(device), "best": dict(best)}
 
 
-def restore(ckpt_path, bare, optimizer, scaler, device):
+def restore(ckpt_path, raw_model, optimizer, scaler, device):
     """Load a training checkpoint into the built model, optimizer and scaler; returns (its iteration, the best
     validation so far: {"iter", "miou"}).
 
     The optimizer keeps the settings of the current config (overrides given on resume apply). A disabled scaler
     saves {}: then an fp16 run starts a fresh scaler (and a scaler that is disabled now ignores a saved state).
     """
-    ckpt = load_checkpoint(bare, ckpt_path)
+    ckpt = load_checkpoint(raw_model, ckpt_path)
     load_optimizer_state(optimizer, ckpt["optimizer"])
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
@@ -368,8 +330,8 @@ class Log:
         self.sums = values if self.sums is None else self.sums + values
         self.count += 1
 
-    def flush(self, ddp, iteration, lr, eta_s):
-        totals = ddp.all_sum(torch.cat([self.sums, self.sums.new_tensor([self.count])]).double()).tolist()
+    def flush(self, proc, iteration, lr, eta_s):
+        totals = proc.all_sum(torch.cat([self.sums, self.sums.new_tensor([self.count])]).double()).tolist()
         loss, *heads = (total / totals[-1] for total in totals[:-1])
         record = {"iter": iteration, "loss": loss, "loss_sums": self.formula,
                   **{f"loss_{n}": v for n, v in zip(self.names, heads, strict=True)}, "lr": lr,
@@ -392,22 +354,22 @@ def non_finite_message(flags, world, it, lr, last_path, cfg, saved):
         kept = (f"{last_path} holds iteration {saved[0]}{loss}; if the loss was already climbing then, its weights "
                 "may be diverging too")
     return (f"{problem} at iteration {it + 1} (lr {lr:.3g}); stopped before the update. {kept}. Lower lr or check "
-            f"the labels (num_classes={cfg.num_classes}, ignore_index={cfg.ignore_index}), then resume or restart.")
+            f"the labels (num_classes={cfg.num_classes}, ignored label {IGNORE}), then resume or restart.")
 
 
 class Validator:
     """Validation during training (eval_every): the val split scored with evaluate.py's evaluate(), a record per
     validation in log.jsonl, model_best.pth for the best mIoU so far, and the run's pictures redrawn."""
 
-    def __init__(self, cfg, ddp, run_dir, best, dataset):
-        self.cfg, self.ddp, self.run_dir, self.best, self.dataset = cfg, ddp, run_dir, dict(best), dataset
+    def __init__(self, cfg, proc, run_dir, best, dataset):
+        self.cfg, self.proc, self.run_dir, self.best, self.dataset = cfg, proc, run_dir, dict(best), dataset
         self.best_path = os.path.join(run_dir, "model_best.pth")
 
     def __call__(self, raw_model, iteration, log_path):
         """Validate; returns the evaluate() results. The model is left in training mode."""
-        self.ddp.sync_buffers(raw_model)  # BatchNorm statistics as one model, under torchrun
+        self.proc.sync_buffers(raw_model)  # BatchNorm statistics as one model, under torchrun
         t0 = time.perf_counter()
-        results = evaluate(raw_model, self.dataset, self.cfg, self.ddp)
+        results = evaluate(raw_model, self.dataset, self.cfg, self.proc)
         raw_model.train()
         miou = results["miou"]
         record = {"iter": iteration, "val_miou": miou, "val_pixel_accuracy": results["pixel_accuracy"],
@@ -415,7 +377,7 @@ class Validator:
         improved = miou is not None and (self.best["miou"] is None or miou > self.best["miou"])
         if improved:
             self.best = {"iter": iteration, "miou": miou}
-        if self.ddp.main:
+        if self.proc.main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if improved:
@@ -435,14 +397,14 @@ def draw_pictures(run_dir, results=None):
         plots.plot_confusion(results, os.path.join(run_dir, "confusion.png"))
 
 
-def train(cfg, ddp):
+def train(cfg, proc):
     """Train; returns (the raw model, its run directory, the last validation's results or None)."""
-    if ddp.main:  # first of all, so that a run failing early still shows what it was asked to do
+    if proc.main:  # first of all, so that a run failing early still shows what it was asked to do
         print(f"config:\n{format_config(cfg)}", flush=True)
-    micro = per_rank_batch(cfg, ddp.world)  # fail on a bad batch before generating data or building anything
-    prepare_data(cfg, ddp)
-    run_dir = ddp.broadcast(resolve_run_dir(cfg) if ddp.main else None)
-    if ddp.main:  # before anything is built: a run directory that cannot be written is a one-line error now
+    micro = per_rank_batch(cfg, proc.world)  # fail on a bad batch before generating data or building anything
+    prepare_data(cfg, proc)
+    run_dir = proc.broadcast(resolve_run_dir(cfg) if proc.main else None)
+    if proc.main:  # before anything is built: a run directory that cannot be written is a one-line error now
         for path in remove_stale_temp_files(run_dir):
             print(f"removed {path}, left by a run killed while writing it")
         try:
@@ -450,36 +412,34 @@ def train(cfg, ddp):
         except OSError as err:
             raise OSError(err.errno, f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
         write_atomically(os.path.join(run_dir, "config.json"), lambda f: f.write(format_config(cfg).encode()))
-    val_set = build_dataset(cfg, cfg.val_split)  # a missing or empty val split fails now, not after training
-    model, raw_model, optimizer, criterion = build_training(cfg, ddp)
-    dtype = autocast_dtype(cfg.amp, ddp.device, warn=False)  # fp32 where the hardware lacks it: warned below
-    autocast, scaler = amp_settings(dtype, ddp.device)
-    start, best = restore(cfg.resume, raw_model, optimizer, scaler, ddp.device) if cfg.resume else (0, NO_BEST)
-    if ddp.rank or not start:  # a per-rank stream for anything random in the model; rank 0 resumes its own
-        torch.manual_seed(cfg.seed + ddp.rank + start)
-    _, loader = train_loader(cfg, ddp, start)
-    validate = Validator(cfg, ddp, run_dir, best, val_set) if cfg.eval_every else None
+    val_set = eval_dataset(cfg)  # a missing or empty val split fails now, not after training
+    model, raw_model, optimizer, criterion = build_training(cfg, proc)
+    dtype, autocast, scaler = training_precision(cfg.amp, proc.device)  # fp32 where the hardware lacks it: warned below
+    start, best = restore(cfg.resume, raw_model, optimizer, scaler, proc.device) if cfg.resume else (0, NO_BEST)
+    if proc.rank or not start:  # a per-rank stream for anything random in the model; rank 0 resumes its own
+        torch.manual_seed(cfg.seed + proc.rank + start)
+    _, loader = train_loader(cfg, proc, start)
+    validate = Validator(cfg, proc, run_dir, best, val_set) if cfg.eval_every else None
     last_path, log_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "log.jsonl")
     formula = criterion.formula(cfg.aux_heads)
-    if ddp.main:
+    if proc.main:
         if start:
             trim_log(log_path, start)  # the records after the checkpoint are logged again
         best_file = ", model_best.pth" if cfg.eval_every else ""
         print(f"run directory: {run_dir}  (config.json, log.jsonl, last.pth, model_final.pth{best_file}, curves.png, "
               "confusion.png)")
         accum = f" x {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else ""
-        print(f"device: {ddp.device}, processes: {ddp.world}, batch per process: {micro}{accum}, "
+        print(f"device: {proc.device}, processes: {proc.world}, batch per process: {micro}{accum}, "
               f"amp: {str(dtype or 'none (fp32)').replace('torch.', '')}")
         if cfg.amp == "bf16" and dtype is None:
-            print(f"warning: amp=bf16 but {ddp.device} has no native bf16: training in fp32", file=sys.stderr)
+            print(f"warning: amp=bf16 but {proc.device} has no native bf16: training in fp32", file=sys.stderr)
         print(f"loss = {formula}, each head's OHEM cross-entropy: the logged loss is this weighted total, the value "
               "optimized; loss_<head> are the heads' own")
         if start:
             print(f"resuming from {cfg.resume} at iteration {start}")
-    log = Log(log_path, ddp.main, cfg.batch_size, formula)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    log = Log(log_path, proc.main, cfg.batch_size, formula)
     model.train()
-    bar = tqdm(range(start, cfg.max_iter), initial=start, total=cfg.max_iter, disable=not ddp.main,
+    bar = tqdm(range(start, cfg.max_iter), initial=start, total=cfg.max_iter, disable=not proc.main,
                dynamic_ncols=True, desc="train")
     data = iter(loader)
     t_start = time.perf_counter()
@@ -487,51 +447,65 @@ def train(cfg, ddp):
     with StopRequest() as stop:
         for it in bar:
             lr = lr_at(it, cfg)  # the schedule counts optimizer steps
-            set_lr(optimizer, lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss, parts = accumulate_gradients(model, criterion, data, cfg, ddp, autocast, scaler)
-            # The step's one sync: every rank learns whether any rank's loss or gradients went non-finite, and
-            # whether any was asked to stop (SIGTERM, SIGINT), so that all stop after the same iteration.
-            stop_flag = torch.tensor([float(stop.signum is not None)], device=loss.device)
-            flags = ddp.all_sum(torch.cat([finite_flags(loss, params, not scaler.is_enabled()), stop_flag])).tolist()
-            if min(flags[:2]) < ddp.world:
-                raise NonFiniteError(non_finite_message(flags, ddp.world, it, lr, last_path, cfg, saved))
-            scaler.step(optimizer)
-            scaler.update()
+            loss, parts, flags = train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc, lr,
+                                            stop.signum is not None)
+            if min(flags[:2]) < proc.world:
+                raise NonFiniteError(non_finite_message(flags, proc.world, it, lr, last_path, cfg, saved))
             log.add(loss, parts)
             done = it + 1
             if done % cfg.log_every == 0 or done == cfg.max_iter:
                 eta = (cfg.max_iter - done) * (time.perf_counter() - t_start) / (done - start)
-                record = log.flush(ddp, done, lr, eta)
+                record = log.flush(proc, done, lr, eta)
                 logged_loss = record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
             if validate and (done % cfg.eval_every == 0 or done == cfg.max_iter):
                 results = validate(raw_model, done, log_path)
             stopping = flags[2] > 0 and done < cfg.max_iter
             if done % cfg.ckpt_every == 0 or done == cfg.max_iter or stopping:
-                if ddp.main:
+                if proc.main:
                     best = validate.best if validate else NO_BEST
-                    save_checkpoint(last_path, training_state(raw_model, optimizer, scaler, done, cfg, ddp.device,
+                    save_checkpoint(last_path, training_state(raw_model, optimizer, scaler, done, cfg, proc.device,
                                                               best))
                 saved = (done, logged_loss)
             if stopping:
                 bar.close()
-                ddp.barrier()
+                proc.barrier()
                 raise Stopped(stop.signum or signal.SIGTERM, done, last_path)  # a rank not signalled: as SIGTERM
     bar.close()
-    ddp.sync_buffers(raw_model)
+    proc.sync_buffers(raw_model)
     final_path = os.path.join(run_dir, "model_final.pth")
-    if ddp.main:
+    if proc.main:
         save_checkpoint(final_path, {"model": raw_model.state_dict(), "config": cfg.to_dict()})
         print(f"trained {cfg.max_iter} iterations; final weights: {final_path}; training checkpoint: {last_path}")
         if validate and validate.best["miou"] is not None:
             print(f"best val mIoU {100 * validate.best['miou']:.2f} at iteration {validate.best['iter']}: "
                   f"{validate.best_path}")
-    ddp.barrier()
+    proc.barrier()
     return raw_model, run_dir, results
 
 
-def accumulate_gradients(model, criterion, data, cfg, ddp, autocast, scaler):
+def train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc, lr, stop_requested=False):
+    """One optimizer step as training takes it (benchmark.py times this function): the lr set, the gradients of
+    cfg.grad_accum micro-batches from `data` (accumulate_gradients), the step's one sync, and the update.
+
+    The sync all-reduces [loss finite, gradients finite, asked to stop] of every rank, so that every rank learns
+    whether any rank went non-finite or was asked to stop (SIGTERM, SIGINT) and all stop after the same iteration.
+    Returns (the loss, each head's loss, those flags summed over ranks); the update is made only where the first
+    two equal the number of processes.
+    """
+    set_lr(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+    loss, parts = accumulate_gradients(model, criterion, data, cfg, proc, autocast, scaler)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stop_flag = torch.tensor([float(stop_requested)], device=loss.device)
+    flags = proc.all_sum(torch.cat([finite_flags(loss, params, not scaler.is_enabled()), stop_flag])).tolist()
+    if min(flags[:2]) == proc.world:
+        scaler.step(optimizer)
+        scaler.update()
+    return loss, parts, flags
+
+
+def accumulate_gradients(model, criterion, data, cfg, proc, autocast, scaler):
     """Forward and backward of cfg.grad_accum micro-batches from `data`, their gradients summed as one step's:
     each micro-batch's loss is divided by grad_accum, so the step equals one over the whole batch where the loss is
     a mean over equal micro-batches (OHEM selects per micro-batch, as it does per GPU under torchrun). DDP averages
@@ -539,12 +513,12 @@ def accumulate_gradients(model, criterion, data, cfg, ddp, autocast, scaler):
     total, heads = 0, {}
     for k in range(cfg.grad_accum):
         images, labels = next(data)
-        images = images.to(ddp.device, non_blocking=True)
-        labels = labels.to(ddp.device, non_blocking=True)
+        images = images.to(proc.device, non_blocking=True)
+        labels = labels.to(proc.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         last = k == cfg.grad_accum - 1
-        with nullcontext() if last or not ddp.enabled else model.no_sync():
+        with nullcontext() if last or not proc.enabled else model.no_sync():
             with autocast:
                 outputs = model(images)
             loss, parts = criterion(outputs, labels)
@@ -554,12 +528,12 @@ def accumulate_gradients(model, criterion, data, cfg, ddp, autocast, scaler):
     return total, heads
 
 
-def final_evaluation(cfg, ddp, model, run_dir, results=None):
+def final_evaluation(cfg, proc, model, run_dir, results=None):
     """The val split scored with the same function evaluate.py runs (or the last validation's `results`, of the
     same model), eval.json written and the pictures drawn."""
     if results is None:
-        results = evaluate(model, build_dataset(cfg, cfg.val_split), cfg, ddp)
-    if ddp.main:
+        results = evaluate(model, eval_dataset(cfg), cfg, proc)
+    if proc.main:
         print(format_results(results))
         write_results(results, os.path.join(run_dir, "eval.json"))
         draw_pictures(run_dir, results)
@@ -571,29 +545,28 @@ def main(argv=None):
                                                      formatter_class=argparse.RawTextHelpFormatter))
     args = parser.parse_args(argv)
     try:
-        ddp = Distributed()
+        proc = Distributed()
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        cfg = read_config(args)
-        if ddp.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
-        model, run_dir, results = train(cfg, ddp)
-        final_evaluation(cfg, ddp, model, run_dir, results)
-    except (ConfigError, NonFiniteError, Stopped) as exc:
-        # The same on every rank (one config; an all-reduced check): said once.
-        if ddp.main:
-            print(f"{'' if isinstance(exc, Stopped) else 'error: '}{exc}", file=sys.stderr)
-        if isinstance(exc, Stopped):
-            return 128 + exc.signum  # the shell's code for a process ended by that signal: 143 SIGTERM, 130 SIGINT
-        return 2 if isinstance(exc, ConfigError) else 1
-    except (CheckpointError, DatasetError, PretrainedError, OSError) as exc:
-        # Possibly one machine's own problem (a file missing there, a full disk): every rank says it.
-        print(f"error: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}", file=sys.stderr)
-        return 2
-    finally:
-        ddp.close()
+    with proc:
+        try:
+            cfg = read_config(args)
+            if proc.device.type == "cuda":
+                torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
+            model, run_dir, results = train(cfg, proc)
+            final_evaluation(cfg, proc, model, run_dir, results)
+        except (ConfigError, NonFiniteError, Stopped) as exc:
+            # The same on every rank (one config; an all-reduced check): said once.
+            if proc.main:
+                print(f"{'' if isinstance(exc, Stopped) else 'error: '}{exc}", file=sys.stderr)
+            if isinstance(exc, Stopped):
+                return 128 + exc.signum  # the shell's code for a process ended by that signal: 143 SIGTERM, 130 SIGINT
+            return 2 if isinstance(exc, ConfigError) else 1
+        except (CheckpointError, DatasetError, PretrainedError, OSError) as exc:
+            # Possibly one machine's own problem (a file missing there, a full disk): every rank says it.
+            print(f"error: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}", file=sys.stderr)
+            return 2
     return 0
 
 

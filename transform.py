@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-IGNORE = 255
+from cityscapes import IGNORE
 
 
 def crop_matrix(scale, offset, flip, crop_w):

@@ -10,7 +10,7 @@ def test_defaults_are_the_reference_recipe():
     assert cfg.crop_size == (1024, 1024) and cfg.batch_size == 16 and cfg.max_iter == 80000
     assert (cfg.lr, cfg.weight_decay, cfg.momentum) == (1e-2, 5e-4, 0.9)
     assert (cfg.warmup_iters, cfg.poly_power, cfg.ohem_thresh) == (1000, 0.9, 0.7)
-    assert (cfg.num_classes, cfg.ignore_index, cfg.data_root) == (19, 255, "data")
+    assert (cfg.num_classes, cfg.data_root) == (19, "data")
     assert cfg.eval_scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     assert cfg.run_name == "cityscapes"
 
@@ -65,7 +65,6 @@ def test_unknown_key_lists_valid_keys():
     ("workers=-1", "workers: -1; expected 0 or more"),
     ("synthetic_val=0", "synthetic_val: 0; expected a positive integer"),
     ("eval_crop=512", "eval_crop"),
-    ("ignore_index=250", "ignore_index: 250; expected 255"),
 ])
 def test_bad_values_are_errors_that_name_them(override, words):
     with pytest.raises(ConfigError, match=None) as err:

@@ -23,10 +23,10 @@ def test_local_main_works_first(monkeypatch, local_rank, order):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-    ddp = Distributed()
-    assert ddp.local_rank == local_rank and ddp.local_main == (local_rank == 0)
+    proc = Distributed()
+    assert proc.local_rank == local_rank and proc.local_main == (local_rank == 0)
     events = []
     monkeypatch.setattr(distributed.Distributed, "barrier", lambda self: events.append("barrier"))
-    with ddp.local_main_first():
+    with proc.local_main_first():
         events.append("work")
     assert events == order

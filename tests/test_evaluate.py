@@ -1,4 +1,3 @@
-import argparse
 import dataclasses
 import fnmatch
 import json
@@ -16,6 +15,7 @@ from conftest import write_frame
 from torch import nn
 
 import evaluate
+from checkpoint import inference_config
 from cityscapes import Cityscapes, to_train_ids
 from configs import format_config, get_config
 from datasets import cityscapes_table
@@ -27,7 +27,6 @@ from evaluate import (
     iou_from_confusion,
     predict,
     predict_scores,
-    read_config,
     sliding_scores,
 )
 from model import build_model, inference_model
@@ -213,7 +212,7 @@ def test_saved_label_id_pngs_map_back_to_the_predicted_train_ids(tmp_path):
     _, cfg, model = make_checkpoint(tmp_path, n_val=2)
     save_dir = str(tmp_path / "pred")
     cfg = get_config(base=cfg.to_dict(), overrides=[f"save_dir={save_dir}", "save_color=true"])
-    dataset = Cityscapes(cfg.data_root, "val")
+    dataset = evaluate.eval_dataset(cfg)
     results = evaluate.evaluate(model, dataset, cfg, Distributed())
     # make_checkpoint writes frame 0 in frankfurt, frame 1 in lindau: the names the toolkit and the server expect
     expected = {"frankfurt": "frankfurt_000000_000019.png", "lindau": "lindau_000001_000019.png"}
@@ -386,11 +385,11 @@ def test_an_unwritable_results_file_is_a_clear_error(tmp_path, capsys):
 def test_a_different_upsample_than_the_checkpoints_is_warned_about(tmp_path, capsys):
     _, cfg, _ = make_checkpoint(tmp_path, n_val=1, extra=["upsample=bilinear"])
     # --config replaces the checkpoint's config: its upsample (nearest) loads silently into any checkpoint
-    chosen = read_config(argparse.Namespace(config="synthetic", overrides=[]), cfg.to_dict())
+    chosen = inference_config(cfg.to_dict(), "synthetic")
     assert chosen.upsample == "nearest"
     err = capsys.readouterr().err
     assert err.startswith("warning:") and "upsample='nearest' (trained with 'bilinear')" in err
-    read_config(argparse.Namespace(config=None, overrides=[]), cfg.to_dict())  # the checkpoint's own: no warning
+    inference_config(cfg.to_dict())  # the checkpoint's own: no warning
     assert capsys.readouterr().err == ""
 
 
@@ -403,7 +402,7 @@ def test_a_folder_dataset_is_scored_under_its_class_names_and_saved_in_its_own_v
                                 f"save_dir={tmp_path / 'pred'}", "save_color=true", "eval_workers=0"])
     torch.manual_seed(0)
     model = build_model(cfg, pretrained=False).eval()
-    results = evaluate.evaluate(model, build_dataset(cfg, "val"), cfg, Distributed())
+    results = evaluate.evaluate(model, evaluate.eval_dataset(cfg), cfg, Distributed())
     assert list(results["iou"]) == ["road", "tree", "car"]
     assert "road" in evaluate.format_results(results) and "car" in evaluate.format_results(results)
     colors = class_table(cfg).colors.tolist()
@@ -425,3 +424,31 @@ def test_a_folder_dataset_is_scored_under_its_class_names_and_saved_in_its_own_v
     assert np.array_equal(picture[:, :32], image)
     assert np.array_equal(picture[:, 36:68], class_table(cfg).colorize(truth))
     assert (picture[:, 32:36] == 255).all()
+
+
+def test_evaluate_takes_a_dataset_with_its_evaluation_transform_and_leaves_it_as_it_is(tmp_path):
+    _, cfg, model = make_checkpoint(tmp_path, n_val=1)
+    dataset = evaluate.eval_dataset(cfg)
+    transform = dataset.transform
+    evaluate.evaluate(model, dataset, cfg, Distributed())
+    assert dataset.transform is transform
+    from datasets import build_dataset
+    plain = build_dataset(cfg, "val")  # no transform: items are numpy arrays, which the model cannot take
+    with pytest.raises(TypeError, match="eval_dataset"):
+        evaluate.evaluate(model, plain, cfg, Distributed())
+    assert plain.transform is None
+
+
+def test_load_for_inference_reads_the_checkpoint_once_and_builds_its_config_without_aux_heads(tmp_path, monkeypatch):
+    import checkpoint
+    path, cfg, model = make_checkpoint(tmp_path, n_val=1, extra=["upsample=bilinear"])
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    loaded, got = checkpoint.load_for_inference(path, None, ["mode=msf", "eval_batch=3"])
+    assert reads == [path]
+    assert (got.upsample, got.eval_mode, got.eval_batch, got.aux_heads) == ("bilinear", "msf", 3, True)
+    assert not loaded.training and loaded.aux8 is None and loaded.upsample == "bilinear"
+    image = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image), model.eval()(image), rtol=0, atol=0)

@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 
 import export
-import model as model_module
+import precision
 from configs import PRESETS, get_config
-from model import ConvBNReLU, autocast_dtype, build_model, fold_batchnorm, inference_model
+from model import ConvBNReLU, build_model, fold_batchnorm, inference_model
+from precision import autocast_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLD_PRESETS = ["synthetic"] + [name for name in PRESETS if name.startswith("ablation_")]
@@ -94,16 +95,16 @@ def test_eval_amp_falls_back_to_fp32_with_a_warning_where_the_hardware_lacks_it(
     assert autocast_dtype("none", cpu) is None
     with pytest.warns(UserWarning, match="eval_amp=fp16: cpu has no native fp16; running fp32"):
         assert autocast_dtype("fp16", cpu) is None
-    monkeypatch.setattr(model_module, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     with pytest.warns(UserWarning, match="no native bf16"):
         assert autocast_dtype("bf16", cpu) is None
-    monkeypatch.setattr(model_module, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
 
 
 def test_bf16_inference_model_gives_float_logits_close_to_fp32(monkeypatch):
     # bf16 autocast runs on any CPU (emulated where not native), so its numbers can be checked everywhere
-    monkeypatch.setattr(model_module, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     model = make_model()
     image = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

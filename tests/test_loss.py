@@ -140,7 +140,7 @@ def test_bisenet_loss_accepts_main_logits_alone():
 
 
 def test_build_loss_reads_config():
-    cfg = Config(ohem_thresh=0.6, ohem_min_frac=0.25, aux_weight=0.5, ignore_index=IGNORE)
+    cfg = Config(ohem_thresh=0.6, ohem_min_frac=0.25, aux_weight=0.5)
     loss = build_loss(cfg)
     assert loss.aux_weight == 0.5
     assert loss.criterion.thresh_loss == pytest.approx(-math.log(0.6))

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import model as model_module
+import checkpoint
+import precision
 import train
+from checkpoint import load_checkpoint
 from configs import add_config_args, get_config
 from distributed import Distributed
-from model import build_model, load_checkpoint
+from model import build_model
 from optimizer import build_optimizer
 from synthetic import generate
 
@@ -360,15 +362,15 @@ def test_torchrun_two_processes_keep_identical_weights_and_write_once(tiny_root,
         "from configs import get_config\n"
         "from distributed import Distributed\n"
         "cfg = get_config('synthetic', sys.argv[2:])\n"
-        "ddp = Distributed()\n"
+        "proc = Distributed()\n"
         "save = train.save_checkpoint\n"
         "def save_and_mark(path, state):\n"
-        "    open(os.path.join(sys.argv[1], f'saved_by_rank{ddp.rank}'), 'a').close()\n"
+        "    open(os.path.join(sys.argv[1], f'saved_by_rank{proc.rank}'), 'a').close()\n"
         "    save(path, state)\n"
         "train.save_checkpoint = save_and_mark\n"
-        "model, run_dir, _ = train.train(cfg, ddp)\n"
-        "torch.save(model.state_dict(), os.path.join(sys.argv[1], f'rank{ddp.rank}.pt'))\n"
-        "ddp.close()\n")
+        "model, run_dir, _ = train.train(cfg, proc)\n"
+        "torch.save(model.state_dict(), os.path.join(sys.argv[1], f'rank{proc.rank}.pt'))\n"
+        "proc.close()\n")
     args = tiny_args(tiny_root, tmp_path / "runs", "batch_size=4", "max_iter=4", "ckpt_every=2")[2:]
     env = {**os.environ, "PYTHONPATH": REPO}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -413,24 +415,28 @@ def test_amp_dtype_per_device_and_setting(monkeypatch, recwarn):
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
 
     def amp_dtype(amp, device):  # as train.py asks: no warning (fp16, the default, is fp32 on a CPU)
-        return model_module.autocast_dtype(amp, device, warn=False)
+        return precision.autocast_dtype(amp, device, warn=False)
 
     # On this machine's CPU: bf16 exactly where the hardware flags say it is native.
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert amp_dtype("bf16", cpu) == (torch.bfloat16 if native else None)
     assert amp_dtype("fp16", cuda) == torch.float16
     assert amp_dtype("none", cuda) is None and amp_dtype("fp16", cpu) is None
-    monkeypatch.setattr(model_module, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     assert amp_dtype("bf16", cpu) is None and amp_dtype("bf16", cuda) is None  # e.g. a V100: fp32
-    monkeypatch.setattr(model_module, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     assert amp_dtype("bf16", cpu) == torch.bfloat16 and amp_dtype("bf16", cuda) == torch.bfloat16
     assert not recwarn.list
-    autocast, scaler = train.amp_settings(torch.bfloat16, cpu)
-    assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16 and not scaler.is_enabled()
+    dtype, autocast, scaler = precision.training_precision("bf16", cpu)
+    assert dtype == torch.bfloat16 and isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16
+    assert not scaler.is_enabled()  # the scaler is for fp16 only (CUDA: not constructible without a GPU)
+    dtype, autocast, scaler = precision.training_precision("fp16", cpu)  # fp16 is CUDA only: fp32 on the CPU
+    assert dtype is None and not isinstance(autocast, torch.autocast) and not scaler.is_enabled()
+    assert not recwarn.list
 
 
 def test_bf16_without_hardware_support_trains_fp32_with_a_warning(tiny_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(model_module, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     train_only(tiny_args(tiny_root, tmp_path, "max_iter=1", "warmup_iters=0", "amp=bf16"))
     out, err = capsys.readouterr()
     assert "amp: none (fp32)" in out and "warning: amp=bf16 but cpu has no native bf16: training in fp32" in err
@@ -438,7 +444,7 @@ def test_bf16_without_hardware_support_trains_fp32_with_a_warning(tiny_root, tmp
 
 def test_cpu_bf16_training_runs_and_lowers_the_loss(tiny_root, tmp_path, monkeypatch, capsys):
     # bf16 autocast works on any CPU (emulated where not native): the loop, loss and checkpoint take bf16 logits
-    monkeypatch.setattr(model_module, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=16", "lr=0.01", "amp=bf16")) == 0
     assert "amp: bfloat16" in capsys.readouterr().out
     log = read_log(tmp_path / "synthetic")
@@ -456,7 +462,7 @@ def test_init_from_loads_the_fitting_tensors_and_reinitializes_the_classifiers(t
     torch.manual_seed(1)
     target = build_model(get_config("camvid"), pretrained=False)  # 11 classes
     fresh = {k: v.clone() for k, v in target.state_dict().items()}
-    loaded, skipped = model_module.load_fitting(target, path)
+    loaded, skipped = checkpoint.load_fitting(target, path)
     classifiers = {f"{head}.cls.{p}" for head in ("head", "aux8", "aux16") for p in ("weight", "bias")}
     assert {name for name, _, _ in skipped} == classifiers
     assert ("head.cls.weight", (19, 256, 1, 1), (11, 256, 1, 1)) in skipped
@@ -470,8 +476,8 @@ def test_init_from_loads_the_fitting_tensors_and_reinitializes_the_classifiers(t
 def test_init_from_another_architecture_is_still_an_error(tmp_path):
     path = str(tmp_path / "no_arm.pth")
     torch.save({"model": build_model(get_config("synthetic", ["arm=false"]), pretrained=False).state_dict()}, path)
-    with pytest.raises(model_module.CheckpointError, match="ablation switches"):
-        model_module.load_fitting(build_model(get_config("camvid"), pretrained=False), path)
+    with pytest.raises(checkpoint.CheckpointError, match="ablation switches"):
+        checkpoint.load_fitting(build_model(get_config("camvid"), pretrained=False), path)
 
 
 def folder_args(root, out, *extra):
@@ -530,8 +536,7 @@ def test_validation_records_and_the_best_checkpoint(tiny_root, tmp_path, capsys)
     model = build_model(cfg, pretrained=False)
     ckpt = load_checkpoint(model, str(run_dir / "model_best.pth"))
     assert ckpt["iteration"] == best["iter"]
-    from datasets import build_dataset
-    results = train.evaluate(model, build_dataset(cfg, "val"), cfg, Distributed())
+    results = train.evaluate(model, train.eval_dataset(cfg), cfg, Distributed())
     assert results["miou"] == pytest.approx(best["val_miou"], abs=1e-9)
     # eval.json is the last validation's
     with open(run_dir / "eval.json") as f:

@@ -1,0 +1,204 @@
+"""Files written safely, and checkpoints read into a model: the one place for both.
+
+write_atomically is how every file the project writes reaches the disk (a crash leaves the old file or the new one);
+load_checkpoint / load_fitting put a checkpoint's weights into a built BiSeNet, and load_for_inference turns a
+checkpoint path (plus --config and overrides) into (model, cfg) for evaluate.py, demo.py and export.py.
+"""
+
+import dataclasses
+import io
+import os
+import sys
+
+import torch
+
+from configs import MODEL_KEYS, get_config
+from model import build_model
+from resnet import state_dict_problems
+
+# Settings a model was trained with that no weight records: a checkpoint loads whatever their value, and its
+# predictions change with them (upsample is the one architecture switch that shapes no parameter).
+UNRECORDED_KEYS = ("upsample", "mean", "std")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not fit the model it is loaded into."""
+
+
+def write_atomically(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`: a crash at any moment leaves the
+    old file or the new one, never a half-written one. The fsyncs make that hold across a power loss as well."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(err, OSError):  # a full disk, a read-only or vanished folder: one line naming the file
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(path):
+    """Make a rename in folder `path` durable. Windows cannot open a folder (no O_DIRECTORY) and needs none."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, state):
+    """torch.save into memory first, so that a full disk is an OSError of the file write (ENOSPC), not torch's
+    "unexpected pos" from inside its zip writer."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def load_checkpoint(model, path, ckpt=None):
+    """Load a checkpoint's weights into a built BiSeNet: the one place that does it.
+
+    Accepts our checkpoints (a dict with "model", optionally "config") or a bare state dict, with DDP `module.` and
+    torch.compile `_orig_mod.` prefixes stripped. Aux-head weights are skipped for a model built without aux heads.
+    `ckpt`: the file's contents where read_checkpoint(path) has read them already. Returns the checkpoint dict (a bare
+    state dict comes back as {"model": state}). Raises CheckpointError.
+    """
+    ckpt, state = _read_state(model, path, ckpt)
+    _raise_mismatches(model, state, path, ckpt)
+    model.load_state_dict(state)
+    return ckpt
+
+
+def load_for_inference(path, config=None, overrides=()):
+    """(eval-mode model on the CPU, cfg) of the checkpoint at `path`, which is read once: what evaluate.py, demo.py
+    and export.py run.
+
+    cfg is preset `config` if given, else the config stored in the checkpoint, with the `overrides` (key=value; mode=X
+    stands for eval_mode=X) on top. The model is built without aux heads: prediction runs the main head only. Warns
+    (stderr) where cfg differs from the checkpoint's config in a setting no weight records (UNRECORDED_KEYS).
+    """
+    ckpt = read_checkpoint(path)
+    cfg = inference_config(ckpt.get("config"), config, overrides)
+    model = build_model(dataclasses.replace(cfg, aux_heads=False), pretrained=False)
+    load_checkpoint(model, path, ckpt)
+    return model.eval(), cfg
+
+
+def inference_config(ckpt_config, config=None, overrides=()):
+    """The config of load_for_inference; ckpt_config: the checkpoint's stored config dict (None for a bare state
+    dict)."""
+    overrides = [("eval_" + o) if o.startswith("mode=") else o for o in overrides]
+    if config or ckpt_config is None:
+        cfg = get_config(config or "cityscapes", overrides)
+    else:
+        cfg = get_config(ckpt_config.get("run_name", "cityscapes"), overrides, base=ckpt_config)
+    differ = [f"{key}={_plain(getattr(cfg, key))!r} (trained with {_plain(ckpt_config[key])!r})"
+              for key in UNRECORDED_KEYS
+              if isinstance(ckpt_config, dict) and key in ckpt_config
+              and _plain(ckpt_config[key]) != _plain(getattr(cfg, key))]
+    if differ:
+        print(f"warning: {', '.join(differ)}: the checkpoint loads, but its predictions change; to use the values "
+              "it was trained with, leave out --config or override them", file=sys.stderr)
+    return cfg
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def load_fitting(model, path):
+    """Fine-tuning (init_from): load every tensor of checkpoint `path` whose shape fits `model`; the others (the
+    classifiers of a model trained on other classes) keep their fresh initialization.
+
+    A checkpoint of another architecture (missing or unexpected tensors: other ablation switches) is still a
+    CheckpointError. Returns (loaded names, [(name, checkpoint shape, model shape)] of the tensors left new).
+    """
+    ckpt, state = _read_state(model, path)
+    _raise_mismatches(model, state, path, ckpt, shapes=False)
+    expected = model.state_dict()
+    fitting = {k: v for k, v in state.items() if v.shape == expected[k].shape}
+    skipped = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if k not in fitting]
+    model.load_state_dict(fitting, strict=False)
+    return sorted(fitting), skipped
+
+
+def _read_state(model, path, ckpt=None):
+    """(checkpoint, its state dict with wrapper prefixes stripped and, for a model without aux heads, theirs left
+    out)."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
+    if model.aux8 is None:
+        state = {k: v for k, v in state.items() if not k.startswith(("aux8.", "aux16."))}
+    return ckpt, state
+
+
+def _raise_mismatches(model, state, path, ckpt, shapes=True):
+    problems = _mismatches(model, state, path, shapes)
+    if problems:
+        hint = _config_hint(model, ckpt.get("config"), shapes)
+        raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems) + hint)
+
+
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's own message suggests weights_only=False, which is not the fix here
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(err).__name__}): expected a file written by torch.save holding "
+            "tensors and plain Python values; it may be truncated or not a checkpoint (details in the cause above)"
+        ) from err
+    if isinstance(ckpt, dict) and not isinstance(ckpt.get("model"), dict):
+        ckpt = {"model": ckpt}  # a bare state dict
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise CheckpointError(
+            f"{path} is not a model checkpoint: expected a dict with a 'model' state dict, or a bare state dict"
+        )
+    return ckpt
+
+
+def _strip_prefixes(key):
+    # DDP(compile(model)) and compile(DDP(model)) nest the two prefixes in either order
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _mismatches(model, state, path, shapes=True):
+    """What keeps `state` from loading into `model`; with shapes=False (fine-tuning) only missing and unexpected
+    tensors count."""
+    expected = model.state_dict()
+    problems = []
+    cls = state.get("head.cls.weight")
+    if shapes and cls is not None and cls.shape[0] != model.arch["num_classes"]:
+        problems.append(f"checkpoint has {cls.shape[0]} classes, config has {model.arch['num_classes']} (num_classes); "
+                        "to fine-tune it on other classes use init_from=PATH")
+    problems += state_dict_problems(expected, state, shapes)
+    if set(expected) != set(state):
+        problems.append(
+            "it was probably trained with different ablation switches (spatial_path, arm, global_pool, fusion)"
+        )
+    return problems
+
+
+def _config_hint(model, ckpt_config, shapes=True):
+    if not isinstance(ckpt_config, dict):
+        return ""
+    differ = [
+        f"{k}={ckpt_config[k]!r} (model {model.arch[k]!r})"
+        for k in MODEL_KEYS
+        if k in ckpt_config and ckpt_config[k] != model.arch[k] and (shapes or k != "num_classes")
+        and not (k == "aux_heads" and not model.arch[k])  # built without them on purpose: their weights are skipped
+    ]
+    if not differ:
+        return ""
+    return ". The checkpoint's config differs in: " + ", ".join(differ)
