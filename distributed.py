@@ -1,6 +1,8 @@
 """The process's place in a torchrun job (or a plain single process) and the few collectives we use."""
 
+import datetime
 import os
+import re
 from contextlib import contextmanager
 
 import torch
@@ -11,10 +13,27 @@ class LaunchError(RuntimeError):
     """The launch does not fit this machine (more processes than GPUs)."""
 
 
-class Distributed:
-    """Rank, world size and device of this process; one process per GPU under torchrun."""
+def launched_rank():
+    """This process's rank under torchrun (0 in a plain process), before any process group exists."""
+    return int(os.environ.get("RANK", 0))
 
-    def __init__(self):
+
+def timeout_message(exc, proc, timeout_s):
+    """The one-line error for `exc` where it is a collective that timed out under torchrun, else None. gloo raises a
+    RuntimeError ("Timed out waiting ...", "Application timeout caused pair closure"); NCCL's watchdog ends the
+    process itself, with its own message."""
+    distributed = proc is not None and proc.enabled
+    if not (distributed and isinstance(exc, RuntimeError) and re.search(r"time(d)? ?out", str(exc).lower())):
+        return None
+    return (f"rank {proc.rank} waited more than dist_timeout={timeout_s} s for the other processes in a collective: "
+            "one of them is stuck, stopped or dead, so the job ends")
+
+
+class Distributed:
+    """Rank, world size and device of this process; one process per GPU under torchrun. `timeout_s`: how long a
+    collective waits for the other processes (configs.dist_timeout)."""
+
+    def __init__(self, timeout_s=1800):
         self.enabled = "RANK" in os.environ
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
@@ -29,7 +48,8 @@ class Distributed:
         else:
             self.device = torch.device("cpu")
         if self.enabled:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
         self.main = self.rank == 0
         self.local_main = self.local_rank == 0  # the first process on its machine
 

@@ -32,7 +32,7 @@ from checkpoint import CheckpointError, load_for_inference
 from cityscapes import IGNORE, DatasetError, read_image
 from configs import ConfigError, add_config_args, format_config
 from datasets import build_dataset, class_table
-from distributed import Distributed, LaunchError
+from distributed import Distributed, LaunchError, timeout_message
 from model import inference_model
 from synthetic import prepare_data
 from transform import EvalTransform
@@ -274,9 +274,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="model_final.pth or last.pth of a run")
     args = add_config_args(parser).parse_args(argv)
+    proc = None
     try:
-        with Distributed() as proc:
-            model, cfg = load_for_inference(args.ckpt, args.config, args.overrides)
+        model, cfg = load_for_inference(args.ckpt, args.config, args.overrides)
+        with Distributed(cfg.dist_timeout) as proc:
             if proc.main:
                 print(format_config(cfg))
             prepare_data(cfg, proc)
@@ -292,6 +293,12 @@ def main(argv=None):
     except (LaunchError, ConfigError, CheckpointError, DatasetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        message = timeout_message(exc, proc, cfg.dist_timeout)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

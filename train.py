@@ -33,7 +33,7 @@ from checkpoint import (
 from cityscapes import IGNORE, DatasetError
 from configs import ConfigError, add_config_args, format_config, get_config
 from datasets import build_dataset, class_table, scan_labels
-from distributed import Distributed, LaunchError
+from distributed import Distributed, LaunchError, launched_rank, timeout_message
 from evaluate import eval_dataset, evaluate, format_results, write_results
 from loss import build_loss
 from model import build_model
@@ -545,13 +545,17 @@ def main(argv=None):
                                                      formatter_class=argparse.RawTextHelpFormatter))
     args = parser.parse_args(argv)
     try:
-        proc = Distributed()
-    except LaunchError as exc:
+        cfg = read_config(args)  # before the process group, whose timeout is a setting
+        proc = Distributed(cfg.dist_timeout)
+    except ConfigError as exc:
+        if launched_rank() == 0:  # the same on every rank: said once
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (LaunchError, CheckpointError) as exc:  # CheckpointError: the resume= file, maybe missing on one machine
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with proc:
         try:
-            cfg = read_config(args)
             if proc.device.type == "cuda":
                 torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
             model, run_dir, results = train(cfg, proc)
@@ -567,6 +571,13 @@ def main(argv=None):
             # Possibly one machine's own problem (a file missing there, a full disk): every rank says it.
             print(f"error: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}", file=sys.stderr)
             return 2
+        except RuntimeError as exc:
+            message = timeout_message(exc, proc, cfg.dist_timeout)
+            if message is None:
+                raise
+            print(f"error: {message}; the run directory's last.pth holds the last checkpoint to resume from",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

@@ -65,6 +65,7 @@ def test_unknown_key_lists_valid_keys():
     ("workers=-1", "workers: -1; expected 0 or more"),
     ("synthetic_val=0", "synthetic_val: 0; expected a positive integer"),
     ("eval_crop=512", "eval_crop"),
+    ("dist_timeout=0", "dist_timeout: 0; expected a positive integer"),
 ])
 def test_bad_values_are_errors_that_name_them(override, words):
     with pytest.raises(ConfigError, match=None) as err:

@@ -276,12 +276,8 @@ def test_config_is_printed_before_anything_can_fail(tmp_path, capsys):
 
 
 def test_errors_shared_by_every_rank_are_printed_by_rank_0_only(monkeypatch, capsys, tmp_path):
-    class SecondRank(Distributed):
-        def __init__(self):
-            super().__init__()
-            self.rank, self.main = 1, False
-
-    monkeypatch.setattr(train, "Distributed", SecondRank)
+    # the config is read before the process group exists (its timeout is a setting): torchrun's RANK says who speaks
+    monkeypatch.setenv("RANK", "1")
     assert train.main(["--config", "nope"]) == 2
     assert capsys.readouterr().err == ""
     # A missing file may be this machine's own problem: every rank says it.
@@ -389,10 +385,36 @@ def test_torchrun_two_processes_keep_identical_weights_and_write_once(tiny_root,
     assert [r["iter"] for r in log] == [1, 2, 3, 4]
 
 
+def test_a_stopped_rank_ends_the_torchrun_job_after_dist_timeout_with_one_line(tiny_root, tmp_path):
+    # rank 1 is stopped (SIGSTOP) during its third step: rank 0 waits dist_timeout seconds in the step's all-reduce,
+    # then says why it ends; torchrun then ends the job (SIGKILL reaches the stopped process)
+    script = tmp_path / "stop_run.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import train\n"
+        "step, calls = train.train_step, []\n"
+        "def stop_in_third_step(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3 and os.environ['RANK'] == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "    return step(*args, **kwargs)\n"
+        "train.train_step = stop_in_third_step\n"
+        "sys.exit(train.main(sys.argv[1:]))\n")
+    args = tiny_args(tiny_root, tmp_path / "runs", "batch_size=4", "max_iter=50", "dist_timeout=5", "workers=0")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *args], capture_output=True, text=True, env=env, timeout=240)  # no hang
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 0 waited more than dist_timeout=5 s for the other processes in a collective: one "
+                      "of them is stuck, stopped or dead, so the job ends; the run directory's last.pth holds the last "
+                      "checkpoint to resume from"], out.stderr[-3000:]
+
+
 def test_the_synthetic_preset_learns_end_to_end(tmp_path, capsys):
     """The README's first command with its defaults (only the folders moved): generate, train, evaluate.
 
-    A few minutes on 2 CPU cores. The threshold is well under what the preset reaches (README: Quick start),
+    A few minutes on 2 CPU cores. The threshold is well under what the preset reaches (BENCHMARKS.md, "Training runs"),
     and far above a model that learned nothing (0.003 for the untrained model).
     """
     data = tmp_path / "data"
