@@ -123,6 +123,17 @@ def per_rank_batch(cfg, world):
     return per_rank
 
 
+def check_weight_files(cfg):
+    """The weight file a new run reads exists: init_from=PATH, else pretrained=PATH (build_training reads one of
+    them); a resumed run reads neither."""
+    if cfg.resume:
+        return
+    for key in ("init_from",) if cfg.init_from else ("pretrained",):
+        path = getattr(cfg, key)
+        if path not in ("", "none", "torchvision") and not os.path.isfile(path):
+            raise ConfigError(f"bad value for {key}: {path} is not a file")
+
+
 def limit_opencv_threads(worker_id=None):
     """One OpenCV thread per loader process (also a DataLoader worker_init_fn): the parallelism is the workers
     themselves, and OpenCV's pool of one thread per core in every worker would oversubscribe the CPU."""
@@ -401,7 +412,9 @@ def train(cfg, proc):
     """Train; returns (the raw model, its run directory, the last validation's results or None)."""
     if proc.main:  # first of all, so that a run failing early still shows what it was asked to do
         print(f"config:\n{format_config(cfg)}", flush=True)
-    micro = per_rank_batch(cfg, proc.world)  # fail on a bad batch before generating data or building anything
+    # the checks that need the number of processes or the file system, before generating data or building anything
+    micro = per_rank_batch(cfg, proc.world)
+    check_weight_files(cfg)
     prepare_data(cfg, proc)
     run_dir = proc.broadcast(resolve_run_dir(cfg) if proc.main else None)
     if proc.main:  # before anything is built: a run directory that cannot be written is a one-line error now

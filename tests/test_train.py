@@ -267,6 +267,15 @@ def test_channels_last_run_writes_a_loadable_checkpoint(tiny_root, tmp_path):
     assert all(r["loss"] == r["loss"] for r in read_log(run_dir))
 
 
+@pytest.mark.parametrize("setting", ["pretrained", "init_from"])
+def test_a_missing_weight_file_stops_the_run_before_data_generation(tmp_path, capsys, setting):
+    data = tmp_path / "data"
+    argv = ["--config", "synthetic", f"data_root={data}", f"out_dir={tmp_path}", f"{setting}={tmp_path / 'no.pth'}"]
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: bad value for {setting}: {tmp_path / 'no.pth'} is not a file"
+    assert not data.exists() and not (tmp_path / "synthetic").exists()
+
+
 def test_config_is_printed_before_anything_can_fail(tmp_path, capsys):
     # A missing dataset fails after the config is resolved: the config it was asked to use is on the screen.
     assert train.main(["--config", "synthetic", "synthetic=false", f"data_root={tmp_path / 'none'}",
