@@ -110,6 +110,10 @@ class Config:
     eval_amp: str = "none"
     save_dir: str = ""  # evaluate.py: write label-id PNG predictions here
     save_color: bool = False  # evaluate.py: also write colorized PNGs and image | truth | prediction pictures
+    # evaluate.py / demo.py: "torch" runs the checkpoint; "openvino" / "onnxruntime" run the file export.py wrote
+    # from it on the CPU (the checkpoint still gives the config); requirements-deploy.txt installs those runtimes
+    backend: str = "torch"
+    backend_model: str = ""  # the .xml (openvino) or .onnx file; empty: model.xml / model.onnx next to the checkpoint
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -126,6 +130,7 @@ CHOICES = {
     "eval_mode": ("ss", "ssc", "msf", "mscf"),
     "eval_fusion": ("exp", "mean"),
     "dataset": ("cityscapes", "folder"),
+    "backend": ("torch", "openvino", "onnxruntime"),
 }
 
 _CITYSCAPES_1GPU = dict(batch_size=8, lr=5e-3, max_iter=160000, warmup_iters=2000)

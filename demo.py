@@ -15,7 +15,9 @@ is odd, or where this OpenCV cannot write mp4v, they are Motion JPEG .avi files 
 NAME_overlay.avi): OpenCV's mp4 writer would drop the odd last row or column.
 
 The model and the inference mode (eval_mode, default ss) come from the config stored in the checkpoint, or from
---config NAME; key=value overrides go on top (mode=msf works too).
+--config NAME; key=value overrides go on top (mode=msf works too). backend=openvino or backend=onnxruntime runs the
+file export.py wrote from the checkpoint instead (backend_model=FILE; default model.xml / model.onnx next to it), on
+the CPU.
 """
 
 import argparse
@@ -35,6 +37,7 @@ from configs import ConfigError, add_config_args
 from datasets import cityscapes_table, class_table
 from evaluate import predict, write_png
 from model import inference_model
+from runtime import BackendError, BackendModel, load_model
 from transform import Normalize
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -63,8 +66,9 @@ class DemoError(RuntimeError):
 
 @torch.inference_mode()
 def segment(model, image_rgb, cfg):
-    """Train ids (H, W) uint8 of an RGB uint8 image (H, W, 3) of any size; `model` from inference_model (eval)."""
-    device = next(model.parameters()).device
+    """Train ids (H, W) uint8 of an RGB uint8 image (H, W, 3) of any size; `model` from inference_model (eval), or a
+    runtime.BackendModel."""
+    device = model.device if isinstance(model, BackendModel) else next(model.parameters()).device
     image = Normalize(cfg.mean, cfg.std)(image_rgb)[None].to(device)
     return predict(model, image, cfg, cfg.eval_mode).to(torch.uint8).cpu().numpy()
 
@@ -260,9 +264,11 @@ def main(argv=None):
     try:
         items = list_inputs(args.inputs)  # every input checked before the model is loaded
         model, cfg = load_for_inference(args.ckpt, args.config, args.overrides)
-        model = inference_model(model, cfg.eval_amp, "cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(cfg, args.ckpt, model)
+        if not isinstance(model, BackendModel):
+            model = inference_model(model, cfg.eval_amp, "cuda" if torch.cuda.is_available() else "cpu")
         run(model, cfg, items, args.out)
-    except (ConfigError, CheckpointError, DatasetError, DemoError, OSError) as exc:
+    except (ConfigError, CheckpointError, DatasetError, DemoError, BackendError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote the outputs of {len(items)} input(s) to {args.out}")

@@ -12,7 +12,8 @@ save_color=true colorized ones (DIR/color/...) and, for a labelled split, the im
 prediction side by side (DIR/compare/...). `val_split=test` predicts Cityscapes' test split: it has no public
 labels, so nothing is scored (the JSON's metrics are null) and save_dir is required.
 The resolved config is printed at start and stored in the results JSON (eval_SPLIT_MODE.json next to the
-checkpoint).
+checkpoint). `backend=openvino` or `backend=onnxruntime` scores the file export.py wrote from the checkpoint instead
+(backend_model=FILE; default model.xml / model.onnx next to it), on the CPU, in any mode.
 """
 
 import argparse
@@ -34,6 +35,7 @@ from configs import ConfigError, add_config_args, format_config
 from datasets import build_dataset, class_table
 from distributed import Distributed, LaunchError, timeout_message
 from model import inference_model
+from runtime import BackendError, BackendModel, load_model
 from synthetic import prepare_data
 from transform import EvalTransform
 
@@ -198,7 +200,8 @@ def eval_dataset(cfg, split=None):
 
 @torch.inference_mode()
 def evaluate(model, dataset, cfg, proc, mode=None):
-    """Score `model` on `dataset` (a split from eval_dataset) in `mode` (default cfg.eval_mode).
+    """Score `model` (a PyTorch BiSeNet, or a runtime.BackendModel of an exported file) on `dataset` (a split from
+    eval_dataset) in `mode` (default cfg.eval_mode).
 
     Under torchrun each rank takes every world-th image (no padding, no duplicates) and the confusion
     matrices are summed, so the result equals a single process's. A split without labels (test) is only
@@ -214,8 +217,9 @@ def evaluate(model, dataset, cfg, proc, mode=None):
     shard = _Indexed(dataset, list(range(proc.rank, len(dataset), proc.world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=cfg.eval_workers,
                                          pin_memory=proc.device.type == "cuda")
-    # a folded channels_last copy on the device the images go to: `model` stays as and where it is
-    net = inference_model(model, cfg.eval_amp, proc.device)
+    # a folded channels_last copy on the device the images go to: `model` stays as and where it is; an exported
+    # file runs as it is, on the CPU (its logits come back on the images' device)
+    net = model if isinstance(model, BackendModel) else inference_model(model, cfg.eval_amp, proc.device)
     table = class_table(cfg)
     confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=proc.device)
     for index, image, label in tqdm(loader, desc=f"eval {mode}", disable=not proc.main, dynamic_ncols=True):
@@ -277,6 +281,7 @@ def main(argv=None):
     proc = None
     try:
         model, cfg = load_for_inference(args.ckpt, args.config, args.overrides)
+        model = load_model(cfg, args.ckpt, model)
         with Distributed(cfg.dist_timeout) as proc:
             if proc.main:
                 print(format_config(cfg))
@@ -290,7 +295,7 @@ def main(argv=None):
                 plots.plot_confusion(results, plots.confusion_path(out))
                 print(f"results: {out}" + (f"; predictions: {cfg.save_dir}/labelIds" if cfg.save_dir else ""))
     # OSError: a folder or file not writable
-    except (LaunchError, ConfigError, CheckpointError, DatasetError, OSError) as exc:
+    except (LaunchError, ConfigError, CheckpointError, DatasetError, BackendError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

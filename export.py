@@ -1,7 +1,7 @@
-"""Export a BiSeNet checkpoint to ONNX for deployment, and check the file against PyTorch with onnxruntime.
+"""Export a BiSeNet checkpoint to ONNX (and OpenVINO, INT8) for deployment, and check the files against PyTorch.
 
     python export.py --ckpt runs/NAME/model_final.pth [--output FILE.onnx] [--argmax] [--no-fold] [--opset 17]
-                     [--config NAME] [key=value ...]
+                     [--openvino] [--int8 [--calib-size 300]] [--config NAME] [key=value ...]
 
 The model is built from the checkpoint's config (--config NAME and overrides as in evaluate.py) without the aux
 heads, its BatchNorms are folded into the convolutions (--no-fold keeps them), and the file gets dynamic batch,
@@ -16,6 +16,14 @@ The default output is model.onnx (model_argmax.onnx with --argmax) next to the c
 file is run with onnxruntime on the CPU at sizes other than the export size and compared with PyTorch: the command
 fails where the largest logit difference exceeds 1e-4 + 1e-5 * the largest |logit| (float32 rounding grows with
 the logits' scale) or where fewer than 99.9% of the pixels get the same class.
+
+--openvino also writes an OpenVINO IR converted from that ONNX file (FILE.xml + FILE.bin beside FILE.onnx; model.xml
+by default), in fp32, checked the same way with OpenVINO on the CPU in f32. --int8 (implies --openvino) also writes
+FILE_int8.xml / .bin: NNCF post-training quantization calibrated on --calib-size crops of the training split, drawn
+with the training transform and a fixed seed (the same crops every time). INT8 cannot meet the fp32 logit tolerance;
+its argmax agreement with PyTorch is printed, and the command fails where it is below 90%.
+evaluate.py and demo.py run these files with backend=openvino or backend=onnxruntime. The packages come from
+requirements-deploy.txt.
 """
 
 import argparse
@@ -28,8 +36,14 @@ import torch
 import torch.nn as nn
 
 from checkpoint import CheckpointError, load_for_inference
+from cityscapes import DatasetError
 from configs import ConfigError, add_config_args
+from datasets import build_dataset
+from distributed import Distributed
 from model import fold_batchnorm
+from runtime import BackendError, onnxruntime_runner, openvino_runner, require
+from synthetic import prepare_data
+from transform import TrainTransform
 
 MIN_OPSET = 17  # the oldest opset this export is verified with
 # Verification sizes: odd, so that they are not multiples of 32, and other than the export size, so that a size
@@ -45,9 +59,12 @@ VERIFY_SIZES = ((199, 393), (321, 655))
 ATOL, RTOL = 1e-4, 1e-5
 # Pixels whose two best logits tie within that rounding may flip class, hence not 100% agreement.
 MIN_AGREEMENT = 0.999
+# An INT8 file moves logits by far more than rounding; below this agreement the quantization has gone wrong.
+MIN_INT8_AGREEMENT = 0.9
+CALIB_SEED = 0  # the calibration crops: the same ones at every export
 
 
-class ExportError(RuntimeError):
+class ExportError(BackendError):
     """An export that cannot be done or a file that does not match PyTorch."""
 
 
@@ -62,15 +79,7 @@ class _WithArgmax(nn.Module):
         return self.model(x).argmax(1)
 
 
-def _require(name):
-    """Import onnx / onnxruntime, which only requirements-dev.txt installs."""
-    try:
-        return __import__(name)
-    except ImportError as err:
-        raise ExportError(
-            f"the {name} package is needed to export and check ONNX files but is not installed; "
-            "pip install -r requirements-dev.txt"
-        ) from err
+_require = require  # onnx, onnxruntime, openvino, nncf: requirements-deploy.txt
 
 
 def export_onnx(model, path, argmax=False, opset=17, sample_hw=(256, 512)):
@@ -103,18 +112,51 @@ def export_onnx(model, path, argmax=False, opset=17, sample_hw=(256, 512)):
     return path
 
 
-def verify_onnx(path, model, sizes, batch=1, seed=0):
-    """Run the ONNX file `path` with onnxruntime on the CPU and compare it with `model` (PyTorch) on random
-    normalized images of each (H, W) in `sizes`, `batch` at a time.
+def export_openvino(onnx_path, path):
+    """Convert the ONNX file `onnx_path` to an OpenVINO IR at `path` (.xml, with its .bin beside it), kept in fp32
+    (save_model would halve the weights to fp16 by default); returns `path`."""
+    ov = _require("openvino")
+    ov.save_model(ov.convert_model(onnx_path), path, compress_to_fp16=False)
+    return path
+
+
+class CalibrationCrops:
+    """`size` normalized crops (1, 3, H, W) float32 of the training split, drawn by the training transform
+    (TrainTransform) from the images in a shuffled order, each crop with its own seed: the same crops at every
+    iteration and every export. Made while iterated: 300 crops of 1024x1024 would hold 3.6 GB."""
+
+    def __init__(self, cfg, size, seed=CALIB_SEED):
+        self.dataset = build_dataset(cfg, cfg.train_split, TrainTransform.from_config(cfg))
+        order = np.random.default_rng(seed).permutation(len(self.dataset))
+        self.items = [(int(order[k % len(order)]), seed + k) for k in range(size)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return (self.dataset[item][0][None].numpy() for item in self.items)
+
+
+def quantize_int8(xml_path, path, crops):
+    """Write an INT8 copy of the OpenVINO IR `xml_path` at `path`: NNCF post-training quantization calibrated on
+    `crops` (arrays (1, 3, H, W): CalibrationCrops); returns `path`."""
+    ov, nncf = _require("openvino"), _require("nncf")
+    quantized = nncf.quantize(ov.Core().read_model(xml_path), nncf.Dataset(crops), subset_size=len(crops))
+    ov.save_model(quantized, path, compress_to_fp16=False)
+    return path
+
+
+def verify(run, model, sizes, batch=1, seed=0):
+    """Compare `run` (a function float32 array (N, 3, H, W) -> logits (N, C, H, W) or labels (N, H, W), e.g.
+    runtime.onnxruntime_runner(path)) with `model` (PyTorch) on random normalized images of each (H, W) in `sizes`,
+    `batch` at a time.
 
     Returns {"max_abs_diff": worst logit difference, "within_tolerance": whether at every size the worst difference
     is at most ATOL + RTOL * the largest |logit| (both None for a --argmax file), "argmax_agreement": lowest fraction
     of pixels with the same class, "sizes": per size these figures and the "tolerance"}.
     """
-    session = _require("onnxruntime").InferenceSession(path, providers=["CPUExecutionProvider"])
-    output = session.get_outputs()[0].name
     generator = torch.Generator().manual_seed(seed)
-    per_size = [_compare(session, output, model, torch.randn(batch, 3, h, w, generator=generator)) for h, w in sizes]
+    per_size = [_compare(run, model, torch.randn(batch, 3, h, w, generator=generator)) for h, w in sizes]
     for (h, w), result in zip(sizes, per_size, strict=True):
         result["size"] = [batch, 3, h, w]
     diffs = [r["max_abs_diff"] for r in per_size]
@@ -126,19 +168,30 @@ def verify_onnx(path, model, sizes, batch=1, seed=0):
     }
 
 
-def _compare(session, output, model, image):
+def verify_onnx(path, model, sizes, batch=1, seed=0):
+    """verify() of the ONNX file `path` run with onnxruntime on the CPU."""
+    return verify(onnxruntime_runner(path), model, sizes, batch, seed)
+
+
+def verify_openvino(path, model, sizes, batch=1, seed=0):
+    """verify() of the OpenVINO file `path` run on the CPU in f32."""
+    return verify(openvino_runner(path), model, sizes, batch, seed)
+
+
+def _compare(run, model, image):
     device = next(model.parameters()).device
     was_training = model.training
     with torch.no_grad():
         expected = model.eval()(image.to(device)).float().cpu().numpy()
     model.train(was_training)
-    result = session.run([output], {"image": image.numpy()})[0]
-    labels = result if output == "labels" else result.argmax(1)
+    result = run(image.numpy())
+    is_labels = result.ndim == 3  # a --argmax file
+    labels = result if is_labels else result.argmax(1)
     if labels.shape != expected.argmax(1).shape:
-        raise ExportError(f"onnxruntime gave {output} of shape {result.shape} for an image of shape "
+        raise ExportError(f"the exported file gave an output of shape {result.shape} for an image of shape "
                           f"{tuple(image.shape)}; PyTorch gives logits of shape {expected.shape}")
     agreement = float((labels == expected.argmax(1)).mean())
-    if output == "labels":
+    if is_labels:
         return {"max_abs_diff": None, "tolerance": None, "within_tolerance": None, "argmax_agreement": agreement}
     diff, tolerance = float(np.abs(result - expected).max()), ATOL + RTOL * float(np.abs(expected).max())
     return {"max_abs_diff": diff, "tolerance": tolerance, "within_tolerance": diff <= tolerance,
@@ -151,6 +204,12 @@ def default_output(ckpt, argmax):
     return os.path.join(os.path.dirname(os.path.abspath(ckpt)), "model_argmax.onnx" if argmax else "model.onnx")
 
 
+def openvino_paths(onnx_path):
+    """(fp32 IR, INT8 IR) paths beside the ONNX file: X.onnx -> X.xml, X_int8.xml."""
+    base = os.path.splitext(onnx_path)[0]
+    return base + ".xml", base + "_int8.xml"
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="model_final.pth or last.pth of a run")
@@ -161,7 +220,17 @@ def parse_args(argv):
     parser.add_argument("--no-fold", action="store_true", help="keep the BatchNorm layers instead of folding them "
                                                                "into the convolutions")
     parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset ({MIN_OPSET} or newer)")
-    return add_config_args(parser).parse_args(argv)
+    parser.add_argument("--openvino", action="store_true", help="also write an OpenVINO IR (fp32) beside the ONNX "
+                                                                "file: FILE.xml + FILE.bin")
+    parser.add_argument("--int8", action="store_true", help="also write an INT8 OpenVINO IR (FILE_int8.xml) "
+                                                            "quantized with NNCF; implies --openvino")
+    parser.add_argument("--calib-size", type=int, default=300, help="training crops the INT8 quantization is "
+                                                                    "calibrated on (default 300)")
+    args = add_config_args(parser).parse_args(argv)
+    if args.calib_size < 1:
+        parser.error(f"--calib-size {args.calib_size}: expected a positive number of crops")
+    args.openvino = args.openvino or args.int8
+    return args
 
 
 def check_report(path, report):
@@ -172,28 +241,59 @@ def check_report(path, report):
                           f"expected at most {ATOL} + {RTOL} * the largest |logit| and at least {MIN_AGREEMENT}")
 
 
-def format_report(report):
+def check_int8_report(path, report):
+    """Raise ExportError when the INT8 file's argmax agrees with PyTorch on too few pixels (its logits are not held
+    to the fp32 tolerance)."""
+    agreement = report["argmax_agreement"]
+    if agreement < MIN_INT8_AGREEMENT:
+        raise ExportError(f"{path} agrees with PyTorch on only {100 * agreement:.1f}% of the pixels; expected at least "
+                          f"{100 * MIN_INT8_AGREEMENT:.0f}%: try a larger --calib-size, or use the fp32 file")
+
+
+def format_report(report, runtime="onnxruntime", int8=False):
     lines = []
     for r in report["sizes"]:
         diff = "n/a (labels)"
         if r["max_abs_diff"] is not None:
-            diff = f"{r['max_abs_diff']:.2e} (tolerance {r['tolerance']:.2e})"
-        lines.append(f"onnxruntime vs PyTorch at {'x'.join(map(str, r['size']))}: max abs logit diff {diff}, "
+            limit = "INT8: not held to the fp32 tolerance" if int8 else f"tolerance {r['tolerance']:.2e}"
+            diff = f"{r['max_abs_diff']:.2e} ({limit})"
+        lines.append(f"{runtime} vs PyTorch at {'x'.join(map(str, r['size']))}: max abs logit diff {diff}, "
                      f"argmax agreement {100 * r['argmax_agreement']:.3f}%")
     return "\n".join(lines)
+
+
+def export_openvino_files(args, model, cfg, onnx_path):
+    """--openvino and --int8: write, report on and check the IR files converted from `onnx_path`."""
+    xml_path, int8_path = openvino_paths(onnx_path)
+    export_openvino(onnx_path, xml_path)
+    report = verify_openvino(xml_path, model, VERIFY_SIZES, batch=2)
+    print(f"wrote {xml_path}\n" + format_report(report, "OpenVINO"))
+    check_report(xml_path, report)
+    if args.int8:
+        prepare_data(cfg, Distributed())  # the synthetic preset's data, written where it is missing
+        quantize_int8(xml_path, int8_path, CalibrationCrops(cfg, args.calib_size))
+        report = verify_openvino(int8_path, model, VERIFY_SIZES, batch=2)
+        print(f"wrote {int8_path} (calibrated on {args.calib_size} {cfg.train_split} crops)\n"
+              + format_report(report, "OpenVINO INT8", int8=True))
+        check_int8_report(int8_path, report)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model, _ = load_for_inference(args.ckpt, args.config, args.overrides)
+        model, cfg = load_for_inference(args.ckpt, args.config, args.overrides)
         path = args.output or default_output(args.ckpt, args.argmax)
+        # before any work: a missing package is named at once, not after minutes of export
+        for name in ["onnx", "onnxruntime"] + ["openvino"] * args.openvino + ["nncf"] * args.int8:
+            _require(name)
         export_onnx(model if args.no_fold else fold_batchnorm(model), path, args.argmax, args.opset)
         # against the unfolded model, so that the figures cover folding and export together
         report = verify_onnx(path, model, VERIFY_SIZES, batch=2)
         print(f"wrote {path}\n" + format_report(report))
         check_report(path, report)
-    except (ConfigError, CheckpointError, ExportError, OSError) as exc:
+        if args.openvino:
+            export_openvino_files(args, model, cfg, path)
+    except (ConfigError, CheckpointError, DatasetError, BackendError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import cv2
 import numpy as np
@@ -6,10 +7,12 @@ import pytest
 import torch
 
 import demo
+import export
+from checkpoint import load_for_inference
 from cityscapes import PALETTE, colorize
 from configs import get_config
 from datasets import class_table
-from model import build_model
+from model import build_model, fold_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +196,38 @@ def test_a_folder_datasets_names_and_colors_reach_the_pictures_and_legend(tmp_pa
         if len(set(rgb)) > 1:  # gray ones (Sky) cannot be told from the anti-aliased text
             assert (rgb in colors) == (class_id in (2, 10)), table.names[class_id]
     assert demo.present_classes(ids, table.names) == [2, 10]
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint):
+    """model.onnx and model.xml next to the checkpoint, where export.py writes them by default."""
+    model, _ = load_for_inference(checkpoint[0])
+    onnx_path = export.export_onnx(fold_batchnorm(model), export.default_output(checkpoint[0], False),
+                                   sample_hw=(64, 96))
+    return onnx_path, export.export_openvino(onnx_path, export.openvino_paths(onnx_path)[0])
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_an_exported_file_gives_the_models_segmentation(checkpoint, exported, tmp_path, backend):
+    path, model, cfg = checkpoint
+    image = random_image((45, 70), seed=4)
+    out = tmp_path / "out"
+    assert demo.main(["--ckpt", path, write_png(tmp_path / "street.png", image), "--out", str(out),
+                      f"backend={backend}"]) == 0
+    expected = hand_prediction(model, cfg, image)
+    assert len(np.unique(expected)) > 1
+    assert np.mean(np.all(read_png(out / "street_color.png") == colorize(expected), axis=-1)) >= 0.999
+
+
+def test_a_missing_backend_model_or_package_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    image = write_png(tmp_path / "x.png", random_image((20, 30)))
+    missing = str(tmp_path / "nope.xml")
+    assert demo.main(["--ckpt", checkpoint[0], image, "backend=openvino", f"backend_model={missing}",
+                      "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: openvino model not found: {missing};") and err.count("\n") == 1
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert demo.main(["--ckpt", checkpoint[0], image, "backend=onnxruntime", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the onnxruntime package is needed") and err.count("\n") == 1
+    assert err.strip().endswith("pip install -r requirements-deploy.txt")

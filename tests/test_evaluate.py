@@ -15,7 +15,9 @@ from conftest import write_frame
 from torch import nn
 
 import evaluate
-from checkpoint import inference_config
+import export
+import runtime
+from checkpoint import inference_config, load_for_inference
 from cityscapes import Cityscapes, to_train_ids
 from configs import format_config, get_config
 from datasets import cityscapes_table
@@ -29,7 +31,7 @@ from evaluate import (
     predict_scores,
     sliding_scores,
 )
-from model import build_model, inference_model
+from model import build_model, fold_batchnorm, inference_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -452,3 +454,77 @@ def test_load_for_inference_reads_the_checkpoint_once_and_builds_its_config_with
     image = torch.randn(1, 3, 40, 56)
     with torch.no_grad():
         torch.testing.assert_close(loaded(image), model.eval()(image), rtol=0, atol=0)
+
+
+# ---- exported files: backend=openvino / onnxruntime ----
+
+def export_files(ckpt):
+    """model.onnx and model.xml next to the checkpoint, where export.py writes them by default."""
+    model, _ = load_for_inference(ckpt)
+    onnx_path = export.export_onnx(fold_batchnorm(model), export.default_output(ckpt, False), sample_hw=(64, 96))
+    return onnx_path, export.export_openvino(onnx_path, export.openvino_paths(onnx_path)[0])
+
+
+def read_predictions(save_dir):
+    return {name: cv2.imread(os.path.join(save_dir, "labelIds", city, name), cv2.IMREAD_UNCHANGED)
+            for city in sorted(os.listdir(os.path.join(save_dir, "labelIds")))
+            for name in sorted(os.listdir(os.path.join(save_dir, "labelIds", city)))}
+
+
+def test_exported_files_give_the_torch_predictions(tmp_path, capsys):
+    path, _, _ = make_checkpoint(tmp_path, n_val=3)
+    export_files(path)
+    predictions, confusions = {}, {}
+    for backend in ("torch", "openvino", "onnxruntime"):
+        save_dir = str(tmp_path / backend)
+        assert evaluate.main(["--ckpt", path, f"backend={backend}", f"save_dir={save_dir}"]) == 0, capsys.readouterr()
+        predictions[backend] = read_predictions(save_dir)
+        confusions[backend] = np.array(strict_json(tmp_path / "eval_val_ss.json")["confusion"])
+    assert len(predictions["torch"]) == 3
+    for backend in ("openvino", "onnxruntime"):
+        assert predictions[backend].keys() == predictions["torch"].keys()
+        same = [(predictions[backend][k] == v).mean() for k, v in predictions["torch"].items()]
+        assert min(same) >= 0.999, (backend, same)
+        # a pixel that changes class moves one count between two cells of the confusion matrix
+        total = confusions["torch"].sum()
+        assert np.abs(confusions[backend] - confusions["torch"]).sum() <= 2 * 0.001 * total
+
+
+@pytest.mark.parametrize("mode", ["ssc", "msf", "mscf"])
+def test_every_mode_runs_an_exported_file_like_the_torch_model(tmp_path, mode):
+    path, _, _ = make_checkpoint(tmp_path, n_val=2)
+    onnx_path, xml_path = export_files(path)
+    model, cfg = load_for_inference(path, None, ["eval_crop=32,32", "eval_scales=0.75,1.25", "eval_batch=3"])
+    dataset = evaluate.eval_dataset(cfg)
+    expected = np.array(evaluate.evaluate(model, dataset, cfg, Distributed(), mode)["confusion"])
+    for file, backend in ((xml_path, "openvino"), (onnx_path, "onnxruntime")):
+        results = evaluate.evaluate(runtime.BackendModel(file, backend), dataset, cfg, Distributed(), mode)
+        got = np.array(results["confusion"])
+        assert results["mode"] == mode and got.sum() == expected.sum()
+        assert np.abs(got - expected).sum() <= 2 * 0.001 * expected.sum(), backend
+
+
+def test_a_missing_backend_model_is_one_line_naming_it(tmp_path, capsys):
+    path, _, _ = make_checkpoint(tmp_path, n_val=1)
+    for backend, args, missing in (("openvino", [], str(tmp_path / "model.xml")),
+                                   ("onnxruntime", [f"backend_model={tmp_path / 'other.onnx'}"],
+                                    str(tmp_path / "other.onnx"))):
+        assert evaluate.main(["--ckpt", path, f"backend={backend}", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {backend} model not found: {missing};") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_a_missing_runtime_package_is_one_line_with_the_install_command(tmp_path, capsys, monkeypatch, backend):
+    path, _, _ = make_checkpoint(tmp_path, n_val=1)
+    monkeypatch.setitem(sys.modules, backend, None)  # makes `import openvino` / `import onnxruntime` fail
+    assert evaluate.main(["--ckpt", path, f"backend={backend}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the {backend} package is needed") and err.count("\n") == 1
+    assert err.strip().endswith("pip install -r requirements-deploy.txt")
+
+
+def test_an_unknown_backend_is_refused(tmp_path, capsys):
+    path, _, _ = make_checkpoint(tmp_path, n_val=1)
+    assert evaluate.main(["--ckpt", path, "backend=tensorrt"]) == 2
+    assert "bad value for backend: 'tensorrt'; expected one of torch, openvino, onnxruntime" in capsys.readouterr().err

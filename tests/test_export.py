@@ -1,4 +1,5 @@
-"""BatchNorm folding and ONNX export, checked against the unfolded PyTorch model (CPU, small inputs)."""
+"""BatchNorm folding, ONNX and OpenVINO (fp32, INT8) export, checked against the unfolded PyTorch model (CPU, small
+inputs)."""
 
 import os
 import subprocess
@@ -7,12 +8,14 @@ import sys
 import numpy as np
 import onnx
 import onnxruntime as ort
+import openvino as ov
 import pytest
 import torch
 import torch.nn as nn
 
 import export
 import precision
+import runtime
 from configs import PRESETS, get_config
 from model import ConvBNReLU, build_model, fold_batchnorm, inference_model
 from precision import autocast_dtype
@@ -187,23 +190,23 @@ def test_verify_onnx_reports_worst_figures(model, onnx_files):
     assert labels_report["max_abs_diff"] is None and labels_report["argmax_agreement"] >= 0.999
 
 
-class OffsetSession:
-    """An onnxruntime stand-in whose "logits" are PyTorch's plus `offset` at one element."""
+class OffsetRunner:
+    """A runtime stand-in whose "logits" are PyTorch's plus `offset` at one element."""
 
     def __init__(self, model, offset):
         self.model, self.offset = model, offset
 
-    def run(self, names, feeds):
-        logits = torch_logits(self.model, torch.from_numpy(feeds["image"]))
+    def __call__(self, image):
+        logits = torch_logits(self.model, torch.from_numpy(image))
         logits.reshape(-1)[7] += self.offset
-        return [logits]
+        return logits
 
 
 @pytest.mark.parametrize("factor, passes", [(0.9, True), (1.1, False)])
 def test_the_export_check_allows_1e_4_plus_1e_5_of_the_largest_logit(model, factor, passes):
     image = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(4))
     tolerance = 1e-4 + 1e-5 * np.abs(torch_logits(model, image)).max()  # the rule, written out
-    result = export._compare(OffsetSession(model, factor * tolerance), "logits", model, image)
+    result = export._compare(OffsetRunner(model, factor * tolerance), model, image)
     assert result["max_abs_diff"] == pytest.approx(factor * tolerance, rel=1e-3)
     assert result["within_tolerance"] is passes
     report = {"max_abs_diff": result["max_abs_diff"], "within_tolerance": passes, "argmax_agreement": 1.0}
@@ -216,8 +219,105 @@ def test_the_export_check_allows_1e_4_plus_1e_5_of_the_largest_logit(model, fact
 
 def test_missing_onnxruntime_is_named(model, onnx_files, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
-    with pytest.raises(export.ExportError, match="onnxruntime.*requirements-dev.txt"):
+    with pytest.raises(runtime.BackendError, match="onnxruntime.*pip install -r requirements-deploy.txt"):
         export.verify_onnx(onnx_files[0], model, [(67, 101)])
+
+
+# --- OpenVINO ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ir_file(onnx_files):
+    return export.export_openvino(onnx_files[0], onnx_files[0].replace(".onnx", ".xml"))
+
+
+def openvino_logits(path, image):
+    """The IR run by OpenVINO's own API, on the CPU in f32."""
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled(image.numpy())[0]
+
+
+def test_ir_is_fp32_with_dynamic_batch_height_and_width(ir_file):
+    assert os.path.isfile(ir_file.replace(".xml", ".bin"))
+    ir = ov.Core().read_model(ir_file)
+    assert ir.input(0).get_partial_shape().is_dynamic and ir.input(0).get_partial_shape()[1] == 3
+    # compress_to_fp16=False: every constant stays fp32 (save_model's default would store the weights as f16)
+    constants = [op for op in ir.get_ops() if op.get_type_name() == "Constant"]
+    assert constants and not any(op.get_element_type() == ov.Type.f16 for op in constants)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 67, 101), (2, 3, 80, 112)])
+def test_ir_logits_match_pytorch_at_other_sizes(model, ir_file, shape):
+    image = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    logits = openvino_logits(ir_file, image)
+    expected = torch_logits(model, image)  # the unfolded model: covers folding, ONNX export and conversion
+    assert logits.shape == expected.shape and logits.dtype == np.float32
+    assert np.abs(logits - expected).max() < 1e-4
+    assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.999
+
+
+def test_verify_openvino_reports_like_verify_onnx(model, ir_file):
+    report = export.verify_openvino(ir_file, model, [(67, 101), (80, 112)])
+    assert [r["size"] for r in report["sizes"]] == [[1, 3, 67, 101], [1, 3, 80, 112]]
+    assert report["max_abs_diff"] < 1e-4 and report["within_tolerance"] and report["argmax_agreement"] >= 0.999
+    export.check_report(ir_file, report)
+    assert export.format_report(report, "OpenVINO").startswith("OpenVINO vs PyTorch at 1x3x67x101: max abs logit")
+
+
+def test_backend_model_is_called_like_the_pytorch_model(model, onnx_files, ir_file):
+    image = torch.randn(2, 3, 45, 77, generator=torch.Generator().manual_seed(5))
+    expected = torch_logits(model, image)
+    for path, backend in ((ir_file, "openvino"), (onnx_files[0], "onnxruntime")):
+        logits = runtime.BackendModel(path, backend)(image)
+        assert isinstance(logits, torch.Tensor) and logits.dtype == torch.float32 and logits.shape == expected.shape
+        assert np.abs(logits.numpy() - expected).max() < 1e-4
+    with pytest.raises(runtime.BackendError, match="model_argmax.onnx outputs labels, not logits"):
+        runtime.BackendModel(onnx_files[1], "onnxruntime")(image)
+
+
+def test_missing_openvino_is_named(ir_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(runtime.BackendError, match="openvino package .* pip install -r requirements-deploy.txt"):
+        runtime.BackendModel(ir_file, "openvino")
+
+
+# --- INT8 ----------------------------------------------------------------------------------------------------------
+
+
+def tiny_config(root, *overrides):
+    """The synthetic preset on a tiny Cityscapes-format folder (conftest's tiny_cityscapes), small crops."""
+    return get_config("synthetic", ["synthetic=false", f"data_root={root}", "crop_size=32,48", *overrides])
+
+
+def test_calibration_crops_are_training_crops_drawn_the_same_every_time(tiny_cityscapes):
+    cfg = tiny_config(tiny_cityscapes)
+    calibration = export.CalibrationCrops(cfg, 6)  # more crops than the 4 training images: they come round again
+    crops = list(calibration)
+    assert len(calibration) == 6 and all(c.shape == (1, 3, 32, 48) and c.dtype == np.float32 for c in crops)
+    # NNCF iterates more than once (statistics, then bias correction): every pass and every export sees the same
+    for again in (list(calibration), list(export.CalibrationCrops(cfg, 6))):
+        assert all(np.array_equal(a, b) for a, b in zip(crops, again, strict=True))
+    # each crop its own seed: an image met twice gives two different crops
+    assert len({c.tobytes() for c in crops}) == 6
+
+
+def test_int8_file_runs_and_its_agreement_is_computed(model, ir_file, tiny_cityscapes, tmp_path):
+    crops = export.CalibrationCrops(tiny_config(tiny_cityscapes), 4)
+    path = export.quantize_int8(ir_file, str(tmp_path / "model_int8.xml"), crops)
+    assert os.path.isfile(path) and os.path.isfile(path.replace(".xml", ".bin"))
+    assert any(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(path).get_ops())
+    image = torch.randn(1, 3, 67, 101, generator=torch.Generator().manual_seed(0))  # verify's image (its seed 0)
+    report = export.verify_openvino(path, model, [(67, 101)])
+    logits, expected = openvino_logits(path, image), torch_logits(model, image)
+    assert logits.shape == expected.shape
+    assert report["argmax_agreement"] == (logits.argmax(1) == expected.argmax(1)).mean()  # same image, seed 0
+    assert 0 < report["argmax_agreement"] <= 1
+
+
+def test_int8_check_fails_below_90_percent_agreement():
+    export.check_int8_report("model_int8.xml", {"argmax_agreement": 0.91})
+    with pytest.raises(export.ExportError, match="model_int8.xml agrees with PyTorch on only 89.0% of the pixels"):
+        export.check_int8_report("model_int8.xml", {"argmax_agreement": 0.89})
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -234,6 +334,38 @@ def test_cli_exports_a_training_checkpoint(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "model.onnx").is_file()
     out = capsys.readouterr().out
     assert "2x3x67x101" in out and "argmax agreement" in out
+
+
+def test_cli_writes_onnx_ir_and_int8_files(tiny_cityscapes, tmp_path, monkeypatch, capsys):
+    cfg = tiny_config(tiny_cityscapes)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model_final.pth"
+    torch.save({"model": randomize_batchnorm(build_model(cfg, pretrained=False)).state_dict(),
+                "config": cfg.to_dict()}, ckpt)
+    monkeypatch.setattr(export, "VERIFY_SIZES", ((67, 101),))
+    # random weights leave near ties at most pixels, which INT8 rounding flips: the threshold is for trained models
+    monkeypatch.setattr(export, "MIN_INT8_AGREEMENT", 0.0)
+    output = tmp_path / "out" / "bisenet.onnx"
+    assert export.main(["--ckpt", str(ckpt), "--output", str(output), "--int8", "--calib-size", "4"]) == 0
+    names = sorted(os.listdir(output.parent))
+    assert names == ["bisenet.bin", "bisenet.onnx", "bisenet.xml", "bisenet_int8.bin", "bisenet_int8.xml"]
+    out = capsys.readouterr().out
+    assert "OpenVINO vs PyTorch at 2x3x67x101" in out and "calibrated on 4 train crops" in out
+    assert "OpenVINO INT8 vs PyTorch at 2x3x67x101" in out and "not held to the fp32 tolerance" in out
+
+
+@pytest.mark.parametrize("flag, package", [("--openvino", "openvino"), ("--int8", "nncf"), ("", "onnx")])
+def test_cli_missing_package_is_one_line_with_the_install_command(tmp_path, monkeypatch, capsys, flag, package):
+    cfg = get_config("synthetic")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model_final.pth"
+    torch.save({"model": build_model(cfg, pretrained=False).state_dict(), "config": cfg.to_dict()}, ckpt)
+    monkeypatch.setitem(sys.modules, package, None)
+    assert export.main(["--ckpt", str(ckpt), *([flag] if flag else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the {package} package is needed") and err.count("\n") == 1
+    assert err.strip().endswith("pip install -r requirements-deploy.txt")
+    assert not (tmp_path / "model.onnx").exists()  # named before any work
 
 
 def test_cli_missing_checkpoint_exits_nonzero_with_the_path(tmp_path):

@@ -1,0 +1,93 @@
+"""Exported models (export.py's ONNX and OpenVINO IR files) run on the CPU, callable like the PyTorch model.
+
+evaluate.py and demo.py run one with backend=openvino or backend=onnxruntime (and backend_model=FILE, default
+model.xml / model.onnx next to the checkpoint, what export.py writes there): `load_model` gives a BackendModel,
+which takes a float32 (N, 3, H, W) tensor and returns float32 logits (N, C, H, W), so that every evaluation mode
+works unchanged. export.py checks its files with the same runners.
+
+onnx, onnxruntime, openvino and nncf are optional: requirements-deploy.txt installs them.
+"""
+
+import importlib
+import os
+
+import numpy as np
+import torch
+
+# What each optional package is needed for, for the message when it is missing.
+PURPOSES = {
+    "onnx": "export ONNX files",
+    "onnxruntime": "run ONNX files",
+    "openvino": "export and run OpenVINO IR files",
+    "nncf": "quantize OpenVINO files to INT8",
+}
+# The file export.py writes next to the checkpoint, per backend (backend_model="" picks it).
+DEFAULT_FILES = {"openvino": "model.xml", "onnxruntime": "model.onnx"}
+
+
+class BackendError(RuntimeError):
+    """A runtime package that is not installed, or an exported model file that cannot be run."""
+
+
+def require(name):
+    """Import an optional package of requirements-deploy.txt, or say in one line how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise BackendError(
+            f"the {name} package is needed to {PURPOSES.get(name, 'deploy models')} but is not installed; "
+            "pip install -r requirements-deploy.txt"
+        ) from err
+
+
+def onnxruntime_runner(path):
+    """A function float32 array (N, 3, H, W) -> the file's output array, running the ONNX file `path` with
+    onnxruntime on the CPU."""
+    session = require("onnxruntime").InferenceSession(path, providers=["CPUExecutionProvider"])
+    output = session.get_outputs()[0].name
+    return lambda image: session.run([output], {"image": image})[0]
+
+
+def openvino_runner(path):
+    """The same for an OpenVINO IR (.xml) or ONNX file, compiled for the CPU in f32: by default OpenVINO may compute
+    in bf16 on CPUs that have it, which is not what an fp32 file promises (an INT8 file keeps its int8 layers)."""
+    ov = require("openvino")
+    compiled = ov.Core().compile_model(path, "CPU", {ov.properties.hint.inference_precision: ov.Type.f32})
+    request = compiled.create_infer_request()
+    return lambda image: np.array(request.infer([image])[compiled.output(0)], copy=True)  # the request reuses its own
+
+
+RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
+
+
+class BackendModel:
+    """An exported logits file run by `backend` ("openvino" or "onnxruntime") on the CPU, called like the PyTorch
+    inference model: float32 (N, 3, H, W) tensor in, float32 logits (N, C, H, W) out, on the input's device."""
+
+    device = torch.device("cpu")  # where it computes, whatever device the images come from
+
+    def __init__(self, path, backend):
+        require(backend)  # the runtime's package is named as the backend: install it first, then export
+        if not os.path.isfile(path):
+            raise BackendError(f"{backend} model not found: {path}; write it with python export.py --ckpt CKPT"
+                               + (" --openvino" if backend == "openvino" else "") + " or set backend_model=FILE")
+        self.path, self.backend = path, backend
+        self.run = RUNNERS[backend](path)
+
+    def __call__(self, image):
+        logits = self.run(image.detach().to("cpu", torch.float32).contiguous().numpy())
+        if logits.ndim != 4:
+            raise BackendError(f"{self.path} outputs labels, not logits: export it without --argmax")
+        return torch.from_numpy(logits).float().to(image.device)
+
+
+def model_path(cfg, ckpt):
+    """cfg.backend_model, or export.py's default file for cfg.backend next to the checkpoint `ckpt`."""
+    return cfg.backend_model or os.path.join(os.path.dirname(os.path.abspath(ckpt)), DEFAULT_FILES[cfg.backend])
+
+
+def load_model(cfg, ckpt, model):
+    """What evaluate.py and demo.py run: the PyTorch `model` for backend=torch, else a BackendModel of the file."""
+    if cfg.backend == "torch":
+        return model
+    return BackendModel(model_path(cfg, ckpt), cfg.backend)
