@@ -1,13 +1,19 @@
-"""The synthetic data set: Cityscapes layout and encoding, determinism, safety of real data, and that it is not
-solvable from color alone."""
+"""The synthetic data set: Cityscapes layout and encoding, determinism, safety of real data, regeneration, one writer
+per machine, and that it is not solvable from color alone."""
 
 import re
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
+import checkpoint
+import distributed
 import synthetic
+from cityscapes import Cityscapes
+from distributed import Distributed
 
 # labelId -> trainId, written out from the official cityscapesScripts table; every other id is ignored.
 TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
@@ -80,9 +86,18 @@ def test_most_train_classes_and_the_ignored_ids_appear(dataset):
     present = set(np.unique(np.concatenate([label.ravel() for _, label in pairs])).tolist())
     train_classes = {TRAIN_IDS[i] for i in present if i in TRAIN_IDS}
     assert len(train_classes) >= 12, sorted(train_classes)
-    assert {0, 1, 3} <= present  # unlabeled, ego vehicle, out of roi: ignored, as in the real data
+    # unlabeled, ego vehicle, rectification border, out of roi, static, parking: ignored, as in the real data
+    assert {0, 1, 2, 3, 4, 9} <= present, sorted(present)
     for _, label in pairs:  # ignored pixels stay a minority
         assert (to_train_ids(label) != 255).mean() > 0.7
+
+
+def test_the_cityscapes_loader_reads_it_with_the_ignore_index(dataset):
+    val = Cityscapes(str(dataset), "val")
+    assert len(val) == 4
+    labels = np.stack([val[i][1] for i in range(len(val))])
+    assert set(np.unique(labels).tolist()) - {255} <= set(TRAIN_IDS.values())
+    assert (labels == 255).any() and (labels != 255).mean() > 0.7
 
 
 def test_color_alone_is_ambiguous_but_labels_are_structured(dataset):
@@ -119,6 +134,20 @@ def test_an_image_does_not_depend_on_how_many_are_generated(tmp_path):
     assert all(large[name] == data for name, data in small.items() if name.endswith(".png"))
 
 
+def test_every_file_is_written_through_the_projects_atomic_write(tmp_path, monkeypatch):
+    written = []
+
+    def recording(path, write):
+        written.append(str(path))
+        checkpoint.write_atomically(path, write)
+
+    monkeypatch.setattr(synthetic, "write_atomically", recording)
+    synthetic.generate(tmp_path / "data", n_train=2, n_val=1, size=(64, 128), progress=False)
+    files = {str(p) for p in (tmp_path / "data").rglob("*") if p.is_file()}
+    assert files <= set(written) and len(files) == 7  # 3 images, 3 labels, the marker
+    assert not any(".tmp" in name for name in files)
+
+
 def test_ensure_synthetic_does_not_regenerate_when_the_marker_matches(tmp_path, monkeypatch):
     root = tmp_path / "data"
     assert synthetic.ensure_synthetic(root, 2, 1, (64, 128), seed=0)
@@ -141,6 +170,14 @@ def test_ensure_synthetic_regenerates_for_other_settings_without_stale_files(tmp
     assert "train: 1" in (root / "SYNTHETIC").read_text()
 
 
+def test_a_folder_left_by_a_run_killed_while_writing_its_first_marker_is_still_ours(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "SYNTHETIC.partial.tmp4242").write_bytes(b"")
+    assert synthetic.ensure_synthetic(root, 1, 1, (64, 128))
+    assert sorted(p.name for p in root.iterdir()) == ["SYNTHETIC", "gtFine", "leftImg8bit"]
+
+
 def test_real_data_is_never_written_into(tmp_path):
     root = tmp_path / "cityscapes"
     real = root / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
@@ -156,7 +193,7 @@ def test_real_data_is_never_written_into(tmp_path):
     assert real.read_bytes() == b"a real image"
 
 
-def test_an_interrupted_run_is_regenerated(tmp_path, monkeypatch):
+def test_an_interrupted_run_is_regenerated_and_leaves_no_stale_files(tmp_path, monkeypatch):
     root = tmp_path / "data"
     draw_scene, calls = synthetic.draw_scene, []
 
@@ -170,10 +207,51 @@ def test_an_interrupted_run_is_regenerated(tmp_path, monkeypatch):
         patch.setattr(synthetic, "draw_scene", draw_then_crash)
         with pytest.raises(KeyboardInterrupt):
             synthetic.ensure_synthetic(root, 3, 1, (64, 128))
-    assert not (root / "SYNTHETIC").exists() and any(root.rglob("*.png"))
+    assert not (root / "SYNTHETIC").exists() and (root / "SYNTHETIC.partial").exists() and any(root.rglob("*.png"))
+    # What a killed process would leave: temporary files of write_atomically, and an image of another run.
+    for stale in ("leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png.tmp4242", "SYNTHETIC.tmp4242",
+                  "gtFine/val/lindau/lindau_000007_000019_gtFine_labelIds.png"):
+        (root / stale).parent.mkdir(parents=True, exist_ok=True)
+        (root / stale).write_bytes(b"stale")
     assert synthetic.ensure_synthetic(root, 3, 1, (64, 128))
     synthetic.generate(tmp_path / "clean", 3, 1, (64, 128), progress=False)
     assert file_bytes(root) == file_bytes(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_prepare_data_writes_on_each_machines_first_process_while_the_others_wait(tmp_path, monkeypatch,
+                                                                                 local_rank):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    proc, events = Distributed(), []
+    monkeypatch.setattr(distributed.Distributed, "barrier", lambda self: events.append("barrier"))
+    monkeypatch.setattr(synthetic, "ensure_synthetic", lambda *settings: events.append(settings))
+    cfg = SimpleNamespace(synthetic=True, data_root=str(tmp_path / "data"), synthetic_train=2, synthetic_val=1,
+                          synthetic_size=(64, 128), seed=5)
+    synthetic.prepare_data(cfg, proc)
+    writes = [(cfg.data_root, 2, 1, (64, 128), 5)]
+    assert events == (writes + ["barrier"] if local_rank == 0 else ["barrier"])  # the others only wait for it
+    events.clear()
+    synthetic.prepare_data(SimpleNamespace(**{**vars(cfg), "synthetic": False}), proc)
+    assert all(event == "barrier" for event in events)
+
+
+def test_prepare_data_generates_once_and_then_reuses_the_data_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = SimpleNamespace(synthetic=True, data_root=str(tmp_path / "data"), synthetic_train=2, synthetic_val=1,
+                          synthetic_size=(64, 128), seed=0)
+    synthetic.prepare_data(cfg, Distributed())
+    assert "generating synthetic data" in capsys.readouterr().out
+    before = file_bytes(tmp_path / "data")
+    assert len([name for name in before if name.endswith(".png")]) == 6
+    synthetic.prepare_data(cfg, Distributed())
+    assert capsys.readouterr().out == "" and file_bytes(tmp_path / "data") == before
+    synthetic.prepare_data(SimpleNamespace(**{**vars(cfg), "synthetic": False, "data_root": str(tmp_path / "none")}),
+                           Distributed())
+    assert not (tmp_path / "none").exists()
 
 
 def test_command_line(tmp_path, capsys):
