@@ -1,16 +1,19 @@
 """Measure the pipeline and write BENCHMARKS.md.
 
     python benchmark.py                                   # every section, written to BENCHMARKS.md
-    python benchmark.py --only data,latency               # some (data, train, latency, eval): printed only
+    python benchmark.py --only data,latency               # some (data, train, presets, latency, eval): printed
     python benchmark.py --only eval --out eval_bench.md   # some, written to the file given
 
 Sections: data (training pipeline samples/s per loader worker on 1024x2048 frames, against a
-full-image resize baseline), train (training images/s at the reference crop), latency (inference
-ms/image at 512x1024 and 1024x2048 for several execution variants, against fp32 eager), eval
-(seconds per image of each evaluation mode, and batched against one-at-a-time crops). Each figure is
-the median of --repeat timed runs after a warm-up run: on the GPU timed with CUDA events (read after a
-synchronize), on the CPU with perf_counter. Runs on the GPU when there is one, else the CPU; ONNX Runtime
-always runs on the CPU (its row says so).
+full-image resize baseline), train (training images/s at the reference crop, per precision), presets
+(training images/s at the synthetic and camvid presets' crops: fp32, channels_last, bf16, torch.compile),
+latency (inference ms/image at 512x1024 and 1024x2048 for several execution variants and the exported
+ONNX Runtime / OpenVINO fp32, bf16, INT8 files, against fp32 eager), eval (seconds per image of each
+evaluation mode, in PyTorch and with the OpenVINO files, and batched against one-at-a-time crops). Each
+figure is the median of --repeat timed runs after a warm-up run: on the GPU timed with CUDA events (read
+after a synchronize), on the CPU with perf_counter. Runs on the GPU when there is one, else the CPU;
+exported files always run on the CPU (the notes say so). Rows whose package (requirements-deploy.txt) is
+missing are left out with a note.
 
 BENCHMARKS.md is written by a full run only, so that a partial run does not replace the whole report with
 its sections; --out FILE writes any run's sections to FILE.
@@ -34,15 +37,17 @@ from configs import get_config
 from datasets import build_dataset
 from distributed import Distributed
 from evaluate import eval_crop_size, predict, predict_scores
+from export import export_onnx, export_openvino, openvino_paths, quantize_int8, random_images
 from loss import build_loss
 from model import build_model, fold_batchnorm, inference_model
 from optimizer import build_optimizer
 from precision import native_bf16, training_precision
+from runtime import BackendError, onnxruntime_runner, openvino_runner
 from synthetic import generate
 from train import train_step
 from transform import TrainTransform
 
-SECTIONS = ("data", "train", "latency", "eval")
+SECTIONS = ("data", "train", "presets", "latency", "eval")
 
 
 def timed(fn, device, repeat):
@@ -133,34 +138,74 @@ def bench_data(cfg, root, repeat):
 
 # ---- training ----
 
-def bench_train(cfg, device, batch, repeat):
-    """Time of train.train_step (forward, OHEM loss on 3 heads, backward, the step's sync, SGD update) in each
-    precision train.py can use here: fp32, and the autocast of amp=fp16 / amp=bf16 where precision.py grants it on
-    this device (CUDA; bf16 on CPUs with native bf16)."""
+def precision_variants(cfg, device):
+    """(name, cfg, amp, compile) for each precision train.py can use on `device`: fp32, and the autocast of
+    amp=fp16 / amp=bf16 where precision.py grants it (CUDA; bf16 on CPUs with native bf16)."""
+    variants = [("fp32", cfg, "none", False)]
+    for amp in ("fp16", "bf16"):
+        if training_precision(amp, device)[0] is not None:
+            variants.append((f"{amp} autocast (`amp={amp}`)", cfg, amp, False))
+    return variants
+
+
+def cpu_variants(cfg, device):
+    """The choices that may speed up training on a CPU, each added to fp32 on its own: channels_last, bf16 with it
+    (CPUs with native bf16), torch.compile with it."""
+    plain = get_config(base=cfg.to_dict(), overrides=["channels_last=false"])
+    last = get_config(base=cfg.to_dict(), overrides=["channels_last=true"])
+    variants = [("fp32", plain, "none", False), ("fp32, channels_last", last, "none", False)]
+    if training_precision("bf16", device)[0] is not None:
+        variants.append(("bf16 autocast, channels_last", last, "bf16", False))
+    variants.append(("fp32, channels_last, torch.compile", last, "none", True))
+    return variants
+
+
+def bench_train(cfg, device, batch, repeat, variants=precision_variants):
+    """Images/s of train.train_step (forward, OHEM loss on 3 heads, backward, the step's sync, SGD update) for each
+    (name, cfg, amp, compile) of variants(cfg, device), built as train.py builds it (channels_last weights and
+    input where the variant's cfg asks; torch.compile of the training model where it says so)."""
     h, w = cfg.crop_size
-    batches = itertools.repeat((torch.randn(batch, 3, h, w, device=device),
-                                torch.randint(0, cfg.num_classes, (batch, h, w), device=device)))
+    images, labels = torch.randn(batch, 3, h, w, device=device), torch.randint(0, cfg.num_classes, (batch, h, w),
+                                                                               device=device)
     proc = Distributed()
     lines = [f"Training step (`train.train_step`: forward, OHEM loss on 3 heads, backward, SGD), crop {h}x{w}, batch "
              f"{batch} per process, random data:", "",
-             "| precision | images/s | s/iteration | speed vs fp32 |", "|---|---|---|---|"]
-    base = None
-    for amp in ("none", "fp16", "bf16"):
+             "| variant | images/s | s/iteration | speed vs fp32 |", "|---|---|---|---|"]
+    base, notes = None, []
+    for name, variant_cfg, amp, compile in variants(cfg, device):
         dtype, autocast, scaler = training_precision(amp, device)
-        if amp != "none" and dtype is None:
-            continue
         torch.manual_seed(0)
-        model = build_model(cfg, pretrained=False).to(device).train()
-        optimizer, criterion = build_optimizer(model, cfg), build_loss(cfg).to(device)
+        model = build_model(variant_cfg, pretrained=False).to(device).train()
+        if variant_cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer, criterion = build_optimizer(model, variant_cfg), build_loss(variant_cfg).to(device)
+        net = torch.compile(model) if compile else model
+        batches = itertools.repeat((images, labels))
 
-        def step(model=model, optimizer=optimizer, criterion=criterion, autocast=autocast, scaler=scaler):
-            train_step(model, criterion, optimizer, scaler, autocast, batches, cfg, proc, cfg.lr)
+        def step(net=net, optimizer=optimizer, criterion=criterion, autocast=autocast, scaler=scaler,
+                 variant_cfg=variant_cfg, batches=batches):
+            train_step(net, criterion, optimizer, scaler, autocast, batches, variant_cfg, proc, variant_cfg.lr)
 
+        if compile:
+            start = time.perf_counter()
+            try:
+                step()
+            except Exception as error:  # no C++ compiler, unsupported platform...: report, do not stop the benchmark
+                notes.append(f"{name}: not run ({type(error).__name__}: {str(error)[:200]})")
+                continue
+            notes.append(f"{name}: the first step compiles, {time.perf_counter() - start:.0f} s here")
         seconds = timed(step, device, repeat)
         base = base or seconds
-        name = "fp32" if amp == "none" else f"{amp} autocast (`amp={amp}`)"
         lines.append(f"| {name} | {batch / seconds:.2f} | {seconds:.2f} | {base / seconds:.2f}x |")
-    return lines
+    return lines + ([""] + [f"- {note}" for note in notes] if notes else [])
+
+
+def bench_presets(device, batch, repeat, presets=("synthetic", "camvid")):
+    """bench_train's CPU choices (cpu_variants) at the crop of each CPU preset."""
+    lines = []
+    for preset in presets:
+        lines += [f"Preset `{preset}`:", "", *bench_train(get_config(preset), device, batch, repeat, cpu_variants), ""]
+    return lines[:-1]
 
 
 # ---- inference latency ----
@@ -201,16 +246,35 @@ def latency_variants(model, device, compile=True):
     return variants
 
 
-def onnx_session(model, hw):
-    """An ONNX Runtime CPU session of the folded model, or None where onnxruntime is not installed."""
+def exported_models(model, directory, hw, calibration=8):
+    """The deployment files export.py writes, of `model` (eval mode), made in `directory` by whichever of onnx,
+    onnxruntime, openvino and nncf are installed: ([(name, fn(x) -> logits tensor)], [notes]), all on the CPU.
+    ONNX Runtime fp32, OpenVINO fp32, OpenVINO bf16 (CPUs with native bf16 only) and OpenVINO INT8, the last
+    calibrated on `calibration` random images of size `hw`: enough to time it, not to judge its accuracy (export.py
+    calibrates on training crops and checks the file)."""
+    onnx_path = os.path.join(directory, "model.onnx")
+    xml, int8 = openvino_paths(onnx_path)
+    calibration_images = [x.numpy() for x in random_images([hw] * calibration)]
+    makers = [("ONNX Runtime fp32", lambda: onnxruntime_runner(onnx_path)),
+              ("OpenVINO fp32", lambda: openvino_runner(export_openvino(onnx_path, xml)))]
+    if native_bf16(torch.device("cpu")):
+        makers.append(("OpenVINO bf16", lambda: openvino_runner(xml, "bf16")))
+    makers.append(("OpenVINO INT8 (NNCF)", lambda: openvino_runner(quantize_int8(xml, int8, calibration_images))))
     try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    from export import export_onnx
-    path = os.path.join(tempfile.mkdtemp(), "bisenet.onnx")
-    export_onnx(fold_batchnorm(model).cpu(), path, sample_hw=hw)
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        export_onnx(fold_batchnorm(model).cpu().eval(), onnx_path)
+    except BackendError as error:
+        return [], [f"exported models: not run ({error})"]
+    models, notes = [], []
+    for name, make in makers:
+        try:
+            run = make()
+        except BackendError as error:
+            notes.append(f"{name}: not run ({error})")
+            continue
+        models.append((name, lambda x, run=run: torch.from_numpy(run(x.cpu().numpy()))))
+    if not native_bf16(torch.device("cpu")):
+        notes.append("OpenVINO bf16: not run; this CPU has no native bf16 (AVX512-BF16 or AMX)")
+    return models, notes
 
 
 def rate(gflop, seconds):
@@ -223,31 +287,32 @@ def bench_latency(cfg, device, repeat, sizes, compile=True):
     model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
     model = model.to(device).eval()
     flops = {hw: gflops(model, hw) for hw in sizes}
-    session = onnx_session(model, sizes[0])
     lines = ["Inference, batch 1, eval mode (main head), random weights:", "",
              "| variant | " + " | ".join(f"{h}x{w} ms" for h, w in sizes) + " | " +
              " | ".join(f"{h}x{w} GFLOP/s" for h, w in sizes) + " | speed vs fp32 eager |",
              "|---|" + "---|" * (2 * len(sizes) + 1)]
     base = None
     variants = [(*variant, device) for variant in latency_variants(model, device, compile)]
-    if session is not None:  # ONNX Runtime's CPU provider, on the CPU whatever the device of the other rows
-        note = "runs on the CPU; speed is against fp32 eager on the GPU" if device.type == "cuda" else ""
-        variants.append(("ONNX Runtime (CPU), folded", lambda x: session.run(None, {"image": x.numpy()}), note,
-                         torch.device("cpu")))
     notes = [f"{name}: {note}" for name, _, note, _ in variants if note]
     if device.type == "cpu" and not native_bf16(device):
         notes.append("bf16 autocast: not run; this CPU has no AVX512-BF16 or AMX, so oneDNN emulates bf16 "
                      "(many times slower than fp32)")
-    for name, fn, _, where in variants:
-        times = []
-        for hw in sizes:
-            x = torch.randn(1, 3, *hw, device=where)
-            with torch.inference_mode():
-                times.append(timed(lambda fn=fn, x=x: fn(x), where, repeat))
-        base = base or times
-        speed = " / ".join(f"{b / t:.2f}x" for b, t in zip(base, times, strict=True))
-        lines.append(f"| {name} | " + " | ".join(f"{1000 * t:.0f}" for t in times) + " | " +
-                     " | ".join(rate(flops[hw], t) for hw, t in zip(sizes, times, strict=True)) + f" | {speed} |")
+    with tempfile.TemporaryDirectory() as directory:
+        exported, exported_notes = exported_models(model, directory, sizes[0])
+        # exported files run on the CPU whatever the device of the other rows
+        variants += [(name, fn, "", torch.device("cpu")) for name, fn in exported]
+        notes += exported_notes + (["exported files run on the CPU; speed is against fp32 eager on the GPU"]
+                                   if exported and device.type == "cuda" else [])
+        for name, fn, _, where in variants:
+            times = []
+            for hw in sizes:
+                x = torch.randn(1, 3, *hw, device=where)
+                with torch.inference_mode():
+                    times.append(timed(lambda fn=fn, x=x: fn(x), where, repeat))
+            base = base or times
+            speed = " / ".join(f"{b / t:.2f}x" for b, t in zip(base, times, strict=True))
+            lines.append(f"| {name} | " + " | ".join(f"{1000 * t:.0f}" for t in times) + " | " +
+                         " | ".join(rate(flops[hw], t) for hw, t in zip(sizes, times, strict=True)) + f" | {speed} |")
     lines += ["", "FLOPs (torch.utils.flop_counter, 2 per multiply-add): " +
               ", ".join(f"{flops[hw]:.1f} G at {hw[0]}x{hw[1]}" for hw in sizes) + ".", *("- " + n for n in notes)]
     return lines
@@ -257,29 +322,38 @@ def bench_latency(cfg, device, repeat, sizes, compile=True):
 
 def bench_eval(cfg, device, repeat, hw=(1024, 2048)):
     """Seconds per image of each mode as evaluate.py runs it (inference_model + predict), against the
-    plain way (eager model, softmax, argmax(0)); and batched against one-at-a-time sliding crops."""
+    plain way (eager model, softmax, argmax(0)) and with the OpenVINO files (backend=openvino); and batched against
+    one-at-a-time sliding crops."""
     model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
     model = model.to(device).eval()
     fast = inference_model(model)
     image = torch.randn(1, 3, *hw, device=device)
     crop_h, crop_w = eval_crop_size(cfg)
-    lines = [f"Evaluation modes on one {hw[0]}x{hw[1]} image (crop {crop_h}x{crop_w}, stride "
-             f"{cfg.eval_stride:.3f} of the crop, scales {cfg.eval_scales}, {cfg.eval_batch} crops per forward), "
-             "as evaluate.py runs them (folded channels_last model, `predict`), and the plain way (eager model, "
-             "softmax scores, argmax(0)):", "",
-             "| mode | s/image | cost vs ss | plain way s/image | speed vs plain |", "|---|---|---|---|---|"]
-    seconds = {}
-    with torch.inference_mode():
-        for mode in ("ss", "ssc", "msf", "mscf"):
-            n = 1 if mode in ("msf", "mscf") else repeat
-            seconds[mode] = timed(lambda mode=mode: predict(fast, image, cfg, mode), device, n)
-            plain = timed(lambda mode=mode: predict_scores(model, image, cfg, mode).argmax(0), device, n)
-            lines.append(f"| {mode} | {seconds[mode]:.2f} | {seconds[mode] / seconds['ss']:.1f}x | {plain:.2f} | "
-                         f"{plain / seconds[mode]:.2f}x |")
-        one = get_config(base=cfg.to_dict(), overrides=["eval_batch=1"])
-        single = timed(lambda: predict(fast, image, one, "ssc"), device, repeat)
+    with tempfile.TemporaryDirectory() as directory:
+        exported, notes = exported_models(model, directory, (crop_h, crop_w))
+        exported = [(name, fn) for name, fn in exported if name.startswith("OpenVINO")]
+        lines = [f"Evaluation modes on one {hw[0]}x{hw[1]} image (crop {crop_h}x{crop_w}, stride "
+                 f"{cfg.eval_stride:.3f} of the crop, scales {cfg.eval_scales}, {cfg.eval_batch} crops per forward), "
+                 "as evaluate.py runs them (folded channels_last model, `predict`), the plain way (eager model, "
+                 "softmax scores, argmax(0)), and as `backend=openvino` runs them (the exported files, on the CPU):",
+                 "", "| mode | s/image | cost vs ss | plain way s/image | speed vs plain |"
+                 + "".join(f" {name} s/image |" for name, _ in exported),
+                 "|---|---|---|---|---|" + "---|" * len(exported)]
+        seconds, cpu_image = {}, image.cpu()
+        with torch.inference_mode():
+            for mode in ("ss", "ssc", "msf", "mscf"):
+                n = 1 if mode in ("msf", "mscf") else repeat
+                seconds[mode] = timed(lambda mode=mode: predict(fast, image, cfg, mode), device, n)
+                plain = timed(lambda mode=mode: predict_scores(model, image, cfg, mode).argmax(0), device, n)
+                backends = [timed(lambda fn=fn, mode=mode: predict(fn, cpu_image, cfg, mode), torch.device("cpu"), n)
+                            for _, fn in exported]
+                lines.append(f"| {mode} | {seconds[mode]:.3g} | {seconds[mode] / seconds['ss']:.1f}x | {plain:.3g} | "
+                             f"{plain / seconds[mode]:.2f}x |" + "".join(f" {t:.3g} |" for t in backends))
+            one = get_config(base=cfg.to_dict(), overrides=["eval_batch=1"])
+            single = timed(lambda: predict(fast, image, one, "ssc"), device, repeat)
     lines += ["", f"ssc with {cfg.eval_batch} crops per forward: {seconds['ssc']:.2f} s; one crop at a time: "
-              f"{single:.2f} s; batched / one-at-a-time time ratio {seconds['ssc'] / single:.2f}."]
+              f"{single:.2f} s; batched / one-at-a-time time ratio {seconds['ssc'] / single:.2f}.",
+              *("- " + n for n in notes)]
     return lines
 
 
@@ -335,6 +409,8 @@ def main(argv=None):
                 lines = bench_data(cfg, root, args.repeat)
         elif section == "train":
             lines = bench_train(cfg, device, args.train_batch, max(1, args.repeat - 1))
+        elif section == "presets":
+            lines = bench_presets(device, args.train_batch, max(1, args.repeat - 1))
         elif section == "latency":
             lines = bench_latency(cfg, device, args.repeat, [(512, 1024), (1024, 2048)])
         else:

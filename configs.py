@@ -146,6 +146,7 @@ _SYNTHETIC = dict(
     max_iter=300,
     lr=2e-2,
     warmup_iters=30,
+    channels_last=True,  # 1.34x the images/s of the default layout on 2 CPU cores (BENCHMARKS.md, presets)
     workers=2,
     log_every=10,
     ckpt_every=100,

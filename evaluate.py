@@ -13,7 +13,8 @@ prediction side by side (DIR/compare/...). `val_split=test` predicts Cityscapes'
 labels, so nothing is scored (the JSON's metrics are null) and save_dir is required.
 The resolved config is printed at start and stored in the results JSON (eval_SPLIT_MODE.json next to the
 checkpoint). `backend=openvino` or `backend=onnxruntime` scores the file export.py wrote from the checkpoint instead
-(backend_model=FILE; default model.xml / model.onnx next to it), on the CPU, in any mode.
+(backend_model=FILE; default model.xml / model.onnx next to it), on the CPU, in any mode; its results file names the
+backend and file (eval_val_ss_openvino_model_int8.json).
 """
 
 import argparse
@@ -35,7 +36,7 @@ from configs import ConfigError, add_config_args, format_config
 from datasets import build_dataset, class_table
 from distributed import Distributed, LaunchError, timeout_message
 from model import inference_model
-from runtime import BackendError, BackendModel, load_model
+from runtime import BackendError, BackendModel, load_model, model_path
 from synthetic import prepare_data
 from transform import EvalTransform
 
@@ -274,6 +275,15 @@ def write_results(results, path):
         json.dump(results, f, indent=1, allow_nan=False)
 
 
+def results_name(cfg, ckpt, results):
+    """eval_SPLIT_MODE.json; an exported file's results add its backend and name (eval_val_ss_openvino_model_int8.json),
+    so that they sit beside the PyTorch model's instead of replacing them."""
+    if cfg.backend == "torch":
+        return f"eval_{cfg.val_split}_{results['mode']}.json"
+    stem = os.path.splitext(os.path.basename(model_path(cfg, ckpt)))[0]
+    return f"eval_{cfg.val_split}_{results['mode']}_{cfg.backend}_{stem}.json"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="model_final.pth or last.pth of a run")
@@ -289,8 +299,7 @@ def main(argv=None):
             results = evaluate(model, eval_dataset(cfg), cfg, proc)
             if proc.main:
                 print(format_results(results))
-                name = f"eval_{cfg.val_split}_{results['mode']}.json"
-                out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
+                out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), results_name(cfg, args.ckpt, results))
                 write_results(results, out)
                 plots.plot_confusion(results, plots.confusion_path(out))
                 print(f"results: {out}" + (f"; predictions: {cfg.save_dir}/labelIds" if cfg.save_dir else ""))

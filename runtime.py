@@ -48,11 +48,13 @@ def onnxruntime_runner(path):
     return lambda image: session.run([output], {"image": image})[0]
 
 
-def openvino_runner(path):
+def openvino_runner(path, precision="f32"):
     """The same for an OpenVINO IR (.xml) or ONNX file, compiled for the CPU in f32: by default OpenVINO may compute
-    in bf16 on CPUs that have it, which is not what an fp32 file promises (an INT8 file keeps its int8 layers)."""
+    in bf16 on CPUs that have it, which is not what an fp32 file promises (an INT8 file keeps its int8 layers).
+    precision="bf16" asks for bf16 instead (the benchmark's row; CPUs without native bf16 stay in f32)."""
     ov = require("openvino")
-    compiled = ov.Core().compile_model(path, "CPU", {ov.properties.hint.inference_precision: ov.Type.f32})
+    hint = {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]
+    compiled = ov.Core().compile_model(path, "CPU", {ov.properties.hint.inference_precision: hint})
     request = compiled.create_infer_request()
     return lambda image: np.array(request.infer([image])[compiled.output(0)], copy=True)  # the request reuses its own
 

@@ -5,6 +5,7 @@
 
 import os
 import re
+import sys
 import time
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 import benchmark
 import precision
 from configs import get_config
+from model import build_model
+from precision import native_bf16
 from synthetic import generate
 
 
@@ -37,18 +40,33 @@ def test_latency_section_has_a_row_per_variant():
     rows, numbers = table_numbers(lines)
     names = [row.split(" | ")[0].strip("| ") for row in rows]
     assert names[:3] == ["fp32 eager", "fp32 folded BN", "fp32 folded BN + channels_last (`inference_model`)"]
-    assert names[-1] == "ONNX Runtime (CPU), folded"
+    exported = ["ONNX Runtime fp32", "OpenVINO fp32"] + ["OpenVINO bf16"] * native_bf16(torch.device("cpu"))
+    assert names[-len(exported) - 1:] == exported + ["OpenVINO INT8 (NNCF)"]
     assert rows[0].endswith("| 1.00x / 1.00x |") and all(n > 0 for n in numbers)
     assert any("FLOPs" in line for line in lines)
 
 
-def test_eval_section_has_every_mode(monkeypatch):
+def test_exported_rows_without_openvino_say_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    model = build_model(get_config("synthetic", ["aux_heads=false"]), pretrained=False).eval()
+    models, notes = benchmark.exported_models(model, str(tmp_path), (32, 64), calibration=1)
+    assert [name for name, _ in models] == ["ONNX Runtime fp32"]
+    assert models[0][1](torch.zeros(1, 3, 32, 64)).shape == (1, 19, 32, 64)
+    missing = [note for note in notes if "not installed" in note]
+    assert len(missing) == 2 and all("pip install -r requirements-deploy.txt" in note for note in missing)
+
+
+def test_eval_section_has_every_mode_in_torch_and_openvino(monkeypatch):
     cfg = get_config("synthetic", ["eval_crop=32,32", "eval_scales=0.5,1.0", "eval_batch=2"])
     lines = benchmark.bench_eval(cfg, torch.device("cpu"), repeat=1, hw=(48, 80))
     rows, numbers = table_numbers(lines)
     assert [row.split(" | ")[0].strip("| ") for row in rows] == ["ss", "ssc", "msf", "mscf"]
+    header = next(line for line in lines if line.startswith("| mode"))
+    assert header.endswith("| OpenVINO fp32 s/image | OpenVINO INT8 (NNCF) s/image |") or native_bf16(
+        torch.device("cpu"))
+    assert all(len(row.split("|")) == len(header.split("|")) for row in rows)
     assert rows[0].split(" | ")[2] == "1.0x" and all(n > 0 for n in numbers)
-    assert "one crop at a time" in lines[-1]
+    assert any("one crop at a time" in line for line in lines)
 
 
 def test_train_section_has_fp32_and_the_precisions_this_device_grants(monkeypatch):
@@ -57,6 +75,28 @@ def test_train_section_has_fp32_and_the_precisions_this_device_grants(monkeypatc
     rows, numbers = table_numbers(benchmark.bench_train(cfg, torch.device("cpu"), batch=2, repeat=1))
     assert [row.split(" | ")[0].strip("| ") for row in rows] == ["fp32", "bf16 autocast (`amp=bf16`)"]
     assert rows[0].endswith("| 1.00x |") and len(numbers) == 6 and all(n > 0 for n in numbers)
+
+
+def test_preset_variants_change_one_thing_each(monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    cfg = get_config("camvid")
+    variants = benchmark.cpu_variants(cfg, torch.device("cpu"))
+    assert [(name, c.channels_last, amp, compile) for name, c, amp, compile in variants] == [
+        ("fp32", False, "none", False), ("fp32, channels_last", True, "none", False),
+        ("bf16 autocast, channels_last", True, "bf16", False),
+        ("fp32, channels_last, torch.compile", True, "none", True)]
+    assert all(c.crop_size == cfg.crop_size for _, c, _, _ in variants)
+
+
+def test_presets_section_times_each_variant_of_each_preset(monkeypatch):
+    # torch.compile is left out here (tens of seconds to compile): the variant list is checked above
+    monkeypatch.setattr(benchmark, "cpu_variants", lambda cfg, device: [
+        ("fp32", cfg, "none", False),
+        ("fp32, channels_last", get_config(base=cfg.to_dict(), overrides=["channels_last=true"]), "none", False)])
+    monkeypatch.setattr(benchmark, "get_config", lambda preset: get_config(preset, ["crop_size=32,32"]))
+    lines = benchmark.bench_presets(torch.device("cpu"), batch=2, repeat=1)
+    assert [line for line in lines if line.startswith("Preset")] == ["Preset `synthetic`:", "Preset `camvid`:"]
+    assert sum(line.startswith("| fp32, channels_last |") for line in lines) == 2
 
 
 def test_timed_on_the_cpu_is_the_median_wall_time_after_a_warm_up():

@@ -479,7 +479,8 @@ def test_exported_files_give_the_torch_predictions(tmp_path, capsys):
         save_dir = str(tmp_path / backend)
         assert evaluate.main(["--ckpt", path, f"backend={backend}", f"save_dir={save_dir}"]) == 0, capsys.readouterr()
         predictions[backend] = read_predictions(save_dir)
-        confusions[backend] = np.array(strict_json(tmp_path / "eval_val_ss.json")["confusion"])
+        name = "eval_val_ss.json" if backend == "torch" else f"eval_val_ss_{backend}_model.json"
+        confusions[backend] = np.array(strict_json(tmp_path / name)["confusion"])
     assert len(predictions["torch"]) == 3
     for backend in ("openvino", "onnxruntime"):
         assert predictions[backend].keys() == predictions["torch"].keys()
@@ -488,6 +489,8 @@ def test_exported_files_give_the_torch_predictions(tmp_path, capsys):
         # a pixel that changes class moves one count between two cells of the confusion matrix
         total = confusions["torch"].sum()
         assert np.abs(confusions[backend] - confusions["torch"]).sum() <= 2 * 0.001 * total
+    # each backend's results file is its own: the torch model's was not replaced
+    assert np.array_equal(strict_json(tmp_path / "eval_val_ss.json")["confusion"], confusions["torch"])
 
 
 @pytest.mark.parametrize("mode", ["ssc", "msf", "mscf"])

@@ -2,6 +2,7 @@
 inputs)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import export
 import precision
 import runtime
 from configs import PRESETS, get_config
+from evaluate import eval_dataset
 from model import ConvBNReLU, build_model, fold_batchnorm, inference_model
 from precision import autocast_dtype
 
@@ -289,21 +291,52 @@ def tiny_config(root, *overrides):
     return get_config("synthetic", ["synthetic=false", f"data_root={root}", "crop_size=32,48", *overrides])
 
 
-def test_calibration_crops_are_training_crops_drawn_the_same_every_time(tiny_cityscapes):
+def test_split_images_are_whole_evaluation_images_in_the_same_order_every_time(tiny_cityscapes):
     cfg = tiny_config(tiny_cityscapes)
-    calibration = export.CalibrationCrops(cfg, 6)  # more crops than the 4 training images: they come round again
-    crops = list(calibration)
-    assert len(calibration) == 6 and all(c.shape == (1, 3, 32, 48) and c.dtype == np.float32 for c in crops)
+    split = eval_dataset(cfg, "train")
+    images = export.SplitImages(cfg, "train", 3)
+    first = list(images)
+    assert len(images) == 3 and all(x.shape == (1, 3, 24, 40) and x.dtype == np.float32 for x in first)
     # NNCF iterates more than once (statistics, then bias correction): every pass and every export sees the same
-    for again in (list(calibration), list(export.CalibrationCrops(cfg, 6))):
-        assert all(np.array_equal(a, b) for a, b in zip(crops, again, strict=True))
-    # each crop its own seed: an image met twice gives two different crops
-    assert len({c.tobytes() for c in crops}) == 6
+    for again in (list(images), list(export.SplitImages(cfg, "train", 3))):
+        assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    # each is one of the split's images as evaluation normalizes it, none twice
+    whole = [split[i][0].numpy() for i in range(len(split))]
+    matches = [[k for k, w in enumerate(whole) if np.array_equal(x[0], w)] for x in first]
+    assert all(len(m) == 1 for m in matches) and len({m[0] for m in matches}) == 3
+    assert len(export.SplitImages(cfg, "train", 100)) == len(split)  # no image repeated to reach the size
+
+
+def test_compare_on_split_scores_both_against_the_labels(model, tiny_cityscapes):
+    cfg = tiny_config(tiny_cityscapes)
+    images = export.SplitImages(cfg, "val", 2)
+
+    def torch_run(x):
+        return torch_logits(model, torch.from_numpy(x))
+
+    same = export.compare_on_split(torch_run, model, images, cfg.num_classes)
+    assert same["argmax_agreement"] == 1 and same["miou_file"] == same["miou_torch"] and same["images"] == 2
+
+    def road_everywhere(x):  # class 0 at every pixel
+        logits = np.zeros((x.shape[0], cfg.num_classes, *x.shape[2:]), np.float32)
+        logits[:, 0] = 1
+        return logits
+
+    report = export.compare_on_split(road_everywhere, model, images, cfg.num_classes)
+    labels = torch.cat([label.flatten() for _, label in images.labelled()])
+    valid = labels != 255
+    road_iou = ((labels == 0) & valid).sum() / valid.sum()  # TP = road pixels; TP + FP + FN = every labelled pixel
+    # every other class present in the labels has IoU 0, classes absent from both are not counted
+    present = len(set(labels[valid].tolist()) | {0})
+    assert report["miou_file"] == pytest.approx(float(road_iou) / present)
+    assert report["miou_torch"] == same["miou_torch"]
+    predicted = [torch.from_numpy(torch_logits(model, image[None])[0]).argmax(0) for image, _ in images.labelled()]
+    assert report["argmax_agreement"] == pytest.approx(min(float((p == 0).float().mean()) for p in predicted))
 
 
 def test_int8_file_runs_and_its_agreement_is_computed(model, ir_file, tiny_cityscapes, tmp_path):
-    crops = export.CalibrationCrops(tiny_config(tiny_cityscapes), 4)
-    path = export.quantize_int8(ir_file, str(tmp_path / "model_int8.xml"), crops)
+    images = export.SplitImages(tiny_config(tiny_cityscapes), "train", 4)
+    path = export.quantize_int8(ir_file, str(tmp_path / "model_int8.xml"), images)
     assert os.path.isfile(path) and os.path.isfile(path.replace(".xml", ".bin"))
     assert any(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(path).get_ops())
     image = torch.randn(1, 3, 67, 101, generator=torch.Generator().manual_seed(0))  # verify's image (its seed 0)
@@ -350,10 +383,9 @@ def test_cli_writes_onnx_ir_and_int8_files(tiny_cityscapes, tmp_path, monkeypatc
     names = sorted(os.listdir(output.parent))
     assert names == ["bisenet.bin", "bisenet.onnx", "bisenet.xml", "bisenet_int8.bin", "bisenet_int8.xml"]
     out = capsys.readouterr().out
-    assert "OpenVINO vs PyTorch at 2x3x67x101" in out and "calibrated on 4 train crops; checked on 8 others" in out
-    # INT8 is checked on training crops (crop_size) that calibration did not use, not on random noise
-    h, w = cfg.crop_size
-    assert f"OpenVINO INT8 vs PyTorch at 8x3x{h}x{w}" in out and "not held to the fp32 tolerance" in out
+    assert "OpenVINO vs PyTorch at 2x3x67x101" in out and "calibrated on 4 train images" in out
+    # INT8 is checked on the val split's images (2 in the tiny set), not on random noise, with the mIoU of both
+    assert re.search(r"OpenVINO INT8 vs PyTorch on 2 val images: mIoU \d+\.\d\d vs \d+\.\d\d \(fp32\)", out)
 
 
 @pytest.mark.parametrize("flag, package", [("--openvino", "openvino"), ("--int8", "nncf"), ("", "onnx")])
