@@ -42,7 +42,7 @@ from loss import build_loss
 from model import build_model, fold_batchnorm, inference_model
 from optimizer import build_optimizer
 from precision import native_bf16, training_precision
-from runtime import BackendError, onnxruntime_runner, openvino_runner
+from runtime import BackendError, BackendModel
 from synthetic import generate
 from train import train_step
 from transform import TrainTransform
@@ -248,18 +248,19 @@ def latency_variants(model, device, compile=True):
 
 def exported_models(model, directory, hw, calibration=8):
     """The deployment files export.py writes, of `model` (eval mode), made in `directory` by whichever of onnx,
-    onnxruntime, openvino and nncf are installed: ([(name, fn(x) -> logits tensor)], [notes]), all on the CPU.
-    ONNX Runtime fp32, OpenVINO fp32, OpenVINO bf16 (CPUs with native bf16 only) and OpenVINO INT8, the last
-    calibrated on `calibration` random images of size `hw`: enough to time it, not to judge its accuracy (export.py
-    calibrates on training crops and checks the file)."""
+    onnxruntime, openvino and nncf are installed: ([(name, runtime.BackendModel: what backend=... runs)], [notes]),
+    all on the CPU. ONNX Runtime fp32, OpenVINO fp32, OpenVINO bf16 (CPUs with native bf16 only) and OpenVINO INT8,
+    the last calibrated on `calibration` random images of size `hw`: enough to time it, not to judge its accuracy
+    (export.py calibrates on whole training images and checks the file on val images)."""
     onnx_path = os.path.join(directory, "model.onnx")
     xml, int8 = openvino_paths(onnx_path)
     calibration_images = [x.numpy() for x in random_images([hw] * calibration)]
-    makers = [("ONNX Runtime fp32", lambda: onnxruntime_runner(onnx_path)),
-              ("OpenVINO fp32", lambda: openvino_runner(export_openvino(onnx_path, xml)))]
+    makers = [("ONNX Runtime fp32", lambda: BackendModel(onnx_path, "onnxruntime")),
+              ("OpenVINO fp32", lambda: BackendModel(export_openvino(onnx_path, xml), "openvino"))]
     if native_bf16(torch.device("cpu")):
-        makers.append(("OpenVINO bf16", lambda: openvino_runner(xml, "bf16")))
-    makers.append(("OpenVINO INT8 (NNCF)", lambda: openvino_runner(quantize_int8(xml, int8, calibration_images))))
+        makers.append(("OpenVINO bf16", lambda: BackendModel(xml, "openvino", "bf16")))
+    makers.append(("OpenVINO INT8 (NNCF)",
+                   lambda: BackendModel(quantize_int8(xml, int8, calibration_images), "openvino")))
     try:
         export_onnx(fold_batchnorm(model).cpu().eval(), onnx_path)
     except BackendError as error:
@@ -267,11 +268,9 @@ def exported_models(model, directory, hw, calibration=8):
     models, notes = [], []
     for name, make in makers:
         try:
-            run = make()
+            models.append((name, make()))
         except BackendError as error:
             notes.append(f"{name}: not run ({error})")
-            continue
-        models.append((name, lambda x, run=run: torch.from_numpy(run(x.cpu().numpy()))))
     if not native_bf16(torch.device("cpu")):
         notes.append("OpenVINO bf16: not run; this CPU has no native bf16 (AVX512-BF16 or AMX)")
     return models, notes

@@ -59,22 +59,20 @@ def openvino_runner(path, precision="f32"):
     return lambda image: np.array(request.infer([image])[compiled.output(0)], copy=True)  # the request reuses its own
 
 
-RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
-
-
 class BackendModel:
     """An exported logits file run by `backend` ("openvino" or "onnxruntime") on the CPU, called like the PyTorch
     inference model: float32 (N, 3, H, W) tensor in, float32 logits (N, C, H, W) out, on the input's device."""
 
     device = torch.device("cpu")  # where it computes, whatever device the images come from
 
-    def __init__(self, path, backend):
+    def __init__(self, path, backend, precision="f32"):
         require(backend)  # the runtime's package is named as the backend: install it first, then export
         if not os.path.isfile(path):
             raise BackendError(f"{backend} model not found: {path}; write it with python export.py --ckpt CKPT"
                                + (" --openvino" if backend == "openvino" else "") + " or set backend_model=FILE")
         self.path, self.backend = path, backend
-        self.run = RUNNERS[backend](path)
+        # precision: OpenVINO's inference precision hint (openvino_runner); ONNX Runtime computes in f32
+        self.run = openvino_runner(path, precision) if backend == "openvino" else onnxruntime_runner(path)
 
     def __call__(self, image):
         logits = self.run(image.detach().to("cpu", torch.float32).contiguous().numpy())
