@@ -408,3 +408,11 @@ def test_cli_missing_checkpoint_exits_nonzero_with_the_path(tmp_path):
                             text=True, timeout=120)
     assert result.returncode != 0
     assert missing in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--calib-size", "--check-size"])
+def test_a_count_below_one_is_one_usage_line(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--ckpt", str(tmp_path / "model_final.pth"), "--int8", flag, "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {flag} 0: expected a positive number of images\n")
