@@ -375,7 +375,6 @@ def get_config(name="cityscapes", overrides=(), base=None):
         values = dict(PRESETS[name])
     else:
         values = {k: tuple(v) if isinstance(defaults.get(k), tuple) else v for k, v in base.items() if k in defaults}
-    values.setdefault("run_name", name)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"bad override {item!r}: expected key=value")
@@ -384,6 +383,9 @@ def get_config(name="cityscapes", overrides=(), base=None):
         if key not in defaults:
             raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(defaults)}")
         values[key] = parse_value(key, text, defaults[key])
+    # The run is named after its preset; `dataset=folder` on the default preset names it "folder", not "cityscapes".
+    dataset = values.get("dataset", Config.dataset)
+    values.setdefault("run_name", dataset if name == "cityscapes" and dataset != "cityscapes" else name)
     return _check(Config(**values))
 
 

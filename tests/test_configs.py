@@ -98,3 +98,9 @@ def test_boundary_values_that_are_allowed():
     cfg = get_config("cityscapes", ["hflip=0", "hflip=1", "brightness=0", "ohem_min_frac=1", "weight_decay=0",
                                     "aux_weight=0", "workers=0", "momentum=0"])
     assert (cfg.hflip, cfg.brightness, cfg.ohem_min_frac, cfg.workers) == (1.0, 0.0, 1.0, 0)
+
+
+def test_a_folder_dataset_on_the_default_preset_is_named_folder():
+    assert get_config("cityscapes", ["dataset=folder", "num_classes=2"]).run_name == "folder"
+    assert get_config("camvid", ["dataset=folder"]).run_name == "camvid"
+    assert get_config("cityscapes", ["dataset=folder", "num_classes=2", "run_name=mine"]).run_name == "mine"
