@@ -9,6 +9,7 @@ are skipped with one warning.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -142,6 +143,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("path", help="a run directory (curves) or an evaluation JSON (confusion)")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:
+        print("error: plots.py draws with matplotlib, which is not installed; pip install -r requirements-plot.txt",
+              file=sys.stderr)
+        return 2
     try:
         if os.path.isdir(args.path):
             out = plot_curves(os.path.join(args.path, "log.jsonl"), os.path.join(args.path, "curves.png"))
@@ -152,7 +157,8 @@ def main(argv=None):
         print(f"error: cannot draw {args.path}: {exc}", file=sys.stderr)
         return 2
     if out is None:
-        print(f"error: nothing drawn for {args.path} (no records, no labels, or no matplotlib)", file=sys.stderr)
+        print(f"error: nothing drawn for {args.path}: it holds no training records or no labelled results",
+              file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

@@ -10,6 +10,7 @@ onnx, onnxruntime, openvino and nncf are optional: requirements-deploy.txt insta
 
 import importlib
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -90,4 +91,7 @@ def load_model(cfg, ckpt, model):
     """What evaluate.py and demo.py run: the PyTorch `model` for backend=torch, else a BackendModel of the file."""
     if cfg.backend == "torch":
         return model
+    if cfg.eval_amp != "none":
+        warnings.warn(f"eval_amp={cfg.eval_amp} applies to backend=torch only; the {cfg.backend} file runs in the "
+                      "precision it was exported in (export.py --int8 for INT8)", stacklevel=2)
     return BackendModel(model_path(cfg, ckpt), cfg.backend)

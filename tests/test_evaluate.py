@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import cv2
 import numpy as np
@@ -491,6 +492,19 @@ def test_exported_files_give_the_torch_predictions(tmp_path, capsys):
         assert np.abs(confusions[backend] - confusions["torch"]).sum() <= 2 * 0.001 * total
     # each backend's results file is its own: the torch model's was not replaced
     assert np.array_equal(strict_json(tmp_path / "eval_val_ss.json")["confusion"], confusions["torch"])
+
+
+def test_eval_amp_with_an_exported_file_warns_that_it_applies_to_torch_only(tmp_path):
+    path, _, _ = make_checkpoint(tmp_path, n_val=1)
+    onnx_path, _ = export_files(path)
+    model, cfg = load_for_inference(path, None, ["backend=onnxruntime", "eval_amp=bf16"])
+    with pytest.warns(UserWarning, match="^eval_amp=bf16 applies to backend=torch only; the onnxruntime file runs"):
+        loaded = runtime.load_model(cfg, path, model)
+    assert isinstance(loaded, runtime.BackendModel) and loaded.path == onnx_path
+    _, cfg = load_for_inference(path, None, ["backend=onnxruntime"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.load_model(cfg, path, model)
 
 
 @pytest.mark.parametrize("mode", ["ssc", "msf", "mscf"])

@@ -636,6 +636,22 @@ def test_pictures_are_skipped_with_one_warning_without_matplotlib(tmp_path, monk
     assert not (tmp_path / "curves.png").exists() and not (tmp_path / "confusion.png").exists()
 
 
+def test_plots_cli_draws_a_run_and_names_the_missing_package(tmp_path, monkeypatch, capsys):
+    import plots
+    (tmp_path / "log.jsonl").write_text(json.dumps({"iter": 1, "loss": 1.0, "lr": 0.1, "images_per_s": 1.0}) + "\n")
+    assert plots.main([str(tmp_path)]) == 0
+    assert cv2.imread(str(tmp_path / "curves.png")) is not None
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "log.jsonl").write_text("")
+    assert plots.main([str(tmp_path / "empty")]) == 1
+    assert capsys.readouterr().err == (f"error: nothing drawn for {tmp_path / 'empty'}: it holds no training records "
+                                       "or no labelled results\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert plots.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: plots.py draws with matplotlib, which is not installed; "
+                                       "pip install -r requirements-plot.txt\n")
+
+
 def bn_eval_model(seed=0):
     torch.manual_seed(seed)
     model = build_model(get_config("synthetic"), pretrained=False).train()
