@@ -15,8 +15,11 @@ Every item is (RGB uint8 image (H, W, 3), int64 class-id label (H, W)) without a
 """
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 import cityscapes
@@ -292,3 +295,37 @@ def dataset_samples(cfg, split):
     if not pairs and not problems:
         problems.append(f"no images in split {split!r}\n{folder_layout_help()}")
     return pairs, problems
+
+
+# ---- data loader worker processes (training and evaluation) ----
+
+def limit_opencv_threads(worker_id=None):
+    """One OpenCV thread per loader process: the parallelism is the workers themselves, and OpenCV's pool of one
+    thread per core in every worker would oversubscribe the CPU. Call it in the main process before the workers
+    start (a forked worker inherits it; one that changes the count its parent had deadlocks in OpenCV), and in each
+    worker (init_loader_worker), for spawned ones (macOS, Windows)."""
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+
+
+def init_loader_worker(worker_id):
+    """DataLoader worker_init_fn: OpenCV single-threaded, and the stop signals left to the main process.
+
+    Ctrl-C sends SIGINT to the whole process group, and a scheduler that preempts a job (SLURM, Kubernetes) sends
+    SIGTERM to every process in it: a worker ended by one would end the main process's loader (PyTorch raises "worker
+    killed by signal") before it has finished its iteration and written last.pth. So a worker ignores SIGINT, and
+    ends on a SIGTERM only where its parent sent it (how the loader and multiprocessing end workers at shutdown).
+    The main process ends the workers after saving; a worker whose parent is gone ends by itself (PyTorch's watchdog).
+    """
+    limit_opencv_threads()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere SIGTERM keeps PyTorch's handling
+        # Blocked in this thread and so in every thread it starts later; the waiting thread receives it instead.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_end_on_sigterm_from_parent, name="sigterm", daemon=True).start()
+
+
+def _end_on_sigterm_from_parent():
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+        pass  # a SIGTERM from anyone else: the main process decides when this worker ends
+    os._exit(0)  # as PyTorch's own worker handler ends on its parent's SIGTERM: quietly, as a clean exit

@@ -17,7 +17,6 @@ import threading
 import time
 from contextlib import nullcontext
 
-import cv2
 import torch
 from tqdm import tqdm
 
@@ -32,7 +31,7 @@ from checkpoint import (
 )
 from cityscapes import IGNORE, DatasetError
 from configs import ConfigError, add_config_args, format_config, get_config
-from datasets import build_dataset, class_table, scan_labels
+from datasets import build_dataset, class_table, init_loader_worker, limit_opencv_threads, scan_labels
 from distributed import Distributed, LaunchError, launched_rank, timeout_message
 from evaluate import eval_dataset, evaluate, format_results, write_results
 from loss import build_loss
@@ -134,21 +133,6 @@ def check_weight_files(cfg):
             raise ConfigError(f"bad value for {key}: {path} is not a file")
 
 
-def limit_opencv_threads(worker_id=None):
-    """One OpenCV thread per loader process (also a DataLoader worker_init_fn): the parallelism is the workers
-    themselves, and OpenCV's pool of one thread per core in every worker would oversubscribe the CPU."""
-    if cv2.getNumThreads() != 1:  # a forked worker that changes the count its parent had deadlocks in OpenCV
-        cv2.setNumThreads(1)
-
-
-def init_loader_worker(worker_id):
-    """DataLoader worker_init_fn: OpenCV single-threaded, and Ctrl-C (which reaches the whole process group) left to
-    the main process, which ends the workers itself once it has saved its checkpoint. SIGTERM keeps its default:
-    it is how multiprocessing ends workers at exit."""
-    limit_opencv_threads()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def train_loader(cfg, proc, start_iter):
     per_rank = per_rank_batch(cfg, proc.world)
     dataset = build_dataset(cfg, cfg.train_split, TrainTransform.from_config(cfg))
@@ -156,9 +140,7 @@ def train_loader(cfg, proc, start_iter):
     sampler = InfiniteSampler(len(dataset), cfg.seed, proc.rank, proc.world, start_iter * cfg.grad_accum * per_rank)
     cuda = proc.device.type == "cuda"
     if cfg.workers > 0:
-        # Here, before the workers start: a forked one inherits the setting (see limit_opencv_threads); a spawned
-        # one (macOS, Windows) gets it from worker_init_fn. This process does no augmentation itself then.
-        limit_opencv_threads()
+        limit_opencv_threads()  # before the workers start; this process does no augmentation itself then
     loader = torch.utils.data.DataLoader(
         dataset, per_rank, sampler=sampler, num_workers=cfg.workers, pin_memory=cuda, drop_last=True,
         persistent_workers=cuda and cfg.workers > 0, worker_init_fn=init_loader_worker)
