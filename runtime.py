@@ -41,10 +41,20 @@ def require(name):
         ) from err
 
 
+def threads():
+    """The runtimes' thread count: PyTorch's, which follows OMP_NUM_THREADS. torchrun sets that to 1 per process,
+    and ONNX Runtime and OpenVINO, which ignore it, would otherwise each take every core: N processes, N times the
+    cores. In a plain process it is the number of physical cores, what both pick by themselves."""
+    return torch.get_num_threads()
+
+
 def onnxruntime_runner(path):
     """A function float32 array (N, 3, H, W) -> the file's output array, running the ONNX file `path` with
-    onnxruntime on the CPU."""
-    session = require("onnxruntime").InferenceSession(path, providers=["CPUExecutionProvider"])
+    onnxruntime on the CPU, on as many threads as PyTorch uses (see `threads`)."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads()
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     output = session.get_outputs()[0].name
     return lambda image: session.run([output], {"image": image})[0]
 
@@ -52,10 +62,12 @@ def onnxruntime_runner(path):
 def openvino_runner(path, precision="f32"):
     """The same for an OpenVINO IR (.xml) or ONNX file, compiled for the CPU in f32: by default OpenVINO may compute
     in bf16 on CPUs that have it, which is not what an fp32 file promises (an INT8 file keeps its int8 layers).
-    precision="bf16" asks for bf16 instead (the benchmark's row; CPUs without native bf16 stay in f32)."""
+    precision="bf16" asks for bf16 instead (the benchmark's row; CPUs without native bf16 stay in f32). Threads: as
+    many as PyTorch uses (see `threads`)."""
     ov = require("openvino")
     hint = {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]
-    compiled = ov.Core().compile_model(path, "CPU", {ov.properties.hint.inference_precision: hint})
+    compiled = ov.Core().compile_model(path, "CPU", {ov.properties.hint.inference_precision: hint,
+                                                     ov.properties.inference_num_threads: threads()})
     request = compiled.create_infer_request()
     return lambda image: np.array(request.infer([image])[compiled.output(0)], copy=True)  # the request reuses its own
 

@@ -277,6 +277,34 @@ def test_backend_model_is_called_like_the_pytorch_model(model, onnx_files, ir_fi
         runtime.BackendModel(onnx_files[1], "onnxruntime")(image)
 
 
+def test_runtimes_use_pytorchs_thread_count(onnx_files, ir_file, monkeypatch):
+    """torchrun's OMP_NUM_THREADS=1 per process reaches ONNX Runtime and OpenVINO, which do not read it."""
+    sessions, compiled = [], []
+
+    class Session(ort.InferenceSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sessions.append(self)
+
+    class Core(ov.Core):
+        def compile_model(self, *args, **kwargs):
+            compiled.append(super().compile_model(*args, **kwargs))
+            return compiled[-1]
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    monkeypatch.setattr(ov, "Core", Core)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            runtime.BackendModel(onnx_files[0], "onnxruntime")
+            runtime.BackendModel(ir_file, "openvino")
+            assert sessions[-1].get_session_options().intra_op_num_threads == count
+            assert compiled[-1].get_property("INFERENCE_NUM_THREADS") == count
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_missing_openvino_is_named(ir_file, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(runtime.BackendError, match="openvino package .* pip install -r requirements-deploy.txt"):
