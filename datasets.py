@@ -319,10 +319,20 @@ def init_loader_worker(worker_id):
     """
     limit_opencv_threads()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere SIGTERM keeps PyTorch's handling
-        # Blocked in this thread and so in every thread it starts later; the waiting thread receives it instead.
+    # SIGTERM is blocked in this thread and so in every thread it starts later; the waiting thread receives it
+    # instead. That needs this thread to be the process's only one: a forked worker (Linux's default up to Python
+    # 3.13). Elsewhere (spawn, forkserver, no sigwaitinfo) SIGTERM keeps PyTorch's handling: it ends the worker.
+    if hasattr(signal, "sigwaitinfo") and os_threads() == 1:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         threading.Thread(target=_end_on_sigterm_from_parent, name="sigterm", daemon=True).start()
+
+
+def os_threads():
+    """The number of threads of this process (Linux's /proc), or None where it cannot be read."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
 
 
 def _end_on_sigterm_from_parent():
