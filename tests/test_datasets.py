@@ -1,8 +1,12 @@
 import os
+import signal
+import subprocess
+import time
 
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import FOLDER_OVERRIDES, write_folder_pair
 
 import check_data
@@ -207,3 +211,37 @@ def test_the_checker_says_a_bad_config_in_one_line(capsys):
 def test_bad_folder_settings_are_config_errors(override, words):
     with pytest.raises(ConfigError, match=words):
         get_config("camvid", [*FOLDER_OVERRIDES, override])
+
+
+class WorkerPid(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10**6
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+def worker_alive(pid):
+    """Running, not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo") or datasets.os_threads() is None, reason="Linux only")
+def test_a_loader_worker_outlives_a_sigterm_from_another_process_and_ends_on_its_parents():
+    loader = torch.utils.data.DataLoader(WorkerPid(), num_workers=1, multiprocessing_context="fork",
+                                         worker_init_fn=datasets.init_loader_worker)
+    batches = iter(loader)
+    [pid] = {int(next(batches)) for _ in range(4)}
+    subprocess.run(["kill", "-TERM", str(pid)], check=True)  # a scheduler's SIGTERM: not from the parent
+    time.sleep(0.5)
+    assert worker_alive(pid) and int(next(batches)) == pid  # still serving batches
+    os.kill(pid, signal.SIGTERM)  # the parent's, as the loader's shutdown sends it
+    deadline = time.time() + 10
+    while worker_alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not worker_alive(pid)
+    batches._shutdown_workers()
