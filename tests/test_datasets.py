@@ -1,6 +1,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import cv2
@@ -236,7 +237,8 @@ def test_a_loader_worker_outlives_a_sigterm_from_another_process_and_ends_on_its
                                          worker_init_fn=datasets.init_loader_worker)
     batches = iter(loader)
     [pid] = {int(next(batches)) for _ in range(4)}
-    subprocess.run(["kill", "-TERM", str(pid)], check=True)  # a scheduler's SIGTERM: not from the parent
+    # a scheduler's SIGTERM: sent by a process that is not the worker's parent
+    subprocess.run([sys.executable, "-c", f"import os, signal; os.kill({pid}, signal.SIGTERM)"], check=True)
     time.sleep(0.5)
     assert worker_alive(pid) and int(next(batches)) == pid  # still serving batches
     os.kill(pid, signal.SIGTERM)  # the parent's, as the loader's shutdown sends it
