@@ -67,6 +67,9 @@ def main(argv=None):
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     print("result: problems found: training would stop at the files named above" if failed
           else f"result: {', '.join(splits)} OK")
     return 1 if failed else 0

@@ -271,6 +271,9 @@ def main(argv=None):
     except (ConfigError, CheckpointError, DatasetError, DemoError, BackendError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     print(f"wrote the outputs of {len(items)} input(s) to {args.out}")
     return 0
 

@@ -315,6 +315,9 @@ def main(argv=None):
             raise
         print(f"error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -333,6 +333,9 @@ def main(argv=None):
     except (ConfigError, CheckpointError, DatasetError, BackendError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 

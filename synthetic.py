@@ -11,6 +11,7 @@ and noise vary, so shape, place and context must label a pixel. Each image depen
 
 import argparse
 import shutil
+import sys
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -443,6 +444,9 @@ def main(argv=None):
         generate(args.root, args.train, args.val, args.size, args.seed, progress=not args.quiet)
     except (FileExistsError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"wrote {args.train} train + {args.val} val images to {args.root}")
 
 

@@ -573,6 +573,9 @@ def main(argv=None):
             print(f"error: {message}; the run directory's last.pth holds the last checkpoint to resume from",
                   file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # before training started, or a second Ctrl-C (StopRequest): stopped at once
+            print("interrupted (Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+            return 130
     return 0
 
 
