@@ -299,11 +299,19 @@ def dataset_samples(cfg, split):
 
 # ---- data loader worker processes (training and evaluation) ----
 
-def limit_opencv_threads(worker_id=None):
+def loader_workers(workers):
+    """The DataLoader arguments for `workers` loader processes, of training and evaluation alike. Where there are
+    workers, this process's OpenCV goes single-threaded first, before they start: a forked worker inherits that,
+    and one that changed the count its parent had would deadlock in OpenCV."""
+    if workers > 0:
+        limit_opencv_threads()
+    return {"num_workers": workers, "worker_init_fn": init_loader_worker}
+
+
+def limit_opencv_threads():
     """One OpenCV thread per loader process: the parallelism is the workers themselves, and OpenCV's pool of one
-    thread per core in every worker would oversubscribe the CPU. Call it in the main process before the workers
-    start (a forked worker inherits it; one that changes the count its parent had deadlocks in OpenCV), and in each
-    worker (init_loader_worker), for spawned ones (macOS, Windows)."""
+    thread per core in every worker would oversubscribe the CPU. In the main process before the workers start
+    (loader_workers), and in each worker (init_loader_worker) for spawned ones (macOS, Windows)."""
     if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
 

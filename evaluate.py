@@ -33,7 +33,7 @@ import plots
 from checkpoint import CheckpointError, load_for_inference
 from cityscapes import IGNORE, DatasetError, read_image
 from configs import ConfigError, add_config_args, format_config
-from datasets import build_dataset, class_table, init_loader_worker, limit_opencv_threads
+from datasets import build_dataset, class_table, loader_workers
 from distributed import Distributed, LaunchError, timeout_message
 from model import inference_model
 from runtime import BackendError, BackendModel, load_model, model_path
@@ -216,10 +216,8 @@ def evaluate(model, dataset, cfg, proc, mode=None):
     if not isinstance(dataset.transform, EvalTransform):
         raise TypeError("evaluate() takes a dataset with its evaluation transform: eval_dataset(cfg, split)")
     shard = _Indexed(dataset, list(range(proc.rank, len(dataset), proc.world)))
-    if cfg.eval_workers > 0:
-        limit_opencv_threads()  # before the workers start (see there)
-    loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=cfg.eval_workers,
-                                         pin_memory=proc.device.type == "cuda", worker_init_fn=init_loader_worker)
+    loader = torch.utils.data.DataLoader(shard, batch_size=None, pin_memory=proc.device.type == "cuda",
+                                         **loader_workers(cfg.eval_workers))
     # a folded channels_last copy on the device the images go to: `model` stays as and where it is; an exported
     # file runs as it is, on the CPU (its logits come back on the images' device)
     net = model if isinstance(model, BackendModel) else inference_model(model, cfg.eval_amp, proc.device)

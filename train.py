@@ -31,7 +31,7 @@ from checkpoint import (
 )
 from cityscapes import IGNORE, DatasetError
 from configs import ConfigError, add_config_args, format_config, get_config
-from datasets import build_dataset, class_table, init_loader_worker, limit_opencv_threads, scan_labels
+from datasets import build_dataset, class_table, loader_workers, scan_labels
 from distributed import Distributed, LaunchError, launched_rank, timeout_message
 from evaluate import eval_dataset, evaluate, format_results, write_results
 from loss import build_loss
@@ -139,11 +139,9 @@ def train_loader(cfg, proc, start_iter):
     # The sampler counts samples: this rank has consumed start_iter * grad_accum micro-batches already.
     sampler = InfiniteSampler(len(dataset), cfg.seed, proc.rank, proc.world, start_iter * cfg.grad_accum * per_rank)
     cuda = proc.device.type == "cuda"
-    if cfg.workers > 0:
-        limit_opencv_threads()  # before the workers start; this process does no augmentation itself then
-    loader = torch.utils.data.DataLoader(
-        dataset, per_rank, sampler=sampler, num_workers=cfg.workers, pin_memory=cuda, drop_last=True,
-        persistent_workers=cuda and cfg.workers > 0, worker_init_fn=init_loader_worker)
+    # with workers, this process does no augmentation itself: its OpenCV goes single-threaded (loader_workers)
+    loader = torch.utils.data.DataLoader(dataset, per_rank, sampler=sampler, pin_memory=cuda, drop_last=True,
+                                         persistent_workers=cuda and cfg.workers > 0, **loader_workers(cfg.workers))
     return dataset, loader
 
 

@@ -233,11 +233,10 @@ def worker_alive(pid):
 
 @pytest.mark.skipif(not hasattr(signal, "sigwaitinfo") or datasets.os_threads() is None, reason="Linux only")
 def test_a_loader_worker_outlives_a_sigterm_from_another_process_and_ends_on_its_parents():
-    threads = cv2.getNumThreads()
-    datasets.limit_opencv_threads()  # before forking, as train.py and evaluate.py do (a forked change deadlocks)
+    threads = cv2.getNumThreads()  # loader_workers makes it 1 in this process
     try:
-        loader = torch.utils.data.DataLoader(WorkerPid(), num_workers=1, multiprocessing_context="fork", timeout=60,
-                                             worker_init_fn=datasets.init_loader_worker)
+        loader = torch.utils.data.DataLoader(WorkerPid(), multiprocessing_context="fork", timeout=60,
+                                             **datasets.loader_workers(1))
         batches = iter(loader)
         [pid] = {int(next(batches)) for _ in range(4)}
         # a scheduler's SIGTERM: sent by a process that is not the worker's parent
