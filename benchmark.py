@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import precision
 from configs import get_config
 from datasets import build_dataset
 from distributed import Distributed
@@ -41,7 +42,7 @@ from export import export_onnx, export_openvino, openvino_paths, quantize_int8, 
 from loss import build_loss
 from model import build_model, fold_batchnorm, inference_model
 from optimizer import build_optimizer
-from precision import native_bf16, training_precision
+from precision import training_precision
 from runtime import BackendError, BackendModel
 from synthetic import generate
 from train import train_step
@@ -75,16 +76,37 @@ def timed(fn, device, repeat):
     return statistics.median(times)
 
 
+def cpu_info(path="/proc/cpuinfo"):
+    """(model name, set of flags) of the first CPU in `path`; (platform's name, empty set) where it is unreadable."""
+    name, flags = platform.processor() or platform.machine(), set()
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line.split(":", 1) for line in f if ":" in line]
+        name = next((v.strip() for k, v in lines if k.strip() == "model name"), name)
+        flags = next((set(v.split()) for k, v in lines if k.strip() == "flags"), flags)
+    return name, flags
+
+
+def cpu_isa(capability, flags):
+    """The CPU class that decides the precision rows: "AMX" (amx_tile, amx_bf16), "AVX512-BF16" (avx512_bf16),
+    "AVX512", "AVX2" or PyTorch's own word. `capability`: torch.backends.cpu.get_cpu_capability(), which stops at
+    AVX512; `flags`: /proc/cpuinfo's, which tell the bf16 extensions apart."""
+    if {"amx_tile", "amx_bf16"} <= flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    if capability == "AVX512" or "avx512f" in flags:
+        return "AVX512"
+    return capability
+
+
 def machine():
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu, flags = cpu_info()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
-    return (f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, vector ISA "
-            f"{torch.backends.cpu.get_cpu_capability()}, {bf16}; GPU: {gpu}; "
+    bf16 = "native bf16" if precision.native_bf16(torch.device("cpu")) else "no native bf16"
+    isa = cpu_isa(torch.backends.cpu.get_cpu_capability(), flags)
+    return (f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, ISA {isa} "
+            f"(PyTorch kernels {torch.backends.cpu.get_cpu_capability()}), {bf16}; GPU: {gpu}; "
             f"torch {torch.__version__}, OpenCV {cv2.__version__}, Python {platform.python_version()}")
 
 
@@ -241,7 +263,7 @@ def latency_variants(model, device, compile=True):
     if fn is not None:
         variants.append(("fp32 folded + channels_last + torch.compile", fn,
                          "first call per input size compiles: 10-15 s on 2 CPU cores"))
-    for amp in ("bf16", "fp16") if device.type == "cuda" else ("bf16",) if native_bf16(device) else ():
+    for amp in ("bf16", "fp16") if device.type == "cuda" else ("bf16",) if precision.native_bf16(device) else ():
         variants.append((f"{amp} autocast folded + channels_last (`eval_amp={amp}`)", inference_model(model, amp), ""))
     return variants
 
@@ -257,7 +279,8 @@ def exported_models(model, directory, hw, calibration=8):
     calibration_images = [x.numpy() for x in random_images([hw] * calibration)]
     makers = [("ONNX Runtime fp32", lambda: BackendModel(onnx_path, "onnxruntime")),
               ("OpenVINO fp32", lambda: BackendModel(export_openvino(onnx_path, xml), "openvino"))]
-    if native_bf16(torch.device("cpu")):
+    bf16 = precision.native_bf16(torch.device("cpu"))
+    if bf16:
         makers.append(("OpenVINO bf16", lambda: BackendModel(xml, "openvino", "bf16")))
     makers.append(("OpenVINO INT8 (NNCF)",
                    lambda: BackendModel(quantize_int8(xml, int8, calibration_images), "openvino")))
@@ -265,13 +288,14 @@ def exported_models(model, directory, hw, calibration=8):
         export_onnx(fold_batchnorm(model).cpu().eval(), onnx_path)
     except BackendError as error:
         return [], [f"exported models: not run ({error})"]
-    models, notes = [], []
+    models, missing = [], {}  # error message -> the rows it stopped: one note per missing package
     for name, make in makers:
         try:
             models.append((name, make()))
         except BackendError as error:
-            notes.append(f"{name}: not run ({error})")
-    if not native_bf16(torch.device("cpu")):
+            missing.setdefault(str(error), []).append(name)
+    notes = [f"{', '.join(names)}: not run ({error})" for error, names in missing.items()]
+    if not bf16:
         notes.append("OpenVINO bf16: not run; this CPU has no native bf16 (AVX512-BF16 or AMX)")
     return models, notes
 
@@ -293,7 +317,7 @@ def bench_latency(cfg, device, repeat, sizes, compile=True):
     base = None
     variants = [(*variant, device) for variant in latency_variants(model, device, compile)]
     notes = [f"{name}: {note}" for name, _, note, _ in variants if note]
-    if device.type == "cpu" and not native_bf16(device):
+    if device.type == "cpu" and not precision.native_bf16(device):
         notes.append("bf16 autocast: not run; this CPU has no AVX512-BF16 or AMX, so oneDNN emulates bf16 "
                      "(many times slower than fp32)")
     with tempfile.TemporaryDirectory() as directory:

@@ -5,11 +5,64 @@ import sys
 # first), and inherited by the subprocesses tests start (torchrun, the command-line scripts).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+import shutil  # noqa: E402
+
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """A synthetic dataset of 8 train and 3 val frames at 64x128, for the tests that train."""
+    from synthetic import generate
+
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    generate(root, n_train=8, n_val=3, size=(64, 128), seed=3, progress=False)
+    return root
+
+
+def tiny_args(root, out, *extra):
+    """train.py's arguments for a tiny run on `root` (tiny_root) writing under `out`: 6 iterations unless `extra`
+    says otherwise, last.pth every 3."""
+    return ["--config", "synthetic", "synthetic=false", f"data_root={root}", f"out_dir={out}", "crop_size=64,64",
+            "batch_size=2", "max_iter=6", "warmup_iters=2", "log_every=1", "ckpt_every=3", "workers=0",
+            "eval_workers=0", "eval_every=0", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_root, tmp_path_factory):
+    """The run folder of one tiny 3-iteration training (config.json, log.jsonl, last.pth, model_final.pth,
+    eval.json), trained once for every test that needs a trained run: copy it (copy_run) before changing it."""
+    import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    assert train.main(tiny_args(tiny_root, out, "max_iter=3")) == 0
+    return out / "synthetic"
+
+
+def randomize_batchnorm(model, seed=0):
+    """Give every BatchNorm statistics and affine parameters far from the identity (the zero-initialized ones
+    included), so that folding has work to do everywhere."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=generator) * 0.2)
+    return model
+
+
+def copy_run(run_dir, out):
+    """A copy of run folder `run_dir` at out/synthetic, which resume= then continues in place."""
+    return shutil.copytree(run_dir, out / "synthetic")
 
 
 def write_frame(root, split, city, index, image, label_ids=None):

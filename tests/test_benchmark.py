@@ -17,7 +17,6 @@ import benchmark
 import precision
 from configs import get_config
 from model import build_model
-from precision import native_bf16
 from synthetic import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,14 +37,16 @@ def test_data_section(tmp_path):
     assert len(rows) == 5 and numbers and all(n > 0 for n in numbers)
 
 
-def in_child(expression):
-    """The value of `expression` (JSON-able; benchmark and get_config in scope) computed in a fresh Python process.
+def in_child(expression, native_bf16=None):
+    """The value of `expression` (JSON-able; benchmark and get_config in scope) computed in a fresh Python process,
+    with precision.native_bf16 answering `native_bf16` for every device where it is given (None: this machine's).
 
     For the sections that run OpenVINO and NNCF: run inside the test process, beside the torch threads of the
     other tests, they were followed by a crash in a later test (heap corruption in the interpreter's allocator);
     benchmark.py itself runs them in a process of its own.
     """
-    code = ("import json, torch, benchmark\nfrom configs import get_config\n"
+    patch = "" if native_bf16 is None else f"precision.native_bf16 = lambda device: {native_bf16}\n"
+    code = ("import json, torch, benchmark, precision\nfrom configs import get_config\n" + patch +
             f"print('RESULT ' + json.dumps({expression}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": REPO})
@@ -53,26 +54,56 @@ def in_child(expression):
     return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
+def exported_names(native):
+    """The exported rows in order, on a CPU with (native=True) or without native bf16."""
+    return ["ONNX Runtime fp32", "OpenVINO fp32"] + ["OpenVINO bf16"] * native + ["OpenVINO INT8 (NNCF)"]
+
+
 def test_latency_section_has_a_row_per_variant():
+    # this machine's branch, from the function the benchmark asks; the other one is covered by the tests below
+    native = precision.native_bf16(torch.device("cpu"))
     lines = in_child('benchmark.bench_latency(get_config("synthetic"), torch.device("cpu"), repeat=1, '
                      'sizes=[(32, 64), (64, 96)], compile=False)')
     rows, numbers = table_numbers(lines)
     names = [row.split(" | ")[0].strip("| ") for row in rows]
-    assert names[:3] == ["fp32 eager", "fp32 folded BN", "fp32 folded BN + channels_last (`inference_model`)"]
-    exported = ["ONNX Runtime fp32", "OpenVINO fp32"] + ["OpenVINO bf16"] * native_bf16(torch.device("cpu"))
-    assert names[-len(exported) - 1:] == exported + ["OpenVINO INT8 (NNCF)"]
+    assert names == ["fp32 eager", "fp32 folded BN", "fp32 folded BN + channels_last (`inference_model`)",
+                     *["bf16 autocast folded + channels_last (`eval_amp=bf16`)"] * native, *exported_names(native)]
     assert rows[0].endswith("| 1.00x / 1.00x |") and all(n > 0 for n in numbers)
     assert any("FLOPs" in line for line in lines)
+    assert any(line.startswith("- bf16 autocast: not run") for line in lines) is not native
 
 
-def test_exported_rows_without_openvino_say_how_to_install_it(monkeypatch, tmp_path):
+@pytest.mark.parametrize("native", [True, False])
+def test_latency_variants_have_a_bf16_row_exactly_where_bf16_is_native(monkeypatch, native):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    model = build_model(get_config("synthetic", ["aux_heads=false"]), pretrained=False).eval()
+    variants = benchmark.latency_variants(model, torch.device("cpu"), compile=False)
+    assert [name for name, _, _ in variants][3:] == ["bf16 autocast folded + channels_last (`eval_amp=bf16`)"] * native
+    if native:  # the row runs the model under bf16 autocast (emulated where the CPU lacks it): float32 logits out
+        bf16 = variants[3][1]
+        assert bf16.dtype == torch.bfloat16 and bf16(torch.zeros(1, 3, 32, 32)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_exported_rows_have_openvino_bf16_exactly_where_bf16_is_native(native):
+    names, notes = in_child('(lambda m, n: ([name for name, _ in m], n))(*benchmark.exported_models(__import__('
+                            '"model").build_model(get_config("synthetic", ["aux_heads=false"]), pretrained=False)'
+                            '.eval(), __import__("tempfile").mkdtemp(), (32, 64), calibration=1))', native)
+    assert names == exported_names(native)
+    assert any(note.startswith("OpenVINO bf16: not run; this CPU has no native bf16") for note in notes) is not native
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_missing_runtime_is_one_note_however_many_rows_it_feeds(monkeypatch, tmp_path, native):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
     model = build_model(get_config("synthetic", ["aux_heads=false"]), pretrained=False).eval()
     models, notes = benchmark.exported_models(model, str(tmp_path), (32, 64), calibration=1)
     assert [name for name, _ in models] == ["ONNX Runtime fp32"]
     assert models[0][1](torch.zeros(1, 3, 32, 64)).shape == (1, 19, 32, 64)
-    missing = [note for note in notes if "not installed" in note]
-    assert len(missing) == 2 and all("pip install -r requirements-deploy.txt" in note for note in missing)
+    [missing] = [note for note in notes if "not installed" in note]  # one note, though it stops 2 or 3 rows
+    assert missing.startswith(", ".join(exported_names(native)[1:]) + ": not run (the openvino package is needed")
+    assert missing.endswith("pip install -r requirements-deploy.txt)")
 
 
 def test_eval_section_has_every_mode_in_torch_and_openvino(monkeypatch):
@@ -81,30 +112,56 @@ def test_eval_section_has_every_mode_in_torch_and_openvino(monkeypatch):
     rows, numbers = table_numbers(lines)
     assert [row.split(" | ")[0].strip("| ") for row in rows] == ["ss", "ssc", "msf", "mscf"]
     header = next(line for line in lines if line.startswith("| mode"))
-    assert header.endswith("| OpenVINO fp32 s/image | OpenVINO INT8 (NNCF) s/image |") or native_bf16(
-        torch.device("cpu"))
+    openvino = exported_names(precision.native_bf16(torch.device("cpu")))[1:]
+    assert header.endswith("| speed vs plain |" + "".join(f" {name} s/image |" for name in openvino))
     assert all(len(row.split("|")) == len(header.split("|")) for row in rows)
     assert rows[0].split(" | ")[2] == "1.0x" and all(n > 0 for n in numbers)
     assert any("one crop at a time" in line for line in lines)
 
 
-def test_train_section_has_fp32_and_the_precisions_this_device_grants(monkeypatch):
-    monkeypatch.setattr(precision, "native_bf16", lambda device: True)  # bf16 runs emulated on any CPU
+@pytest.mark.parametrize("native", [True, False])
+def test_train_section_has_fp32_and_the_precisions_this_device_grants(monkeypatch, native):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)  # bf16 runs emulated on any CPU
     cfg = get_config("synthetic", ["crop_size=32,32"])
     rows, numbers = table_numbers(benchmark.bench_train(cfg, torch.device("cpu"), batch=2, repeat=1))
-    assert [row.split(" | ")[0].strip("| ") for row in rows] == ["fp32", "bf16 autocast (`amp=bf16`)"]
-    assert rows[0].endswith("| 1.00x |") and len(numbers) == 6 and all(n > 0 for n in numbers)
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == ["fp32"] + ["bf16 autocast (`amp=bf16`)"] * native
+    assert rows[0].endswith("| 1.00x |") and len(numbers) == 3 * len(rows) and all(n > 0 for n in numbers)
 
 
-def test_preset_variants_change_one_thing_each(monkeypatch):
-    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+@pytest.mark.parametrize("native", [True, False])
+def test_preset_variants_change_one_thing_each(monkeypatch, native):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     cfg = get_config("camvid")
     variants = benchmark.cpu_variants(cfg, torch.device("cpu"))
     assert [(name, c.channels_last, amp, compile) for name, c, amp, compile in variants] == [
         ("fp32", False, "none", False), ("fp32, channels_last", True, "none", False),
-        ("bf16 autocast, channels_last", True, "bf16", False),
+        *[("bf16 autocast, channels_last", True, "bf16", False)] * native,
         ("fp32, channels_last, torch.compile", True, "none", True)]
     assert all(c.crop_size == cfg.crop_size for _, c, _, _ in variants)
+
+
+# /proc/cpuinfo flags of the three CPU classes (abridged), with what PyTorch's get_cpu_capability() says on each
+AVX2_FLAGS = {"sse4_2", "avx", "avx2", "fma"}
+AVX512_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+
+
+@pytest.mark.parametrize("capability, flags, isa", [
+    ("AVX2", AVX2_FLAGS, "AVX2"),
+    ("AVX512", AVX512_FLAGS, "AVX512"),
+    ("AVX512", AVX512_FLAGS | {"avx512_bf16"}, "AVX512-BF16"),  # e.g. AMD EPYC Zen 4
+    ("AVX512", AVX512_FLAGS | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, "AMX"),  # Intel Xeon Sapphire Rapids
+    ("DEFAULT", set(), "DEFAULT"),  # no vector ISA PyTorch uses (or another architecture): its own word
+])
+def test_the_report_names_the_cpus_isa_from_capability_and_flags(capability, flags, isa):
+    assert benchmark.cpu_isa(capability, flags) == isa
+
+
+def test_cpu_info_reads_the_model_name_and_flags(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert benchmark.cpu_info(str(path)) == ("Test CPU 9000", {"fpu", "avx2", "avx512_bf16"})
+    assert benchmark.cpu_info(str(tmp_path / "absent"))[1] == set()
 
 
 def test_presets_section_times_each_variant_of_each_preset(monkeypatch):

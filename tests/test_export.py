@@ -13,6 +13,7 @@ import openvino as ov
 import pytest
 import torch
 import torch.nn as nn
+from conftest import randomize_batchnorm
 
 import export
 import precision
@@ -25,20 +26,6 @@ from precision import autocast_dtype
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLD_PRESETS = ["synthetic"] + [name for name in PRESETS if name.startswith("ablation_")]
 EXPORT_HW = (64, 96)
-
-
-def randomize_batchnorm(model, seed=0):
-    """Give every BatchNorm statistics and affine parameters far from the identity, so folding has work to do."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=generator) * 0.2)
-    return model
 
 
 def make_model(name="synthetic", *overrides):
@@ -234,9 +221,9 @@ def ir_file(onnx_files):
 
 
 def openvino_logits(path, image):
-    """The IR run by OpenVINO's own API, on the CPU in f32."""
-    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return compiled(image.numpy())[0]
+    """The IR run on the CPU in f32, compiled as every OpenVINO file is (runtime.openvino_runner): OpenVINO's default
+    on CPUs with native bf16 (AVX512-BF16, AMX) would be bf16."""
+    return runtime.openvino_runner(path)(image.numpy())
 
 
 def test_ir_is_fp32_with_dynamic_batch_height_and_width(ir_file):
@@ -303,6 +290,26 @@ def test_runtimes_use_pytorchs_thread_count(onnx_files, ir_file, monkeypatch):
             assert compiled[-1].get_property("INFERENCE_NUM_THREADS") == count
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("asked", ["f32", "bf16"])
+def test_openvino_files_compile_with_an_explicit_inference_precision(ir_file, monkeypatch, asked):
+    """OpenVINO's CPU plugin computes in bf16 by default where the CPU has it (AMX, AVX512-BF16): an fp32 file is
+    compiled with an f32 hint on every CPU, and the benchmark's bf16 row asks bf16 itself."""
+    configs = []
+
+    class Core(ov.Core):
+        def compile_model(self, model, device, config):
+            configs.append(config)
+            return super().compile_model(model, device, config)
+
+    monkeypatch.setattr(ov, "Core", Core)
+    runtime.BackendModel(ir_file, "openvino", asked)
+    [config] = configs
+    assert config[ov.properties.hint.inference_precision] == getattr(ov.Type, asked)
+    if asked == "f32":  # what the compiled model runs in, on this CPU whatever its class
+        compiled = ov.Core().compile_model(ir_file, "CPU", config)
+        assert compiled.get_property(ov.properties.hint.inference_precision) == ov.Type.f32
 
 
 def test_missing_openvino_is_named(ir_file, monkeypatch):
