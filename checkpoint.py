@@ -1,8 +1,8 @@
 """Files written safely, and checkpoints read into a model: the one place for both.
 
 write_atomically is how every file the project writes reaches the disk (a crash leaves the old file or the new one);
-load_checkpoint / load_fitting put a checkpoint's weights into a built BiSeNet, and load_for_inference turns a
-checkpoint path (plus --config and overrides) into (model, cfg) for evaluate.py, demo.py and export.py.
+load_checkpoint / load_fitting put a checkpoint's weights into a built BiSeNet or BiSeNetV2, and load_for_inference
+turns a checkpoint path (plus --config and overrides) into (model, cfg) for evaluate.py, demo.py and export.py.
 """
 
 import dataclasses
@@ -19,6 +19,9 @@ from resnet import state_dict_problems
 # Settings a model was trained with that no weight records: a checkpoint loads whatever their value, and its
 # predictions change with them (upsample is the one architecture switch that shapes no parameter).
 UNRECORDED_KEYS = ("upsample", "mean", "std")
+# A tensor name only one architecture has: what a bare state dict (no config) was trained as
+ARCH_MARKS = {"bisenetv1": "backbone.", "bisenetv2": "detail."}
+ARCH_NAMES = {"bisenetv1": "BiSeNetV1", "bisenetv2": "BiSeNetV2"}
 
 
 class CheckpointError(RuntimeError):
@@ -64,10 +67,11 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(model, path, ckpt=None):
-    """Load a checkpoint's weights into a built BiSeNet: the one place that does it.
+    """Load a checkpoint's weights into a built BiSeNet or BiSeNetV2: the one place that does it.
 
-    Accepts our checkpoints (a dict with "model", optionally "config") or a bare state dict, with DDP `module.` and
-    torch.compile `_orig_mod.` prefixes stripped. Aux-head weights are skipped for a model built without aux heads.
+    Accepts our checkpoints (a dict with "model", optionally "config") or a bare state dict (such as the BiSeNetV2
+    weights CoinCheung/BiSeNet released), with DDP `module.` and torch.compile `_orig_mod.` prefixes stripped. Aux-head
+    weights are skipped for a model built without aux heads.
     `ckpt`: the file's contents where read_checkpoint(path) has read them already. Returns the checkpoint dict (a bare
     state dict comes back as {"model": state}). Raises CheckpointError.
     """
@@ -135,16 +139,37 @@ def _read_state(model, path, ckpt=None):
     out)."""
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
-    if model.aux8 is None:
-        state = {k: v for k, v in state.items() if not k.startswith(("aux8.", "aux16."))}
+    if not model.arch["aux_heads"]:
+        state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{m}." for m in model.AUX_MODULES))}
     return ckpt, state
 
 
 def _raise_mismatches(model, state, path, ckpt, shapes=True):
+    trained, built = checkpoint_arch(state, ckpt.get("config")), model.arch["arch"]
+    if trained not in (None, built):
+        fix = f"arch={trained}" + (" pretrained=none (the _v2 presets set both)" if trained == "bisenetv2" else "")
+        raise CheckpointError(f"checkpoint {path} does not fit this model: it looks like a {ARCH_NAMES[trained]} "
+                              f"checkpoint and the model is a {ARCH_NAMES[built]} (arch={built}): set {fix}")
     problems = _mismatches(model, state, path, shapes)
     if problems:
         hint = _config_hint(model, ckpt.get("config"), shapes)
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems) + hint)
+
+
+def checkpoint_arch(state, config=None):
+    """The architecture (a cfg.arch value) whose weights `state` holds: told by its tensor names, else by its `config`
+    (one from before configs had `arch` is BiSeNetV1); None if neither tells."""
+    for arch, mark in ARCH_MARKS.items():
+        if any(k.startswith(mark) for k in state):
+            return arch
+    return _trained_config(config).get("arch")
+
+
+def _trained_config(config):
+    """A checkpoint's stored config dict ({} for none), with the values of keys added since it was written."""
+    if not isinstance(config, dict):
+        return {}
+    return {"arch": "bisenetv1", **config}  # checkpoints from before BiSeNetV2 hold BiSeNetV1
 
 
 def read_checkpoint(path):
@@ -178,25 +203,32 @@ def _mismatches(model, state, path, shapes=True):
     tensors count."""
     expected = model.state_dict()
     problems = []
-    cls = state.get("head.cls.weight")
+    cls = state.get(f"{model.CLASSIFIER}.weight")
     if shapes and cls is not None and cls.shape[0] != model.arch["num_classes"]:
         problems.append(f"checkpoint has {cls.shape[0]} classes, config has {model.arch['num_classes']} (num_classes); "
                         "to fine-tune it on other classes use init_from=PATH")
     problems += state_dict_problems(expected, state, shapes)
     if set(expected) != set(state):
-        problems.append(
-            "it was probably trained with different ablation switches (spatial_path, arm, global_pool, fusion)"
-        )
+        problems.append(_layout_hint(model, set(expected) - set(state), set(state) - set(expected)))
     return problems
 
 
+def _layout_hint(model, missing, unexpected):
+    """Why a checkpoint's tensor names differ from the model's."""
+    if not unexpected and all(k.startswith(tuple(f"{m}." for m in model.AUX_MODULES)) for k in missing):
+        return f"it holds no auxiliary heads ({', '.join(model.AUX_MODULES)}): it was trained with aux_heads=false"
+    switches = [k for k in model.arch if k not in ("arch", "num_classes", "aux_heads")]  # BiSeNetV2 has none
+    if switches:
+        return f"it was probably trained with different ablation switches ({', '.join(switches)})"
+    return "its tensor names are not BiSeNetV2's (bisenetv2.py keeps those of CoinCheung/BiSeNet)"
+
+
 def _config_hint(model, ckpt_config, shapes=True):
-    if not isinstance(ckpt_config, dict):
-        return ""
+    ckpt_config = _trained_config(ckpt_config)
     differ = [
         f"{k}={ckpt_config[k]!r} (model {model.arch[k]!r})"
         for k in MODEL_KEYS
-        if k in ckpt_config and ckpt_config[k] != model.arch[k] and (shapes or k != "num_classes")
+        if k in ckpt_config and k in model.arch and ckpt_config[k] != model.arch[k] and (shapes or k != "num_classes")
         and not (k == "aux_heads" and not model.arch[k])  # built without them on purpose: their weights are skipped
     ]
     if not differ:

@@ -1,8 +1,9 @@
-"""Training losses: OHEM cross-entropy and the sum over BiSeNet's main and auxiliary heads.
+"""Training losses: OHEM cross-entropy and the sum over the main and auxiliary heads.
 
-The logged training loss is the weighted total over heads, main + aux_weight * (aux8 + aux16): the value
-optimized, not the main head's loss alone. With the default aux_weight of 1 it starts near 3x a single head's
-cross-entropy. Each head's own loss is logged beside it.
+The logged training loss is the weighted total over heads, main + aux_weight * (aux8 + aux16) for BiSeNet and
+main + aux_weight * (aux2 + aux3 + aux4 + aux5_4) for BiSeNetV2's boosters: the value optimized, not the main head's
+loss alone. With the default aux_weight of 1 it starts near 3x (V2: 5x) a single head's cross-entropy. Each head's own
+loss is logged beside it.
 """
 
 import math
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cityscapes import IGNORE
+from model import ARCHITECTURES
 
 
 def ohem_index(losses, thresh_loss, n_min):
@@ -75,9 +77,10 @@ class OhemCrossEntropy(nn.Module):
 class BiSeNetLoss(nn.Module):
     """`criterion` applied to each head's logits: total = main + aux_weight * sum(aux).
 
-    `outputs` is the model's training output (main, aux8, aux16), or the main logits alone (a model
-    without aux heads). Returns (total, parts): parts maps "main", "aux8", "aux16" to detached per-head
-    losses, for logging beside the total; `formula` says how the total is formed from them.
+    `outputs` is the model's training output (main, *aux) with the aux heads named `aux_names` (BiSeNet:
+    aux8, aux16; BiSeNetV2: aux2, aux3, aux4, aux5_4), or the main logits alone (a model without aux heads).
+    Returns (total, parts): parts maps "main" and each aux name to detached per-head losses, for logging beside
+    the total; `formula` says how the total is formed from them.
     """
 
     def __init__(self, criterion, aux_weight=1.0, aux_names=("aux8", "aux16")):
@@ -110,6 +113,7 @@ class BiSeNetLoss(nn.Module):
 
 
 def build_loss(cfg, class_weights=None):
-    """The training loss; `class_weights` (num_classes numbers) or None, as train.resolve_class_weights gives."""
+    """The training loss of cfg.arch's model, its aux heads named as the model names them; `class_weights`
+    (num_classes numbers) or None, as train.resolve_class_weights gives."""
     criterion = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac, weight=class_weights)
-    return BiSeNetLoss(criterion, cfg.aux_weight)
+    return BiSeNetLoss(criterion, cfg.aux_weight, ARCHITECTURES[cfg.arch].AUX_MODULES)

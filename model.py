@@ -1,38 +1,26 @@
-"""BiSeNet (ResNet18) with the ablation switches of configs.py, its builder, BatchNorm folding and the inference copy.
+"""BiSeNet (ResNet18) with the ablation switches of configs.py; the builder of it and of BiSeNetV2 (bisenetv2.py),
+BatchNorm folding and the inference copy of either. `python model.py --config NAME` prints a config's parameters and
+GFLOPs.
 
 Layout (the BiSeNet paper, arXiv 1808.00897): a spatial path at 1/8, a context path (ResNet18, attention refinement on
 the 1/16 and 1/32 features, a global pooling branch), a feature fusion module, a main head and two auxiliary heads. A
 part that is switched off has no parameters at all, so DistributedDataParallel needs no find_unused_parameters.
 """
 
+import argparse
 import copy
+import dataclasses
+import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+from bisenetv2 import BiSeNetV2
+from configs import ConfigError, add_config_args, get_config
+from layers import ConvBNReLU, global_avg, resize
 from precision import autocast_dtype
 from resnet import ResNet18, load_pretrained
-
-
-class ConvBNReLU(nn.Module):
-    def __init__(self, cin, cout, kernel=3, stride=1):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        return self.relu(self.bn(self.conv(x)))
-
-
-def resize(x, size, mode):
-    """Resize to an exact size (never a fixed x2), so that input sizes need not be multiples of 32."""
-    return F.interpolate(x, size=size, mode=mode, align_corners=False if mode == "bilinear" else None)
-
-
-def global_avg(x):
-    return x.mean((2, 3), keepdim=True)
 
 
 def make_spatial_path():
@@ -90,6 +78,10 @@ class SegHead(nn.Module):
 class BiSeNet(nn.Module):
     # The optimizer gives parameters whose names start with these a higher lr (cfg.head_lr_mult).
     HEAD_MODULES = ("ffm", "head", "aux8", "aux16")
+    # The auxiliary heads (training only): the checkpoint loader leaves their weights out for a model built without
+    # them, and the loss names its terms after them.
+    AUX_MODULES = ("aux8", "aux16")
+    CLASSIFIER = "head.cls"  # the conv whose output channels are the classes
 
     def __init__(
         self,
@@ -104,6 +96,7 @@ class BiSeNet(nn.Module):
         super().__init__()
         # the switches that shape the parameter set (configs.MODEL_KEYS), to explain checkpoint mismatches
         self.arch = dict(
+            arch="bisenetv1",
             num_classes=num_classes,
             spatial_path=spatial_path,
             arm=arm,
@@ -178,8 +171,14 @@ class BiSeNet(nn.Module):
         return feat8_up if spatial is None else spatial + feat8_up
 
 
+ARCHITECTURES = {"bisenetv1": BiSeNet, "bisenetv2": BiSeNetV2}  # cfg.arch -> the model class
+
+
 def build_model(cfg, pretrained=True):
-    """BiSeNet for a configs.Config; `pretrained=False` skips the ImageNet backbone (e.g. before load_checkpoint)."""
+    """BiSeNet or BiSeNetV2 (cfg.arch) for a configs.Config; `pretrained=False` skips BiSeNet's ImageNet backbone
+    (e.g. before load_checkpoint). BiSeNetV2 trains from scratch: configs rejects a pretrained value for it."""
+    if cfg.arch == "bisenetv2":
+        return BiSeNetV2(num_classes=cfg.num_classes, aux_heads=cfg.aux_heads)
     model = BiSeNet(
         num_classes=cfg.num_classes,
         spatial_path=cfg.spatial_path,
@@ -194,36 +193,71 @@ def build_model(cfg, pretrained=True):
     return model
 
 
+# (conv, BN) attribute pairs where the BN directly follows the conv: ConvBNReLU, the ARM attention, the ResNet stem,
+# BasicBlock, its downsample Sequential ("0", "1"), and BiSeNetV2's conv + BN Sequentials (GELayerS2's shortcut holds
+# two: "0", "1" and "2", "3")
+FOLLOWING_BN = (("conv", "bn"), ("att_conv", "att_bn"), ("conv1", "bn1"), ("conv2", "bn2"), ("0", "1"), ("2", "3"))
+# (BN, conv) pairs where the BN feeds a 1x1 conv directly: BiSeNetV2's CE block, the BN of the pooled feature
+PRECEDING_BN = (("bn", "conv_gap.conv"),)
+BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # SyncBatchNorm (train.py's under torchrun) is no BatchNorm2d
+
+
 @torch.no_grad()
 def fold_batchnorm(model):
-    """A deployment copy of `model` in eval mode with every BatchNorm folded into the conv before it.
+    """A deployment copy of `model` in eval mode with every BatchNorm folded into the conv next to it.
 
-    The conv gets weight * gamma / sqrt(var + eps) and a bias beta - mean * scale (+ its own bias * scale); the BN
-    becomes nn.Identity. Eval-mode outputs are unchanged up to float rounding; the original model is untouched.
+    A BN after a conv: the conv gets weight * gamma / sqrt(var + eps) per output channel and a bias beta - mean * scale
+    (+ its own bias * scale). A BN before a 1x1 conv without padding (BiSeNetV2's CE block) scales the conv's input
+    channels instead, and its shift enters the conv's bias through the weights. The BN becomes nn.Identity. Eval-mode
+    outputs are unchanged up to float rounding; the original model is untouched.
     """
-    # (conv, BN) attribute pairs where the BN directly follows the conv: ConvBNReLU, the ARM attention, the ResNet
-    # stem, BasicBlock, and its downsample Sequential ("0", "1")
-    pairs = (("conv", "bn"), ("att_conv", "att_bn"), ("conv1", "bn1"), ("conv2", "bn2"), ("0", "1"))
     folded = copy.deepcopy(model).eval()
     for module in list(folded.modules()):
-        for conv_name, bn_name in pairs:
+        for bn_name, conv_name in PRECEDING_BN:
+            bn, conv = _submodule(module, bn_name), _submodule(module, conv_name)
+            if isinstance(bn, BATCHNORMS) and isinstance(conv, nn.Conv2d) and _is_pointwise(conv):
+                scale, shift = _bn_affine(bn)
+                weight = conv.weight.to("cpu", torch.float64)
+                _set_conv(conv, weight * scale.reshape(1, -1, 1, 1), _conv_bias(conv) + weight[:, :, 0, 0] @ shift)
+                setattr(module, bn_name, nn.Identity())
+        for conv_name, bn_name in FOLLOWING_BN:
             conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            # SyncBatchNorm (a model trained with sync_bn under torchrun) is not a BatchNorm2d subclass
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm))):
-                continue
-            # in float64 (on the CPU: not every accelerator has it), so that folding adds no rounding of its own
-            weight, gamma, beta, mean, var = (
-                t.to("cpu", torch.float64) for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-            )
-            scale = gamma / torch.sqrt(var + bn.eps)
-            bias = beta - mean * scale
-            if conv.bias is not None:
-                bias = bias + conv.bias.to("cpu", torch.float64) * scale
-            like = dict(device=conv.weight.device, dtype=conv.weight.dtype)
-            conv.weight = nn.Parameter((weight * scale.reshape(-1, 1, 1, 1)).to(**like))
-            conv.bias = nn.Parameter(bias.to(**like))
-            setattr(module, bn_name, nn.Identity())
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, BATCHNORMS):
+                scale, shift = _bn_affine(bn)
+                weight = conv.weight.to("cpu", torch.float64) * scale.reshape(-1, 1, 1, 1)
+                _set_conv(conv, weight, shift + _conv_bias(conv) * scale)
+                setattr(module, bn_name, nn.Identity())
     return folded
+
+
+def _submodule(module, dotted):
+    for name in dotted.split("."):
+        module = getattr(module, name, None)
+    return module
+
+
+def _is_pointwise(conv):
+    return conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+
+
+# in float64 (on the CPU: not every accelerator has it), so that folding adds no rounding of its own
+def _bn_affine(bn):
+    """(scale, shift) of an eval-mode BN: bn(x) = x * scale + shift per channel."""
+    gamma, beta, mean, var = (t.to("cpu", torch.float64) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
+def _conv_bias(conv):
+    if conv.bias is None:
+        return torch.zeros(conv.out_channels, dtype=torch.float64)
+    return conv.bias.to("cpu", torch.float64)
+
+
+def _set_conv(conv, weight, bias):
+    like = dict(device=conv.weight.device, dtype=conv.weight.dtype)
+    conv.weight = nn.Parameter(weight.to(**like))
+    conv.bias = nn.Parameter(bias.to(**like))
 
 
 class InferenceModel(nn.Module):
@@ -253,3 +287,46 @@ def inference_model(model, amp="none", device=None):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def count_gflops(model, size):
+    """GFLOPs of one eval-mode forward pass of a (1, 3, H, W) input, as torch's FlopCounterMode counts them: 2 per
+    multiply-add, convolutions and matrix products only. On a model built on the meta device it costs no compute."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, 3, *size, device=device))
+    return counter.get_total_flops() / 1e9
+
+
+def summary(cfg):
+    """The lines `python model.py` prints: the parameters of cfg's model with and without its auxiliary heads, and its
+    GFLOPs at the training crop, at 512x1024 and at 1024x2048."""
+    with torch.device("meta"):  # shapes only: neither the weights nor the forward passes take memory or time
+        full = build_model(dataclasses.replace(cfg, aux_heads=True), pretrained=False)
+        bare = build_model(dataclasses.replace(cfg, aux_heads=False), pretrained=False)
+    aux = ", ".join(full.AUX_MODULES)
+    lines = [f"{type(full).__name__} (arch={cfg.arch}), {cfg.num_classes} classes",
+             f"parameters: {count_parameters(bare):,} for prediction, {count_parameters(full):,} in training "
+             f"(with the auxiliary heads {aux})",
+             "GFLOPs (2 per multiply-add, eval mode, batch 1):"]
+    crop = tuple(cfg.crop_size)
+    for size in dict.fromkeys((crop, (512, 1024), (1024, 2048))):  # in this order, each once
+        note = " (the training crop)" if size == crop else ""
+        lines.append(f"  {size[0]}x{size[1]}: {count_gflops(bare, size):.1f}{note}")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Parameters and GFLOPs of the model a config builds.")
+    args = add_config_args(parser).parse_args(argv)
+    try:
+        cfg = get_config(args.config or "cityscapes", args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary(cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

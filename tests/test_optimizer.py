@@ -169,6 +169,10 @@ def module_params(module):
     return {id(p) for p in module.parameters()} if module is not None else set()
 
 
+# BiSeNet's fusion module and heads; BiSeNetV2's head and boosters
+HEADS = {"bisenetv1": ("ffm", "head", "aux8", "aux16"), "bisenetv2": ("head", "aux2", "aux3", "aux4", "aux5_4")}
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_param_groups_of_the_real_model(preset):
     cfg = get_config(preset)
@@ -177,9 +181,9 @@ def test_param_groups_of_the_real_model(preset):
     listed = [i for ids in groups.values() for i in ids]
     assert len(listed) == len(set(listed)) and set(listed) == {id(p) for p in model.parameters()}
     # The head modules of this architecture (ffm is absent with fusion=sum, the aux heads with aux_heads=false).
-    heads = set().union(*(module_params(getattr(model, name)) for name in ("ffm", "head", "aux8", "aux16")))
+    heads = set().union(*(module_params(getattr(model, name)) for name in HEADS[cfg.arch]))
     assert set(groups["head"] + groups["head_no_decay"]) == heads
-    assert (model.ffm is None) == (cfg.fusion == "sum")
+    assert cfg.arch == "bisenetv2" or (model.ffm is None) == (cfg.fusion == "sum")
     # No decay: every BatchNorm parameter and every bias; decay: every conv weight.
     no_decay = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
     no_decay |= {id(p) for n, p in model.named_parameters() if n.endswith(".bias")}

@@ -1,0 +1,213 @@
+"""BiSeNetV2 (Yu et al., IJCV 2021, arXiv 2004.02147): a detail branch, a semantic branch, bilateral guided
+aggregation, a segment head and four booster heads.
+
+Strides and widths are those of the paper's Table 1. The layers and their state-dict names are those of
+CoinCheung/BiSeNet's lib/models/bisenetv2.py, so that its released bare state dict (model_final_v2_city.pth, boosters
+included) loads with strict key matching. Where that file departs from the paper this module follows the file:
+- a ReLU after the depthwise conv of GELayerS1 and after the second depthwise conv of GELayerS2;
+- the CE block's last 3x3 conv has BatchNorm and ReLU (the paper: a plain conv);
+- BGA's final 3x3 conv has BatchNorm and ReLU, and its x4 upsampling is nearest;
+- the main head's 3x3 conv is 1024 channels wide (boosters: 128), with dropout 0.1 before the classifier; a booster
+  doubles its feature's size (nearest) and applies another ConvBNReLU of stride**2 channels before the classifier;
+- initialization: kaiming_normal_ (fan_out) for every conv, biases 0, BatchNorm weights 1 except the one closing each
+  GE layer's residual branch (conv2's), which starts at 0 so that the layer starts as its shortcut.
+One departure from that file: its fixed x4 / x8 upsampling factors become resizes to the exact size of the target
+feature map or of the input (layers.resize), so that any input size works, not only multiples of 32; where the size
+divides, the results are the same. The parameter-free modules that this drops from its Sequentials are the last in
+them, so the other names keep their indices.
+"""
+
+import torch
+import torch.nn as nn
+
+from layers import ConvBNReLU, global_avg, resize
+
+
+def conv_bn(cin, cout, kernel=3, stride=1, groups=1):
+    """A conv (no bias) and its BatchNorm, as the two entries of a Sequential."""
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+
+
+class DetailBranch(nn.Module):
+    """Wide and shallow: 64 channels at 1/2 (S1) and 1/4 (S2), 128 at 1/8 (S3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.S1 = nn.Sequential(ConvBNReLU(3, 64, 3, 2), ConvBNReLU(64, 64))
+        self.S2 = nn.Sequential(ConvBNReLU(64, 64, 3, 2), ConvBNReLU(64, 64), ConvBNReLU(64, 64))
+        self.S3 = nn.Sequential(ConvBNReLU(64, 128, 3, 2), ConvBNReLU(128, 128), ConvBNReLU(128, 128))
+
+    def forward(self, x):
+        return self.S3(self.S2(self.S1(x)))
+
+
+class StemBlock(nn.Module):
+    """16 channels at 1/4: a strided conv, then a strided conv path and a max pool side by side, fused by a 3x3."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = ConvBNReLU(3, 16, 3, 2)
+        self.left = nn.Sequential(ConvBNReLU(16, 8, 1), ConvBNReLU(8, 16, 3, 2))
+        self.right = nn.MaxPool2d(3, 2, 1)
+        self.fuse = ConvBNReLU(32, 16)
+
+    def forward(self, x):
+        feat = self.conv(x)
+        return self.fuse(torch.cat([self.left(feat), self.right(feat)], 1))
+
+
+class GELayerS1(nn.Module):
+    """Gather-and-expansion layer, stride 1: 3x3 conv, depthwise 3x3 expanding 6x, 1x1 projection, residual."""
+
+    def __init__(self, cin, cout, expand=6):
+        super().__init__()
+        mid = cin * expand
+        self.conv1 = ConvBNReLU(cin, cin)
+        self.dwconv = nn.Sequential(*conv_bn(cin, mid, groups=cin), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(*conv_bn(mid, cout, 1))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.dwconv(self.conv1(x))) + x)
+
+
+class GELayerS2(nn.Module):
+    """Gather-and-expansion layer, stride 2: two depthwise 3x3 (the first strided and expanding 6x), and a depthwise
+    strided 3x3 + 1x1 shortcut."""
+
+    def __init__(self, cin, cout, expand=6):
+        super().__init__()
+        mid = cin * expand
+        self.conv1 = ConvBNReLU(cin, cin)
+        self.dwconv1 = nn.Sequential(*conv_bn(cin, mid, stride=2, groups=cin))
+        self.dwconv2 = nn.Sequential(*conv_bn(mid, mid, groups=mid), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(*conv_bn(mid, cout, 1))
+        self.shortcut = nn.Sequential(*conv_bn(cin, cin, stride=2, groups=cin), *conv_bn(cin, cout, 1))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.dwconv2(self.dwconv1(self.conv1(x)))) + self.shortcut(x))
+
+
+class CEBlock(nn.Module):
+    """Context embedding: the globally pooled feature (BatchNorm, 1x1) added to the feature, then a 3x3."""
+
+    def __init__(self, channels=128):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.conv_gap = ConvBNReLU(channels, channels, 1)
+        self.conv_last = ConvBNReLU(channels, channels)
+
+    def forward(self, x):
+        return self.conv_last(self.conv_gap(self.bn(global_avg(x))) + x)
+
+
+class SegmentBranch(nn.Module):
+    """Narrow and deep: stem 16 ch at 1/4, S3 32 at 1/8, S4 64 at 1/16, S5 128 at 1/32 (GE layers), the CE block.
+
+    Returns every stage's output: (stem, S3, S4, S5 before the CE block, after it); the boosters read the first four.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.S1S2 = StemBlock()
+        self.S3 = nn.Sequential(GELayerS2(16, 32), GELayerS1(32, 32))
+        self.S4 = nn.Sequential(GELayerS2(32, 64), GELayerS1(64, 64))
+        self.S5_4 = nn.Sequential(GELayerS2(64, 128), GELayerS1(128, 128), GELayerS1(128, 128), GELayerS1(128, 128))
+        self.S5_5 = CEBlock(128)
+
+    def forward(self, x):
+        feat2 = self.S1S2(x)
+        feat3 = self.S3(feat2)
+        feat4 = self.S4(feat3)
+        feat5_4 = self.S5_4(feat4)
+        return feat2, feat3, feat4, feat5_4, self.S5_5(feat5_4)
+
+
+class BGALayer(nn.Module):
+    """Bilateral guided aggregation: the detail (1/8) and semantic (1/32) features gate each other with sigmoids."""
+
+    def __init__(self, channels=128):
+        super().__init__()
+        c = channels
+        self.left1 = nn.Sequential(*conv_bn(c, c, groups=c), nn.Conv2d(c, c, 1, bias=False))
+        self.left2 = nn.Sequential(*conv_bn(c, c, stride=2), nn.AvgPool2d(3, 2, 1))
+        self.right1 = nn.Sequential(*conv_bn(c, c))
+        self.right2 = nn.Sequential(*conv_bn(c, c, groups=c), nn.Conv2d(c, c, 1, bias=False))
+        self.conv = nn.Sequential(*conv_bn(c, c), nn.ReLU(inplace=True))
+
+    def forward(self, detail, semantic):
+        # left2's strided conv and pool bring the detail feature to the semantic one's size (both round up alike)
+        size = detail.shape[2:]
+        left = self.left1(detail) * torch.sigmoid(resize(self.right1(semantic), size, "nearest"))
+        right = self.left2(detail) * torch.sigmoid(self.right2(semantic))
+        return self.conv(left + resize(right, size, "nearest"))
+
+
+class SegmentHead(nn.Module):
+    """3x3 ConvBNReLU to `mid` channels, dropout, a 1x1 classifier; logits resized bilinearly to the input size.
+
+    A booster (`booster=True`) first doubles the size (nearest) and convolves to stride**2 channels, `stride` being
+    its feature's (4 for the stem's).
+    """
+
+    def __init__(self, cin, mid, num_classes, stride, booster):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, mid)
+        self.drop = nn.Dropout(0.1)
+        width = stride * stride if booster else mid
+        # an nn.Upsample(scale_factor=2) is exact: twice the size, whatever the size
+        expand = nn.Sequential(nn.Upsample(scale_factor=2), ConvBNReLU(mid, width)) if booster else nn.Identity()
+        self.conv_out = nn.Sequential(expand, nn.Conv2d(width, num_classes, 1))
+
+    def forward(self, x, size):
+        return resize(self.conv_out(self.drop(self.conv(x))), size, "bilinear")
+
+
+class BiSeNetV2(nn.Module):
+    # The optimizer gives parameters whose names start with these a higher lr (cfg.head_lr_mult).
+    HEAD_MODULES = ("head", "aux2", "aux3", "aux4", "aux5_4")
+    # The boosters (training only): the checkpoint loader leaves their weights out for a model built without them,
+    # and the loss names its terms after them.
+    AUX_MODULES = ("aux2", "aux3", "aux4", "aux5_4")
+    CLASSIFIER = "head.conv_out.1"  # the conv whose output channels are the classes
+
+    def __init__(self, num_classes=19, aux_heads=True):
+        super().__init__()
+        # what shapes the parameter set (configs.MODEL_KEYS), to explain checkpoint mismatches
+        self.arch = dict(arch="bisenetv2", num_classes=num_classes, aux_heads=aux_heads)
+        self.detail = DetailBranch()
+        self.segment = SegmentBranch()
+        self.bga = BGALayer(128)
+        self.head = SegmentHead(128, 1024, num_classes, 8, booster=False)
+        # on the stem (16 ch, 1/4), S3 (32, 1/8), S4 (64, 1/16) and S5 before the CE block (128, 1/32)
+        for name, cin, stride in (("aux2", 16, 4), ("aux3", 32, 8), ("aux4", 64, 16), ("aux5_4", 128, 32)):
+            setattr(self, name, SegmentHead(cin, 128, num_classes, stride, booster=True) if aux_heads else None)
+        self._init_weights()
+
+    def _init_weights(self):
+        residual_ends = {m.conv2[1] for m in self.modules() if isinstance(m, (GELayerS1, GELayerS2))}
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 0.0 if m in residual_ends else 1.0)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        """Training: a tuple (main, aux2, aux3, aux4, aux5_4) of logits at input size, or (main,) without boosters.
+
+        Evaluation: the main logits only. In training mode the CE block's BatchNorm after global pooling needs more
+        than one image per batch.
+        """
+        size = x.shape[2:]
+        feat2, feat3, feat4, feat5_4, semantic = self.segment(x)
+        main = self.head(self.bga(self.detail(x), semantic), size)
+        if not self.training:
+            return main
+        if self.aux2 is None:
+            return (main,)
+        boosters = zip((self.aux2, self.aux3, self.aux4, self.aux5_4), (feat2, feat3, feat4, feat5_4), strict=True)
+        return (main, *(head(feat, size) for head, feat in boosters))
