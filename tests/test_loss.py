@@ -83,6 +83,26 @@ def test_ohem_matches_cross_entropy_when_everything_is_kept():
     assert OhemCrossEntropy(1 - 1e-7, 1 / 16, IGNORE)(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("seed, confident", [(3, False), (4, True)])  # many hard pixels; few (the top-n_min branch)
+def test_ohem_gradient_equals_the_gather_of_the_hard_pixels(seed, confident):
+    """The masked sum over the map (what the loss computes) has the gradient of the plain formulation: gather the
+    valid pixels' losses, then the hard ones, and take their mean."""
+    logits, target = random_batch(seed)
+    if confident:  # right by a wide margin nearly everywhere: fewer hard pixels than n_min
+        logits = logits + 12.0 * F.one_hot(target.clamp(max=4), 5).permute(0, 3, 1, 2)
+    logits.requires_grad_(True)
+    OhemCrossEntropy(0.7, 1 / 16, IGNORE)(logits, target).backward()
+    ours, logits.grad = logits.grad, None
+    losses = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")[target != IGNORE]
+    n_min = max(1, int(losses.numel() / 16))
+    hard = losses > -math.log(0.7)
+    if int(hard.sum()) < n_min:
+        hard = losses.argsort(descending=True)[:n_min]
+    losses[hard].mean().backward()
+    assert (int((target != IGNORE).sum()) // 16 > int((losses > -math.log(0.7)).sum())) is confident
+    assert torch.allclose(ours, logits.grad, rtol=1e-5, atol=1e-9)
+
+
 def test_ohem_gradient_only_reaches_valid_pixels():
     logits, target = random_batch(3)
     logits.requires_grad_(True)
