@@ -1,12 +1,13 @@
 """Measure the pipeline and write BENCHMARKS.md.
 
     python benchmark.py                                   # every section, written to BENCHMARKS.md
-    python benchmark.py --only data,latency               # some (data, train, presets, latency, eval): printed
+    python benchmark.py --only data,latency               # some (data, loss, train, presets, latency, eval): printed
     python benchmark.py --only eval --out eval_bench.md   # some, written to the file given
 
 Sections: data (training pipeline samples/s per loader worker on 1024x2048 frames, against a
-full-image resize baseline), train (training images/s at the reference crop, per precision), presets
-(training images/s at the synthetic and camvid presets' crops: fp32, channels_last, bf16, torch.compile),
+full-image resize baseline), loss (one head's OHEM loss, against the gather formulation), train (training
+images/s at the reference crop, per precision), presets (training images/s at the synthetic, camvid and
+camvid_v2 presets' crops: fp32, channels_last, bf16, torch.compile),
 latency (inference ms/image at 512x1024 and 1024x2048 for several execution variants and the exported
 ONNX Runtime / OpenVINO fp32, bf16, INT8 files, against fp32 eager), eval (seconds per image of each
 evaluation mode, in PyTorch and with the OpenVINO files, and batched against one-at-a-time crops). Each
@@ -31,7 +32,7 @@ import time
 import cv2
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+import torch.nn.functional as F
 
 import precision
 from configs import get_config
@@ -39,8 +40,8 @@ from datasets import build_dataset
 from distributed import Distributed
 from evaluate import eval_crop_size, predict, predict_scores
 from export import export_onnx, export_openvino, openvino_paths, quantize_int8, random_images
-from loss import build_loss
-from model import build_model, fold_batchnorm, inference_model
+from loss import OhemCrossEntropy, build_loss
+from model import ARCHITECTURES, build_model, count_gflops, fold_batchnorm, inference_model
 from optimizer import build_optimizer
 from precision import training_precision
 from runtime import BackendError, BackendModel
@@ -48,7 +49,7 @@ from synthetic import generate
 from train import train_step
 from transform import TrainTransform
 
-SECTIONS = ("data", "train", "presets", "latency", "eval")
+SECTIONS = ("data", "loss", "train", "presets", "latency", "eval")
 
 
 def timed(fn, device, repeat):
@@ -158,6 +159,43 @@ def bench_data(cfg, root, repeat):
     return lines
 
 
+# ---- loss ----
+
+def ohem_gather_baseline(logits, target, thresh_loss, min_frac, ignore_index=255):
+    """OHEM written the usual way, for comparison: gather the valid pixels' losses, then the hard ones, their mean."""
+    losses = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    losses = losses[target != ignore_index]
+    n_min = max(1, int(losses.numel() * min_frac))
+    hard = losses > thresh_loss
+    return losses[hard].mean() if int(hard.sum()) >= n_min else losses.topk(n_min, sorted=False).values.mean()
+
+
+def bench_loss(cfg, device, repeat, batch=8, seed=0):
+    """Forward + backward of one head's OHEM loss at cfg's crop: its logits bilinearly resized from a 1/8 map (what
+    a head does), 5% of the pixels ignored; loss.OhemCrossEntropy against the gather baseline, on the same input."""
+    h, w = cfg.crop_size
+    generator = torch.Generator().manual_seed(seed)
+    small = torch.randn(batch, cfg.num_classes, -(-h // 8), -(-w // 8), generator=generator).to(device)
+    small = small.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    target = torch.randint(0, cfg.num_classes, (batch, h, w), generator=generator)
+    target[torch.rand(batch, h, w, generator=generator) < 0.05] = 255
+    target = target.to(device)
+    ours = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac).to(device)
+
+    def step(loss_fn):
+        logits = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        loss_fn(logits, target).backward()
+
+    t_ours = timed(lambda: step(ours), device, repeat)
+    t_base = timed(lambda: step(lambda x, t: ohem_gather_baseline(x, t, ours.thresh_loss, ours.min_frac)), device,
+                   repeat)
+    return [f"OHEM cross-entropy of one head, forward + backward (with the head's bilinear resize), {batch} x "
+            f"{cfg.num_classes} x {h}x{w} logits, 5% of the pixels ignored:", "",
+            "| variant | ms | speed vs baseline |", "|---|---|---|",
+            f"| masked mean over the map (`loss.OhemCrossEntropy`) | {1000 * t_ours:.1f} | {t_base / t_ours:.2f}x |",
+            f"| gather of the valid, then the hard pixels (baseline) | {1000 * t_base:.1f} | 1.00x |"]
+
+
 # ---- training ----
 
 def precision_variants(cfg, device):
@@ -183,14 +221,16 @@ def cpu_variants(cfg, device):
 
 
 def bench_train(cfg, device, batch, repeat, variants=precision_variants):
-    """Images/s of train.train_step (forward, OHEM loss on 3 heads, backward, the step's sync, SGD update) for each
+    """Images/s of train.train_step (forward, OHEM loss on every head, backward, the step's sync, SGD update) for each
     (name, cfg, amp, compile) of variants(cfg, device), built as train.py builds it (channels_last weights and
     input where the variant's cfg asks; torch.compile of the training model where it says so)."""
     h, w = cfg.crop_size
     images, labels = torch.randn(batch, 3, h, w, device=device), torch.randint(0, cfg.num_classes, (batch, h, w),
                                                                                device=device)
     proc = Distributed()
-    lines = [f"Training step (`train.train_step`: forward, OHEM loss on 3 heads, backward, SGD), crop {h}x{w}, batch "
+    heads = 1 + len(ARCHITECTURES[cfg.arch].AUX_MODULES) * cfg.aux_heads
+    lines = [f"Training step of {ARCHITECTURES[cfg.arch].__name__} (`train.train_step`: forward, OHEM loss on {heads} "
+             f"heads, backward, SGD), crop {h}x{w}, batch "
              f"{batch} per process, random data:", "",
              "| variant | images/s | s/iteration | speed vs fp32 |", "|---|---|---|---|"]
     base, notes = None, []
@@ -222,7 +262,7 @@ def bench_train(cfg, device, batch, repeat, variants=precision_variants):
     return lines + ([""] + [f"- {note}" for note in notes] if notes else [])
 
 
-def bench_presets(device, batch, repeat, presets=("synthetic", "camvid")):
+def bench_presets(device, batch, repeat, presets=("synthetic", "camvid", "camvid_v2")):
     """bench_train's CPU choices (cpu_variants) at the crop of each CPU preset."""
     lines = []
     for preset in presets:
@@ -231,12 +271,6 @@ def bench_presets(device, batch, repeat, presets=("synthetic", "camvid")):
 
 
 # ---- inference latency ----
-
-def gflops(model, hw):
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, *hw, device=next(model.parameters()).device))
-    return counter.get_total_flops() / 1e9
-
 
 def compiled(module):
     """torch.compile (inductor) of an inference module with frozen weights; None where it cannot compile here."""
@@ -309,8 +343,9 @@ def rate(gflop, seconds):
 def bench_latency(cfg, device, repeat, sizes, compile=True):
     model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
     model = model.to(device).eval()
-    flops = {hw: gflops(model, hw) for hw in sizes}
-    lines = ["Inference, batch 1, eval mode (main head), random weights:", "",
+    flops = {hw: count_gflops(model, hw) for hw in sizes}
+    lines = [f"{type(model).__name__} (`arch={cfg.arch}`) inference, batch 1, eval mode (main head), random weights:",
+             "",
              "| variant | " + " | ".join(f"{h}x{w} ms" for h, w in sizes) + " | " +
              " | ".join(f"{h}x{w} GFLOP/s" for h, w in sizes) + " | speed vs fp32 eager |",
              "|---|" + "---|" * (2 * len(sizes) + 1)]
@@ -430,12 +465,15 @@ def main(argv=None):
             with tempfile.TemporaryDirectory() as root:
                 generate(root, n_train=4, n_val=0, size=(1024, 2048), seed=0, progress=False)
                 lines = bench_data(cfg, root, args.repeat)
+        elif section == "loss":
+            lines = bench_loss(get_config("camvid"), device, args.repeat)
         elif section == "train":
             lines = bench_train(cfg, device, args.train_batch, max(1, args.repeat - 1))
         elif section == "presets":
             lines = bench_presets(device, args.train_batch, max(1, args.repeat - 1))
-        elif section == "latency":
-            lines = bench_latency(cfg, device, args.repeat, [(512, 1024), (1024, 2048)])
+        elif section == "latency":  # both architectures at the Cityscapes sizes
+            lines = [line for preset in ("cityscapes", "cityscapes_v2") for line in
+                     (*bench_latency(get_config(preset), device, args.repeat, [(512, 1024), (1024, 2048)]), "")][:-1]
         else:
             lines = bench_eval(cfg, device, args.repeat)
         block = [f"## {section}", "", *lines, ""]

@@ -220,7 +220,8 @@ PRESETS = {
     "camvid": _CAMVID,
     # The CamVid ablation study (sweep.py, 7 variants x 3 seeds = 21 runs in about 7.5 h on 2 CPU cores): camvid cut
     # to 500 iterations, about 20 min a run at its 2.3 s per iteration, validated halfway and at the end (15 s each).
-    "camvid_ablation": dict(_CAMVID, max_iter=500, warmup_iters=50, ckpt_every=50, eval_every=250),
+    # fp32 on every CPU: a study resumed across machines with and without native bf16 keeps one arithmetic.
+    "camvid_ablation": dict(_CAMVID, max_iter=500, warmup_iters=50, ckpt_every=50, eval_every=250, amp="none"),
     "cityscapes_v2": _CITYSCAPES_V2,
     "camvid_v2": _CAMVID_V2,
     # The ablations of the paper and of the original implementation (README "Ablations"), on the reference recipe.

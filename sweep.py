@@ -2,7 +2,7 @@
 
     python sweep.py --config camvid_ablation --variants baseline,ablation_no_sp,"arm=false global_pool=false" \\
                     --seeds 0,1,2 [key=value ...]
-    python sweep.py ... --test                        # then score the test split once per run (final weights)
+    python sweep.py ... --test                        # also score each run's test split once, when it finishes
     python sweep.py --config camvid_ablation --summary-only      # rebuild the summary from what exists
 
 A variant is `baseline` (the --config itself), a preset name (its settings on top of --config: ablation_no_sp is
@@ -409,8 +409,10 @@ def duration(seconds):
 DOING = {"new": "training", "resume": "resuming", "finish": "finishing", "evaluate": "evaluating"}
 
 
-def train_runs(runs, rerun):
-    """Each run's work, in order; a progress line per finished run. Returns 0, or the exit code that stopped it."""
+def train_runs(runs, rerun, test=False):
+    """Each run's work, in order; a progress line per finished run, and with `test` its test split scored right away
+    (score_test), while its final weights are surely there: a sweep folder kept without checkpoints (results/, where
+    git ignores *.pth) then holds both scores. Returns 0, or the exit code that stopped it."""
     trained = []  # seconds of each run trained (or resumed) here: the estimate of the time left
     start = time.perf_counter()
     for i, run in enumerate(runs, 1):
@@ -432,6 +434,9 @@ def train_runs(runs, rerun):
         miou = read_results(run.path("eval.json"))["miou"]
         print(f"{label}: val mIoU {100 * miou:.2f} in {duration(time.perf_counter() - t0)}; elapsed "
               f"{duration(time.perf_counter() - start)}, {estimate}", flush=True)
+        code = score_test([run], rerun) if test else 0  # nothing is chosen on it: the same as scoring it at the end
+        if code:
+            return code
     return 0
 
 
@@ -651,7 +656,7 @@ def sweep(args, rerun):
     counts = {s: sum(r.state == s for r in runs) for s in ("done", "resume", "new")}
     print(f"sweep {sweep_dir}: {len(runs)} runs ({len(variants)} variants x {len(seeds)} seeds); "
           f"{counts['done']} finished, {counts['resume']} to resume, {counts['new']} to train", flush=True)
-    code = train_runs(runs, rerun) or (score_test(runs, rerun) if args.test else 0)
+    code = train_runs(runs, rerun, args.test) or (score_test(runs, rerun) if args.test else 0)
     if code:
         return code
     write_summary(sweep_dir, [v[0] for v in variants])

@@ -16,10 +16,15 @@ import torch
 import benchmark
 import precision
 from configs import get_config
+from loss import OhemCrossEntropy
 from model import build_model
 from synthetic import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# A CPU with native bf16 (AVX512-BF16, AMX) and one without: every CPU runs both, precision.native_bf16 patched.
+both_bf16_branches = pytest.mark.parametrize("native", [True, False], ids=["native_bf16", "no_native_bf16"])
 
 
 def table_numbers(lines):
@@ -35,6 +40,27 @@ def test_data_section(tmp_path):
     cfg = get_config("cityscapes", ["crop_size=48,48"])
     rows, numbers = table_numbers(benchmark.bench_data(cfg, str(tmp_path), repeat=1))
     assert len(rows) == 5 and numbers and all(n > 0 for n in numbers)
+
+
+@pytest.mark.parametrize("confident", [False, True])  # many hard pixels; fewer than n_min (the top-n_min branch)
+def test_the_loss_baseline_gives_the_loss_of_the_loss_module(confident):
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 5, (2, 16, 24), generator=generator)
+    target[:, :2] = 255
+    logits = torch.randn(2, 5, 16, 24, generator=generator) * 3
+    if confident:
+        logits = logits + 12.0 * torch.nn.functional.one_hot(target.clamp(max=4), 5).permute(0, 3, 1, 2)
+    ours = OhemCrossEntropy(0.7, 1 / 16)
+    baseline = benchmark.ohem_gather_baseline(logits, target, ours.thresh_loss, ours.min_frac)
+    assert baseline.item() == pytest.approx(ours(logits, target).item(), rel=1e-6)
+
+
+def test_loss_section_times_ours_against_the_baseline():
+    rows, numbers = table_numbers(benchmark.bench_loss(get_config("synthetic", ["crop_size=32,48"]),
+                                                       torch.device("cpu"), repeat=1, batch=2))
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == [
+        "masked mean over the map (`loss.OhemCrossEntropy`)", "gather of the valid, then the hard pixels (baseline)"]
+    assert rows[1].endswith("| 1.00x |") and len(numbers) == 4 and all(n > 0 for n in numbers)
 
 
 def in_child(expression, native_bf16=None):
@@ -73,7 +99,7 @@ def test_latency_section_has_a_row_per_variant():
     assert any(line.startswith("- bf16 autocast: not run") for line in lines) is not native
 
 
-@pytest.mark.parametrize("native", [True, False])
+@both_bf16_branches
 def test_latency_variants_have_a_bf16_row_exactly_where_bf16_is_native(monkeypatch, native):
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     model = build_model(get_config("synthetic", ["aux_heads=false"]), pretrained=False).eval()
@@ -84,7 +110,7 @@ def test_latency_variants_have_a_bf16_row_exactly_where_bf16_is_native(monkeypat
         assert bf16.dtype == torch.bfloat16 and bf16(torch.zeros(1, 3, 32, 32)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("native", [True, False])
+@both_bf16_branches
 def test_exported_rows_have_openvino_bf16_exactly_where_bf16_is_native(native):
     names, notes = in_child('(lambda m, n: ([name for name, _ in m], n))(*benchmark.exported_models(__import__('
                             '"model").build_model(get_config("synthetic", ["aux_heads=false"]), pretrained=False)'
@@ -93,7 +119,7 @@ def test_exported_rows_have_openvino_bf16_exactly_where_bf16_is_native(native):
     assert any(note.startswith("OpenVINO bf16: not run; this CPU has no native bf16") for note in notes) is not native
 
 
-@pytest.mark.parametrize("native", [True, False])
+@both_bf16_branches
 def test_a_missing_runtime_is_one_note_however_many_rows_it_feeds(monkeypatch, tmp_path, native):
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
@@ -119,7 +145,7 @@ def test_eval_section_has_every_mode_in_torch_and_openvino(monkeypatch):
     assert any("one crop at a time" in line for line in lines)
 
 
-@pytest.mark.parametrize("native", [True, False])
+@both_bf16_branches
 def test_train_section_has_fp32_and_the_precisions_this_device_grants(monkeypatch, native):
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)  # bf16 runs emulated on any CPU
     cfg = get_config("synthetic", ["crop_size=32,32"])
@@ -128,7 +154,7 @@ def test_train_section_has_fp32_and_the_precisions_this_device_grants(monkeypatc
     assert rows[0].endswith("| 1.00x |") and len(numbers) == 3 * len(rows) and all(n > 0 for n in numbers)
 
 
-@pytest.mark.parametrize("native", [True, False])
+@both_bf16_branches
 def test_preset_variants_change_one_thing_each(monkeypatch, native):
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     cfg = get_config("camvid")
@@ -171,8 +197,12 @@ def test_presets_section_times_each_variant_of_each_preset(monkeypatch):
         ("fp32, channels_last", get_config(base=cfg.to_dict(), overrides=["channels_last=true"]), "none", False)])
     monkeypatch.setattr(benchmark, "get_config", lambda preset: get_config(preset, ["crop_size=32,32"]))
     lines = benchmark.bench_presets(torch.device("cpu"), batch=2, repeat=1)
-    assert [line for line in lines if line.startswith("Preset")] == ["Preset `synthetic`:", "Preset `camvid`:"]
-    assert sum(line.startswith("| fp32, channels_last |") for line in lines) == 2
+    assert [line for line in lines if line.startswith("Preset")] == ["Preset `synthetic`:", "Preset `camvid`:",
+                                                                     "Preset `camvid_v2`:"]
+    assert sum(line.startswith("| fp32, channels_last |") for line in lines) == 3
+    titles = [line for line in lines if line.startswith("Training step of")]
+    assert [title.split(" (")[0].split()[-1] for title in titles] == ["BiSeNet", "BiSeNet", "BiSeNetV2"]
+    assert [re.search(r"OHEM loss on (\d) heads", title).group(1) for title in titles] == ["3", "3", "5"]
 
 
 def test_timed_on_the_cpu_is_the_median_wall_time_after_a_warm_up():
