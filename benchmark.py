@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import precision
+from cityscapes import IGNORE
 from configs import get_config
 from datasets import build_dataset
 from distributed import Distributed
@@ -161,7 +162,7 @@ def bench_data(cfg, root, repeat):
 
 # ---- loss ----
 
-def ohem_gather_baseline(logits, target, thresh_loss, min_frac, ignore_index=255):
+def ohem_gather_baseline(logits, target, thresh_loss, min_frac, ignore_index=IGNORE):
     """OHEM written the usual way, for comparison: gather the valid pixels' losses, then the hard ones, their mean."""
     losses = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
     losses = losses[target != ignore_index]
@@ -178,7 +179,7 @@ def bench_loss(cfg, device, repeat, batch=8, seed=0):
     small = torch.randn(batch, cfg.num_classes, -(-h // 8), -(-w // 8), generator=generator).to(device)
     small = small.contiguous(memory_format=torch.channels_last).requires_grad_(True)
     target = torch.randint(0, cfg.num_classes, (batch, h, w), generator=generator)
-    target[torch.rand(batch, h, w, generator=generator) < 0.05] = 255
+    target[torch.rand(batch, h, w, generator=generator) < 0.05] = IGNORE
     target = target.to(device)
     ours = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac).to(device)
 

@@ -65,7 +65,7 @@ class OhemCrossEntropy(nn.Module):
         # n_min counts valid pixels only: counting ignored ones would ask for more pixels than exist.
         hard = ohem_mask(losses, valid, self.thresh_loss, max(1, int(n_valid * self.min_frac)))
         # The mean over the hard pixels as a masked sum over the map: the same value as gathering them first, without
-        # the gathers (and the backward's index_put) that took half the loss's time, 5 heads x 25 ms a step on a CPU.
+        # the gathers and the backward's index_put (benchmark.py's loss section times the two).
         # torch.where, not a product with the mask: a non-finite loss outside the selection stays out of it.
         selected = torch.where(hard, losses, 0)
         if self.weight is None:

@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -61,18 +62,8 @@ class Terminated(BaseException):
 
 # ---- statistics ----
 
-def mean(values):
-    if not values:
-        raise ValueError("the mean of no values")
-    return sum(values) / len(values)
-
-
-def sample_std(values):
-    """The standard deviation with n - 1 in the denominator (an unbiased variance)."""
-    if len(values) < 2:
-        raise ValueError("a sample standard deviation needs at least 2 values")
-    m = mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+mean = statistics.mean  # ValueError (StatisticsError) for no values
+sample_std = statistics.stdev  # n - 1 in the denominator; ValueError for fewer than 2 values
 
 
 def _beta_fraction(a, b, x):
