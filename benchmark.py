@@ -1,11 +1,12 @@
 """Measure the pipeline and write BENCHMARKS.md.
 
     python benchmark.py                                   # every section, written to BENCHMARKS.md
-    python benchmark.py --only data,latency               # some (data, loss, train, presets, latency, eval): printed
+    python benchmark.py --only data,latency               # some (see SECTIONS): printed
     python benchmark.py --only eval --out eval_bench.md   # some, written to the file given
 
 Sections: data (training pipeline samples/s per loader worker on 1024x2048 frames, against a
-full-image resize baseline), loss (one head's OHEM loss, against the gather formulation), train (training
+full-image resize baseline), loss (one head's OHEM loss, against the gather formulation), boosters
+(BiSeNetV2's booster expansions and whole training step, against upsampling first), train (training
 images/s at the reference crop, per precision), presets (training images/s at the synthetic, camvid and
 camvid_v2 presets' crops: fp32, channels_last, bf16, torch.compile),
 latency (inference ms/image at 512x1024 and 1024x2048 for several execution variants and the exported
@@ -28,6 +29,7 @@ import platform
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import precision
+from bisenetv2 import UpsampleConvBNReLU
 from cityscapes import IGNORE
 from configs import get_config
 from datasets import build_dataset
@@ -50,7 +53,7 @@ from synthetic import generate
 from train import train_step
 from transform import TrainTransform
 
-SECTIONS = ("data", "loss", "train", "presets", "latency", "eval")
+SECTIONS = ("data", "loss", "boosters", "train", "presets", "latency", "eval")
 
 
 def timed(fn, device, repeat):
@@ -195,6 +198,76 @@ def bench_loss(cfg, device, repeat, batch=8, seed=0):
             "| variant | ms | speed vs baseline |", "|---|---|---|",
             f"| masked mean over the map (`loss.OhemCrossEntropy`) | {1000 * t_ours:.1f} | {t_base / t_ours:.2f}x |",
             f"| gather of the valid, then the hard pixels (baseline) | {1000 * t_base:.1f} | 1.00x |"]
+
+
+# ---- BiSeNetV2's boosters ----
+
+def upsample_then_conv_baseline(expand, x):
+    """A booster's expansion as CoinCheung runs it, for comparison: its two children, nearest x2 then the 3x3 conv."""
+    return expand[1](expand[0](x))
+
+
+@contextmanager
+def boosters_upsampling_first():
+    """Every UpsampleConvBNReLU runs as upsample_then_conv_baseline inside the block."""
+    forward = UpsampleConvBNReLU.forward
+    UpsampleConvBNReLU.forward = upsample_then_conv_baseline
+    try:
+        yield
+    finally:
+        UpsampleConvBNReLU.forward = forward
+
+
+def bench_boosters(cfg, device, batch, repeat):
+    """Forward + backward of each booster's expansion as a transposed conv (UpsampleConvBNReLU.transposed) at cfg's
+    crop, in training mode, and the whole training step (train.train_step, in cfg's own precision, the boosters as
+    they run), against nearest x2 followed by the 3x3 conv."""
+    h, w = cfg.crop_size
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False).to(device).train().to(memory_format=torch.channels_last)
+    amps = ["none"] + (["bf16"] if training_precision("bf16", device)[0] is not None else [])
+    lines = [f"BiSeNetV2's booster expansions (nearest x2, then a 3x3 ConvBNReLU), forward + backward, batch {batch}, "
+             f"crop {h}x{w}, channels_last: one stride-2 transposed conv (`UpsampleConvBNReLU.transposed`, which "
+             "the boosters use up to twice the input's channels) against the upsampled copy and the conv "
+             "(baseline):", "",
+             "| booster | channels | output size | precision | ms | baseline ms | speed vs baseline |",
+             "|---|---|---|---|---|---|---|"]
+    for name, stride in zip(model.AUX_MODULES, (4, 8, 16, 32), strict=True):
+        expand = getattr(model, name).conv_out[0]
+        cin, cout = expand[1].conv.in_channels, expand[1].conv.out_channels
+        x = torch.randn(batch, cin, -(-h // stride), -(-w // stride), device=device)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        for amp in amps:
+            autocast = training_precision(amp, device)[1]
+
+            def step(forward, x=x, autocast=autocast):
+                with autocast:
+                    y = forward(x)
+                y.float().square().mean().backward()
+
+            ours = timed(lambda expand=expand: step(expand.transposed), device, repeat)
+            base = timed(lambda expand=expand: step(lambda t: upsample_then_conv_baseline(expand, t)), device, repeat)
+            lines.append(f"| {name} | {cin} -> {cout} | {2 * x.shape[2]}x{2 * x.shape[3]} | "
+                         f"{'fp32' if amp == 'none' else amp} | {1000 * ours:.1f} | {1000 * base:.1f} | "
+                         f"{base / ours:.2f}x |")
+    dtype, autocast, scaler = training_precision(cfg.amp, device)
+    optimizer, criterion, proc = build_optimizer(model, cfg), build_loss(cfg).to(device), Distributed()
+    images = torch.randn(batch, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    batches = itertools.repeat((images, torch.randint(0, cfg.num_classes, (batch, h, w), device=device)))
+
+    def train():
+        train_step(model, criterion, optimizer, scaler, autocast, batches, cfg, proc, cfg.lr)
+
+    # alternated, so that a slower minute of a shared machine falls on both
+    ours, base = [], []
+    for _ in range(repeat):
+        ours.append(timed(train, device, 1))
+        with boosters_upsampling_first():
+            base.append(timed(train, device, 1))
+    ours, base = statistics.median(ours), statistics.median(base)
+    precision_name = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
+    return lines + ["", f"Whole training step (`train.train_step`, {precision_name}, 5 heads): {batch / ours:.2f} "
+                    f"images/s, {batch / base:.2f} with the baseline expansions: {base / ours:.2f}x."]
 
 
 # ---- training ----
@@ -468,6 +541,8 @@ def main(argv=None):
                 lines = bench_data(cfg, root, args.repeat)
         elif section == "loss":
             lines = bench_loss(get_config("camvid"), device, args.repeat)
+        elif section == "boosters":
+            lines = bench_boosters(get_config("camvid_v2"), device, args.train_batch, args.repeat)
         elif section == "train":
             lines = bench_train(cfg, device, args.train_batch, max(1, args.repeat - 1))
         elif section == "presets":

@@ -15,6 +15,7 @@ import torch
 
 import benchmark
 import precision
+from bisenetv2 import UpsampleConvBNReLU
 from configs import get_config
 from loss import OhemCrossEntropy
 from model import build_model
@@ -61,6 +62,36 @@ def test_loss_section_times_ours_against_the_baseline():
     assert [row.split(" | ")[0].strip("| ") for row in rows] == [
         "masked mean over the map (`loss.OhemCrossEntropy`)", "gather of the valid, then the hard pixels (baseline)"]
     assert rows[1].endswith("| 1.00x |") and len(numbers) == 4 and all(n > 0 for n in numbers)
+
+
+@both_bf16_branches
+def test_boosters_section_times_each_expansion_both_ways_and_the_whole_step(monkeypatch, native):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    forward = UpsampleConvBNReLU.forward
+    lines = benchmark.bench_boosters(get_config("camvid_v2", ["crop_size=32,64"]), torch.device("cpu"), batch=2,
+                                     repeat=1)
+    rows, numbers = table_numbers(lines)
+    precisions = ["fp32", "bf16"] if native else ["fp32"]
+    assert [(row.split(" | ")[0].strip("| "), row.split(" | ")[3]) for row in rows] == [
+        (name, p) for name in ("aux2", "aux3", "aux4", "aux5_4") for p in precisions]
+    # the output sizes: twice the feature's (1/4, 1/8, 1/16, 1/32 of 32x64)
+    assert [row.split(" | ")[2] for row in rows[::len(precisions)]] == ["16x32", "8x16", "4x8", "2x4"]
+    assert all(n > 0 for n in numbers)
+    step = re.fullmatch(r"Whole training step .*: ([\d.]+) images/s, ([\d.]+) with the baseline expansions: "
+                        r"([\d.]+)x\.", lines[-1])
+    assert step and all(float(n) > 0 for n in step.groups())
+    assert UpsampleConvBNReLU.forward is forward  # the baseline's patch is undone
+
+
+def test_the_boosters_baseline_is_upsampling_then_the_conv_block():
+    torch.manual_seed(0)
+    expand = UpsampleConvBNReLU(3, 4).eval()
+    x = torch.randn(1, 3, 5, 6)
+    block = expand[1]
+    expected = block.relu(block.bn(block.conv(torch.nn.functional.interpolate(x, scale_factor=2))))
+    torch.testing.assert_close(benchmark.upsample_then_conv_baseline(expand, x), expected, rtol=0, atol=0)
+    with benchmark.boosters_upsampling_first():
+        torch.testing.assert_close(expand(x), expected, rtol=0, atol=0)
 
 
 def in_child(expression, native_bf16=None):

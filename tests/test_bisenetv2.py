@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import model as model_module
 import train
-from bisenetv2 import BiSeNetV2
+from bisenetv2 import BiSeNetV2, UpsampleConvBNReLU
 from checkpoint import CheckpointError, load_checkpoint, load_for_inference
 from configs import CHOICES, MODEL_KEYS, ConfigError, get_config
 from loss import build_loss
@@ -167,6 +167,43 @@ def test_where_the_size_divides_upsampling_is_their_fixed_factors(v2):
         torch.testing.assert_close(v2.head(detail, (64, 96)), F.interpolate(head, scale_factor=8, mode="bilinear"))
         # a booster: x2 inside, then the stride / 2 that is left (4 / 2 for the stem's 1/4 feature)
         torch.testing.assert_close(v2.aux2(feat2, (64, 96)), F.interpolate(booster, scale_factor=2, mode="bilinear"))
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 1), (8, 10)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("cout", [5, 12, 13])  # forward: the transposed conv up to twice the input's channels
+@pytest.mark.parametrize("path", ["forward", "transposed"])
+def test_a_boosters_expansion_is_nearest_x2_then_its_convbnrelu(size, channels_last, cout, path):
+    """The output and the gradients are those of the two children run one after the other."""
+    torch.manual_seed(0)
+    expand = UpsampleConvBNReLU(6, cout).double().train()
+    randomize_batchnorm(expand)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 6, *size, dtype=torch.float64).contiguous(memory_format=memory_format)
+    ours_in, theirs_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = getattr(expand, path)(ours_in)
+    ours_grads = torch.autograd.grad(ours.square().sum(), [ours_in, expand[1].conv.weight, expand[1].bn.weight])
+    block = expand[1]
+    theirs = block.relu(block.bn(block.conv(F.interpolate(theirs_in, scale_factor=2, mode="nearest"))))
+    theirs_grads = torch.autograd.grad(theirs.square().sum(), [theirs_in, block.conv.weight, block.bn.weight])
+    assert ours.shape == (3, cout, 2 * size[0], 2 * size[1])
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_a_boosters_transposed_conv_under_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    expand = UpsampleConvBNReLU(16, 8).eval()
+    randomize_batchnorm(expand)
+    x = torch.randn(2, 16, 6, 7)
+    with torch.no_grad():
+        reference = expand[1](expand[0](x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = expand.transposed(x)
+    assert ours.dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits: the error of a 144-term sum of rounded products, relative to its scale
+    assert (ours.float() - reference).abs().max() < 0.03 * reference.abs().max()
 
 
 # --- folding and export -------------------------------------------------------------------------------------------
