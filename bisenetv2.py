@@ -152,9 +152,9 @@ class UpsampleConvBNReLU(nn.Sequential):
     Nearest x2 repeats each input pixel in a 2x2 block, so each output pixel of the 3x3 conv (padding 1) reads a 2x2
     window of the input, with taps that are sums of the kernel's rows and columns (`_TAPS`): 16 multiply-adds per
     input pixel and channel pair instead of 4 x 9, and no upsampled copy. The result is the same up to float rounding
-    (tests/test_bisenetv2.py checks it against the two modules run one after the other). Measured on CPUs
-    (benchmark.py's boosters section), it is faster up to twice the input's channels (aux2, aux3, aux4: 4x, 1.6-3x,
-    1.1x) and slower for aux5_4's 128 -> 1024 (0.8x), which therefore upsamples first.
+    (tests/test_bisenetv2.py checks it against the two modules run one after the other). Measured on a 2-core CPU
+    (benchmark.py's boosters section, BENCHMARKS.md), it is faster up to twice the input's channels (aux2, aux3,
+    aux4: 2.6-4.5x, 1.5-1.9x, 1.1-1.7x) and not for aux5_4's 128 -> 1024 (0.7-1.0x), which therefore upsamples first.
     """
 
     # One axis of the 4-tap transposed-conv kernel from the 3 taps of the conv's: output pixel 2i (tap 1) reads

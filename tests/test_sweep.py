@@ -238,7 +238,9 @@ def test_a_variant_whose_checkpoint_would_not_fit_its_folder_is_refused(tmp_path
 def test_a_signal_between_runs_ends_the_sweep_with_the_command_to_continue(signum, code, said, tmp_path,
                                                                         monkeypatch, capsys):
     # outside train.py's training loop (its data preparation, its final evaluation), where train.py has no handler
-    monkeypatch.setattr(train, "main", lambda argv: os.kill(os.getpid(), signum))
+    # raise_signal signals this thread: os.kill of the process may land on another thread, whose flag the main
+    # thread only sees some bytecodes later (a flaky failure under load)
+    monkeypatch.setattr(train, "main", lambda argv: signal.raise_signal(signum))
     argv = ["--config", "camvid", f"out_dir={tmp_path}", "--variants", "baseline", "--seeds", "0"]
     handler = signal.getsignal(signal.SIGTERM)
     assert sweep.main(argv) == code
