@@ -567,38 +567,76 @@ def format_summary(summary, sweep_dir):
 
 
 def plot_summary(summary, path):
-    """summary.png: per split, a bar per variant at its mean mIoU, its interval of the mean, a dot per seed.
-    Returns path, or None without matplotlib (said in one line)."""
+    """summary.png (summary_figure). Returns path, or None without matplotlib (said in one line)."""
     if importlib.util.find_spec("matplotlib") is None:
         print("summary.png skipped: matplotlib is not installed (pip install -r requirements-plot.txt)")
         return None
     plt = plots.pyplot()
-    splits = [s for s in ("val", "test") if any(e[s] for e in summary["variants"])]
-    n = len(summary["variants"])
-    fig, axes = plt.subplots(1, len(splits), figsize=(len(splits) * max(6.0, 1.0 * n + 2), 5), squeeze=False)
-    level = round(100 * summary["confidence"])
-    for ax, split in zip(axes[0], splits, strict=True):
-        entries = [(x, e["variant"], e[split]) for x, e in enumerate(summary["variants"]) if e[split]]
-        means = [100 * s["mean"] for _, _, s in entries]
-        errors = [[m - 100 * s["mean_interval"][0] if s["mean_interval"] else 0 for m, (_, _, s) in
-                   zip(means, entries, strict=True)],
-                  [100 * s["mean_interval"][1] - m if s["mean_interval"] else 0 for m, (_, _, s) in
-                   zip(means, entries, strict=True)]]
-        xs = [x for x, _, _ in entries]
-        ax.bar(xs, means, yerr=errors, capsize=5, color="#9ecae1", edgecolor="#3182bd", zorder=1)
-        values = []
-        for x, _, s in entries:
-            k = len(s["miou"])
-            offsets = [0.0] if k == 1 else [-0.2 + 0.4 * i / (k - 1) for i in range(k)]
-            ax.scatter([x + o for o in offsets], [100 * m for m in s["miou"]], color="black", s=16, zorder=3)
-            values += [100 * m for m in s["miou"]] + [100 * v for v in s["mean_interval"] or ()]
-        ax.set_ylim(min(values) - 2, max(values) + 2)
-        ax.set_xticks(xs, [name for _, name, _ in entries], rotation=30, ha="right")
-        ax.set(title=f"{split}: mean mIoU, {level}% interval of the mean (t), a dot per seed", ylabel="mIoU (%)")
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    plots.save(fig, plt, path)
+    plots.save(summary_figure(plt, summary), plt, path)
     return path
+
+
+def summary_figure(plt, summary):
+    """A column per split. Top: a bar per variant at its mean mIoU (from 0), its interval of the mean, a dot per seed,
+    the baseline's mean as a dashed line. Below, where there is a baseline: each variant's difference to it with its
+    Welch interval, red where the interval is below 0, green above, grey where it holds 0."""
+    splits = [s for s in ("val", "test") if any(e[s] for e in summary["variants"])]
+    compared = any(e[s] and e[s]["vs_baseline"] for e in summary["variants"] for s in splits)
+    n = len(summary["variants"])
+    fig, axes = plt.subplots(1 + compared, len(splits), figsize=(len(splits) * max(6.0, 1.0 * n + 2),
+                                                                 5 + 4 * compared), squeeze=False)
+    level = round(100 * summary["confidence"])
+    names = [e["variant"] for e in summary["variants"]]
+    for column, split in enumerate(splits):
+        entries = [(x, e[split]) for x, e in enumerate(summary["variants"]) if e[split]]
+        base = next((e[split] for e in summary["variants"] if e["variant"] == BASELINE), None)
+        mean_panel(axes[0][column], entries, base["mean"] if base and compared else None, split, level)
+        if compared:
+            difference_panel(axes[1][column], entries, split, level)
+        for ax in axes[:, column]:
+            ax.set_xticks(range(n), names, rotation=30, ha="right")
+            ax.set_xlim(-0.6, n - 0.4)
+            ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def mean_panel(ax, entries, baseline_mean, split, level):
+    """Bars at the means with their intervals, a dot per seed, the baseline's mean (if any) as a dashed line."""
+    means = [100 * s["mean"] for _, s in entries]
+    errors = [[m - 100 * s["mean_interval"][0] if s["mean_interval"] else 0 for m, (_, s) in
+               zip(means, entries, strict=True)],
+              [100 * s["mean_interval"][1] - m if s["mean_interval"] else 0 for m, (_, s) in
+               zip(means, entries, strict=True)]]
+    ax.bar([x for x, _ in entries], means, yerr=errors, capsize=5, color="#9ecae1", edgecolor="#3182bd", zorder=1)
+    for x, s in entries:
+        k = len(s["miou"])
+        offsets = [0.0] if k == 1 else [-0.2 + 0.4 * i / (k - 1) for i in range(k)]
+        ax.scatter([x + o for o in offsets], [100 * v for v in s["miou"]], color="black", s=16, zorder=3)
+    if baseline_mean is not None:
+        ax.axhline(100 * baseline_mean, color="#3182bd", linestyle="--", linewidth=1, zorder=2,
+                   label=f"{BASELINE} mean")
+        ax.legend(loc="lower right")
+    ax.set_ylim(0, max(100 * v for _, s in entries for v in [*s["miou"], *(s["mean_interval"] or ())]) * 1.1)
+    ax.set(title=f"{split}: mean mIoU, {level}% interval of the mean (t), a dot per seed", ylabel="mIoU (%)")
+
+
+def difference_panel(ax, entries, split, level):
+    """Each variant's difference of means to the baseline with its Welch interval; a line at 0."""
+    ax.axhline(0, color="black", linewidth=1, zorder=1)
+    for x, s in entries:
+        vs = s["vs_baseline"]
+        if vs is None:
+            continue
+        diff = 100 * vs["diff"]
+        if vs["low"] is None:
+            ax.scatter([x], [diff], color="#7f7f7f", s=30, zorder=3)
+            continue
+        color = "#d62728" if vs["high"] < 0 else "#2ca02c" if vs["low"] > 0 else "#7f7f7f"
+        ax.errorbar([x], [diff], yerr=[[diff - 100 * vs["low"]], [100 * vs["high"] - diff]], fmt="o", color=color,
+                    capsize=5, zorder=3)
+    ax.set(title=f"{split}: difference to {BASELINE}, {level}% interval (Welch); red/green: 0 outside",
+           ylabel="mIoU difference (points)")
 
 
 def write_summary(sweep_dir, order=()):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import evaluate
+import plots
 import sweep
 import train
 from configs import PRESETS, get_config
@@ -174,6 +175,68 @@ def test_the_summary_is_computed_from_the_eval_jsons_alone(hand_sweep, capsys):
     assert "## test mIoU" in text and "| ablation_no_sp | spatial_path=none |" in text
     assert os.path.getsize(f"{root}/summary.png") > 0
     assert text in capsys.readouterr().out
+
+
+def errorbars(ax):
+    """[(x, y, low, high, colour)] of the error bars drawn on ax."""
+    from matplotlib.colors import to_hex
+
+    out = []
+    for container in ax.containers:
+        if hasattr(container, "has_yerr") and container.has_yerr and container[0] is not None:
+            x, y = (float(v[0]) for v in container[0].get_data())
+            (_, low), (_, high) = container[2][0].get_segments()[0]
+            out.append((x, y, float(low), float(high), to_hex(container[0].get_color())))
+    return out
+
+
+def test_the_summary_picture_draws_the_means_from_zero_and_the_differences_with_their_intervals(hand_sweep):
+    pytest.importorskip("matplotlib")
+    _, root = hand_sweep
+    summary = sweep.summarize(sweep.collect(root))
+    plt = plots.pyplot()
+    fig = sweep.summary_figure(plt, summary)
+    try:
+        (val_means, test_means), (val_diffs, test_diffs) = fig.axes[:2], fig.axes[2:]
+        # val: baseline 0.60 0.62 0.64, ablation 0.56 0.58 0.60 (the numbers of the summary test above)
+        assert [p.get_height() for p in val_means.patches] == pytest.approx([62.0, 58.0])
+        assert val_means.get_ylim()[0] == 0  # bars from zero: their lengths compare
+        dashed = [line for line in val_means.lines if line.get_linestyle() == "--"]
+        assert len(dashed) == 1 and list(dashed[0].get_ydata()) == pytest.approx([62.0, 62.0])
+        seeds = sorted(float(y) for c in val_means.collections if c.get_offsets().shape[0] == 3
+                       for _, y in c.get_offsets())
+        assert seeds == pytest.approx([56, 58, 60, 60, 62, 64])
+        # the difference -4.00 [-8.53, +0.53] holds 0: grey, at the ablation's x (1)
+        [(x, y, low, high, colour)] = errorbars(val_diffs)
+        assert (x, y, low, high) == pytest.approx((1, -4.0, -8.5339, 0.5339), abs=1e-3)
+        assert colour == "#7f7f7f"
+        # test: 0.48 0.50 0.52 against 0.50 0.54, -2.00 [-13.95, +9.95]
+        [(x, y, low, high, colour)] = errorbars(test_diffs)
+        assert (x, y, low, high, colour) == pytest.approx((1, -2.0, -13.954, 9.954, "#7f7f7f"), abs=1e-3)
+        assert [p.get_height() for p in test_means.patches] == pytest.approx([52.0, 50.0])
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("low, high, colour", [(-0.05, -0.01, "#d62728"), (0.01, 0.05, "#2ca02c"),
+                                               (-0.01, 0.05, "#7f7f7f")])
+def test_a_difference_whose_interval_leaves_out_zero_is_drawn_red_below_and_green_above(low, high, colour):
+    pytest.importorskip("matplotlib")
+
+    def split(m, vs):
+        return {"seeds": [0, 1], "miou": [m - 0.01, m + 0.01], "mean": m, "mean_interval": [m - 0.1, m + 0.1],
+                "vs_baseline": vs}
+    summary = {"confidence": 0.95, "variants": [
+        {"variant": "baseline", "val": split(0.5, None), "test": None},
+        {"variant": "arm=false", "val": split(0.5, {"diff": (low + high) / 2, "low": low, "high": high}),
+         "test": None}]}
+    plt = plots.pyplot()
+    fig = sweep.summary_figure(plt, summary)
+    try:
+        [(_, y, got_low, got_high, got_colour)] = errorbars(fig.axes[1])
+        assert (y, got_low, got_high, got_colour) == pytest.approx((50 * (low + high), 100 * low, 100 * high, colour))
+    finally:
+        plt.close(fig)
 
 
 def test_the_summary_skips_its_picture_without_matplotlib_in_one_line(hand_sweep, monkeypatch, capsys):
