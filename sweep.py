@@ -14,7 +14,8 @@ resumes a stopped one from its last.pth; Ctrl-C or SIGTERM stop the current run 
 exit 130 or 143).
 
 summary.md, summary.json and summary.png in the sweep folder come from the runs' eval JSONs alone (eval.json for val,
-eval_test_MODE.json for test), so runs added later (more seeds) count at the next run or --summary-only: per variant
+eval_test_MODE.json for test), rewritten after every run the sweep finishes, so runs added later (more seeds) count at
+the next run or --summary-only: per variant
 each seed's mIoU, the mean, sample std, min-max, the 95% interval of the mean (Student's t), the difference of means
 to baseline with its 95% interval by Welch's t, and the mean IoU per class. Choose on val; test is reported beside.
 """
@@ -400,10 +401,11 @@ def duration(seconds):
 DOING = {"new": "training", "resume": "resuming", "finish": "finishing", "evaluate": "evaluating"}
 
 
-def train_runs(runs, rerun, test=False):
+def train_runs(runs, rerun, test=False, finished=lambda: None):
     """Each run's work, in order; a progress line per finished run, and with `test` its test split scored right away
     (score_test), while its final weights are surely there: a sweep folder kept without checkpoints (results/, where
-    git ignores *.pth) then holds both scores. Returns 0, or the exit code that stopped it."""
+    git ignores *.pth) then holds both scores. `finished()` after each run done here (the summary brought up to
+    date, so a study stopped between runs has its summary). Returns 0, or the exit code that stopped it."""
     trained = []  # seconds of each run trained (or resumed) here: the estimate of the time left
     start = time.perf_counter()
     for i, run in enumerate(runs, 1):
@@ -428,6 +430,7 @@ def train_runs(runs, rerun, test=False):
         code = score_test([run], rerun) if test else 0  # nothing is chosen on it: the same as scoring it at the end
         if code:
             return code
+        finished()
     return 0
 
 
@@ -639,8 +642,9 @@ def difference_panel(ax, entries, split, level):
            ylabel="mIoU difference (points)")
 
 
-def write_summary(sweep_dir, order=()):
-    """summary.md, summary.json and summary.png from the eval JSONs in sweep_dir; prints the summary."""
+def write_summary(sweep_dir, order=(), quiet=False):
+    """summary.md, summary.json and summary.png from the eval JSONs in sweep_dir; prints the summary (`quiet`: only
+    where it is)."""
     runs = collect(sweep_dir)
     if not runs:
         raise SweepError(f"no finished runs in {sweep_dir} (VARIANT_seedS folders with an eval.json)")
@@ -650,7 +654,8 @@ def write_summary(sweep_dir, order=()):
     data = json.dumps({"sweep_dir": sweep_dir, **summary}, indent=1, allow_nan=False)
     write_atomically(os.path.join(sweep_dir, "summary.json"), lambda f: f.write(data.encode()))
     plot_summary(summary, os.path.join(sweep_dir, "summary.png"))
-    print(text)
+    if not quiet:
+        print(text)
     print(f"summary: {os.path.join(sweep_dir, 'summary.md')} (and summary.json, summary.png)")
 
 
@@ -685,10 +690,12 @@ def sweep(args, rerun):
     counts = {s: sum(r.state == s for r in runs) for s in ("done", "resume", "new")}
     print(f"sweep {sweep_dir}: {len(runs)} runs ({len(variants)} variants x {len(seeds)} seeds); "
           f"{counts['done']} finished, {counts['resume']} to resume, {counts['new']} to train", flush=True)
-    code = train_runs(runs, rerun, args.test) or (score_test(runs, rerun) if args.test else 0)
+    order = [v[0] for v in variants]
+    code = train_runs(runs, rerun, args.test, lambda: write_summary(sweep_dir, order, quiet=True)) or \
+        (score_test(runs, rerun) if args.test else 0)
     if code:
         return code
-    write_summary(sweep_dir, [v[0] for v in variants])
+    write_summary(sweep_dir, order)
     return 0
 
 

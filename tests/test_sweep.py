@@ -353,6 +353,9 @@ def test_a_rerun_skips_finished_runs_and_resumes_the_stopped_one(tiny_folder, tm
            "its last.pth: rerun the same command, python sweep.py --config camvid" in err
     assert torch.load(second / "last.pth", weights_only=True)["iteration"] == 2
     assert not (second / "model_final.pth").exists() and (first / "eval.json").is_file()
+    # the summary was brought up to date when the first run finished: it holds that run alone
+    with open(tmp_path / "sweep_camvid" / "summary.json") as f:
+        assert [(v["variant"], v["val"]["seeds"]) for v in json.load(f)["variants"]] == [("baseline", [0])]
     monkeypatch.undo()
     before = files_and_times(first)
     for split in ("test", "testannot"):  # a test split for --test: the val frames again
