@@ -15,9 +15,9 @@ exit 130 or 143).
 
 summary.md, summary.json and summary.png in the sweep folder come from the runs' eval JSONs alone (eval.json for val,
 eval_test_MODE.json for test), rewritten after every run the sweep finishes, so runs added later (more seeds) count at
-the next run or --summary-only: per variant
-each seed's mIoU, the mean, sample std, min-max, the 95% interval of the mean (Student's t), the difference of means
-to baseline with its 95% interval by Welch's t, and the mean IoU per class. Choose on val; test is reported beside.
+the next run or --summary-only: per variant each seed's mIoU, the mean, sample std, min-max, the 95% interval of the
+mean (Student's t), the difference of means to baseline with its 95% interval by Welch's t, and the mean IoU per
+class; the picture adds the differences with their intervals. Choose on val; test is reported beside.
 """
 
 import argparse
