@@ -219,8 +219,9 @@ PRESETS = {
     "cityscapes_1gpu_accum": _CITYSCAPES_1GPU_ACCUM,
     "synthetic": _SYNTHETIC,
     "camvid": _CAMVID,
-    # The CamVid ablation study (sweep.py, 7 variants x 3 seeds = 21 runs in about 7.5 h on 2 CPU cores): camvid cut
-    # to 500 iterations, about 20 min a run at its 2.3 s per iteration, validated halfway and at the end (15 s each).
+    # The CamVid ablation study (sweep.py, 7 variants x 3 seeds = 21 runs): camvid cut to 500 iterations, validated
+    # halfway and at the end. A run took 12-13 min (1.4 s an iteration) on a 2-core AVX512-BF16 EPYC, so the study
+    # about 4.5 h there; at camvid's 2.3 s an iteration on an AVX2-only one, about 20 min a run and 7.5 h.
     # fp32 on every CPU: a study resumed across machines with and without native bf16 keeps one arithmetic.
     "camvid_ablation": dict(_CAMVID, max_iter=500, warmup_iters=50, ckpt_every=50, eval_every=250, amp="none"),
     "cityscapes_v2": _CITYSCAPES_V2,
