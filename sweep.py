@@ -570,9 +570,8 @@ def format_summary(summary, sweep_dir):
 
 
 def plot_summary(summary, path):
-    """summary.png (summary_figure). Returns path, or None without matplotlib (said in one line)."""
+    """summary.png (summary_figure). Returns path, or None without matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
-        print("summary.png skipped: matplotlib is not installed (pip install -r requirements-plot.txt)")
         return None
     plt = plots.pyplot()
     plots.save(summary_figure(plt, summary), plt, path)
@@ -620,7 +619,8 @@ def mean_panel(ax, entries, baseline_mean, split, level):
         ax.axhline(100 * baseline_mean, color="#3182bd", linestyle="--", linewidth=1, zorder=2,
                    label=f"{BASELINE} mean")
         ax.legend(loc="lower right")
-    ax.set_ylim(0, max(100 * v for _, s in entries for v in [*s["miou"], *(s["mean_interval"] or ())]) * 1.1)
+    top = max(100 * v for _, s in entries for v in [*s["miou"], *(s["mean_interval"] or ())])
+    ax.set_ylim(0, max(1.1 * top, 1.0))  # never 0 to 0, where every seed scored 0
     ax.set(title=f"{split}: mean mIoU, {level}% interval of the mean (t), a dot per seed", ylabel="mIoU (%)")
 
 
@@ -653,10 +653,12 @@ def write_summary(sweep_dir, order=(), quiet=False):
     write_atomically(os.path.join(sweep_dir, "summary.md"), lambda f: f.write(text.encode()))
     data = json.dumps({"sweep_dir": sweep_dir, **summary}, indent=1, allow_nan=False)
     write_atomically(os.path.join(sweep_dir, "summary.json"), lambda f: f.write(data.encode()))
-    plot_summary(summary, os.path.join(sweep_dir, "summary.png"))
+    picture = plot_summary(summary, os.path.join(sweep_dir, "summary.png"))
     if not quiet:
         print(text)
-    print(f"summary: {os.path.join(sweep_dir, 'summary.md')} (and summary.json, summary.png)")
+    png = "summary.png" if picture else \
+        "no summary.png: matplotlib is not installed (pip install -r requirements-plot.txt)"
+    print(f"summary: {os.path.join(sweep_dir, 'summary.md')} (and summary.json; {png})")
 
 
 # ---- command line ----

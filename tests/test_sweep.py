@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import sys
+import warnings
 
 import pytest
 import torch
@@ -239,13 +240,28 @@ def test_a_difference_whose_interval_leaves_out_zero_is_drawn_red_below_and_gree
         plt.close(fig)
 
 
+def test_a_sweep_whose_seeds_all_scored_zero_draws_without_a_warning():
+    pytest.importorskip("matplotlib")
+    zero = {"seeds": [0, 1], "miou": [0.0, 0.0], "mean": 0.0, "mean_interval": [0.0, 0.0], "vs_baseline": None}
+    summary = {"confidence": 0.95, "variants": [{"variant": "baseline", "val": zero, "test": None}]}
+    plt = plots.pyplot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns about a 0-to-0 axis
+        fig = sweep.summary_figure(plt, summary)
+    try:
+        assert fig.axes[0].get_ylim() == (0, 1)
+    finally:
+        plt.close(fig)
+
+
 def test_the_summary_skips_its_picture_without_matplotlib_in_one_line(hand_sweep, monkeypatch, capsys):
     tmp_path, root = hand_sweep
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     assert sweep.main(["--config", "camvid", f"out_dir={tmp_path}", "--summary-only"]) == 0
     captured = capsys.readouterr()
     lines = [line for line in (captured.out + captured.err).splitlines() if "matplotlib" in line]
-    assert lines == ["summary.png skipped: matplotlib is not installed (pip install -r requirements-plot.txt)"]
+    assert lines == [f"summary: {root}/summary.md (and summary.json; no summary.png: matplotlib is not installed "
+                     "(pip install -r requirements-plot.txt))"]
     assert not os.path.exists(f"{root}/summary.png") and os.path.isfile(f"{root}/summary.md")
 
 
