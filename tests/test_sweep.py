@@ -322,7 +322,13 @@ def test_a_signal_between_runs_ends_the_sweep_with_the_command_to_continue(signu
     monkeypatch.setattr(train, "main", lambda argv: signal.raise_signal(signum))
     argv = ["--config", "camvid", f"out_dir={tmp_path}", "--variants", "baseline", "--seeds", "0"]
     handler = signal.getsignal(signal.SIGTERM)
-    assert sweep.main(argv) == code
+    # Python's own Ctrl-C handler, as in a terminal: a shell starts a background job (`pytest ... &`) with SIGINT
+    # ignored, and Python then keeps it ignored
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert sweep.main(argv) == code
+    finally:
+        signal.signal(signal.SIGINT, interactive)
     assert signal.getsignal(signal.SIGTERM) is handler
     err = capsys.readouterr().err
     assert err == (f"interrupted ({said}): finished runs are kept and a stopped one continues from its last.pth: "
