@@ -224,6 +224,10 @@ PRESETS = {
     # about 4.5 h there; at camvid's 2.3 s an iteration on an AVX2-only one, about 20 min a run and 7.5 h.
     # fp32 on every CPU: a study resumed across machines with and without native bf16 keeps one arithmetic.
     "camvid_ablation": dict(_CAMVID, max_iter=500, warmup_iters=50, ckpt_every=50, eval_every=250, amp="none"),
+    # Choosing the CamVid recipes (sweep.py, results/sweep_choose_camvid): camvid cut to 1200 iterations, validated
+    # halfway and at the end, in bf16 where the CPU has it natively; V1 about 0.65 s an iteration and V2 about 0.95 s
+    # on a 2-core AMX Xeon (14 and 20 min a run).
+    "camvid_choose": dict(_CAMVID, max_iter=1200, warmup_iters=100, ckpt_every=100, eval_every=600),
     "cityscapes_v2": _CITYSCAPES_V2,
     "camvid_v2": _CAMVID_V2,
     # The ablations of the paper and of the original implementation (README "Ablations"), on the reference recipe.
