@@ -47,11 +47,11 @@ from export import export_onnx, export_openvino, openvino_paths, quantize_int8, 
 from loss import OhemCrossEntropy, build_loss
 from model import ARCHITECTURES, build_model, count_gflops, fold_batchnorm, inference_model
 from optimizer import build_optimizer
-from precision import training_precision
+from precision import training_precision, use_channels_last
 from runtime import BackendError, BackendModel
 from synthetic import generate
 from train import train_step
-from transform import TrainTransform
+from transform import TrainTransform, normalize
 
 SECTIONS = ("data", "loss", "boosters", "train", "presets", "latency", "eval")
 
@@ -145,22 +145,37 @@ def bench_data(cfg, root, repeat):
         return lambda: [fn(i) for i in range(n)]
 
     t_full = timed(loop(lambda i: dataset[(i, (0, i))]), torch.device("cpu"), repeat) / n
+    t_float = timed(loop(lambda i: as_float_sample(dataset[(i, (0, i))], cfg)), torch.device("cpu"), repeat) / n
     t_decode = timed(loop(lambda i: plain[i]), torch.device("cpu"), repeat) / n
     t_ours = timed(loop(lambda i: tf.geometry(*raw[i], rng)), torch.device("cpu"), repeat) / n
     t_base = timed(loop(lambda i: resize_crop_baseline(*raw[i], cfg.crop_size, rng)), torch.device("cpu"), repeat) / n
     t_rest = timed(loop(lambda i: tf(*raw[i], rng)), torch.device("cpu"), repeat) / n - t_ours
     rows = [
-        ("full sample: PNG decode + label map + augmentation + normalize", 1 / t_full, ""),
+        ("full sample: PNG decode + label map + augmentation, shipped as uint8 (ours)", 1 / t_full,
+         f"{t_float / t_full:.2f}x"),
+        ("full sample, normalized in the worker: float32 image + int64 label (baseline)", 1 / t_float, "1.00x"),
         ("PNG decode + label map only", 1 / t_decode, ""),
         ("scale/pad/crop/flip: one warpAffine of the crop (ours)", 1 / t_ours, f"{t_base / t_ours:.2f}x"),
         ("scale/pad/crop/flip: resize whole frame, then crop (baseline)", 1 / t_base, "1.00x"),
-        ("color jitter + normalize", 1 / t_rest, ""),
+        ("color jitter", 1 / t_rest, ""),
     ]
+    h, w = cfg.crop_size
+    ours_bytes, float_bytes = h * w * 3 + h * w, h * w * 3 * 4 + h * w * 8
     lines = [f"Training pipeline, one worker process, {n} synthetic 1024x2048 frames, crop "
              f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, scale {cfg.scales}:", "",
              "| step | samples/s per worker | speed vs baseline |", "|---|---|---|"]
     lines += [f"| {name} | {rate:.2f} | {ratio} |" for name, rate, ratio in rows]
+    lines += ["", f"Bytes a sample takes through the loader's shared and pinned memory: {ours_bytes / 1e6:.2f} MB as "
+              f"uint8 image and labels, {float_bytes / 1e6:.2f} MB as float32 image and int64 labels "
+              f"({float_bytes / ours_bytes:.1f}x)."]
     return lines
+
+
+def as_float_sample(sample, cfg):
+    """The baseline's worker output: the image normalized to float32 (3, H, W) and the labels as int64, as workers
+    shipped them before normalization moved to the device."""
+    image, label = sample
+    return normalize(image[None], cfg.mean, cfg.std)[0], label.long()
 
 
 # ---- loss ----
@@ -247,11 +262,10 @@ def bench_boosters(cfg, device, batch, repeat):
                          f"{base / ours:.2f}x |")
     dtype, autocast, scaler = training_precision(cfg.amp, device)
     optimizer, criterion, proc = build_optimizer(model, cfg), build_loss(cfg).to(device), Distributed()
-    images = torch.randn(batch, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
-    batches = itertools.repeat((images, torch.randint(0, cfg.num_classes, (batch, h, w), device=device)))
+    batches = itertools.repeat(random_batch(cfg, batch, device))
 
     def train():
-        train_step(model, criterion, optimizer, scaler, autocast, batches, cfg, proc, cfg.lr)
+        train_step(model, criterion, optimizer, scaler, autocast, batches, cfg, proc, cfg.lr, channels_last=True)
 
     # alternated, so that a slower minute of a shared machine falls on both
     ours, base = [], []
@@ -267,13 +281,25 @@ def bench_boosters(cfg, device, batch, repeat):
 
 # ---- training ----
 
+def random_batch(cfg, batch, device):
+    """A batch as the loader ships it (uint8 RGB images (N, H, W, 3), uint8 labels), on `device`: train_step
+    normalizes it there."""
+    h, w = cfg.crop_size
+    return (torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device),
+            torch.randint(0, cfg.num_classes, (batch, h, w), dtype=torch.uint8, device=device))
+
+
 def precision_variants(cfg, device):
     """(name, cfg, amp, compile) for each precision train.py can use on `device`: fp32, and the autocast of
-    amp=fp16 / amp=bf16 where precision.py grants it (CUDA; bf16 on CPUs with native bf16)."""
+    amp=fp16 / amp=bf16 where precision.py grants it (CUDA; bf16 on CPUs with native bf16), in the memory format
+    channels_last=auto gives them; on CUDA, fp16 and bf16 also in the other format, to measure what auto chooses."""
     variants = [("fp32", cfg, "none", False)]
     for amp in ("fp16", "bf16"):
         if training_precision(amp, device)[0] is not None:
             variants.append((f"{amp} autocast (`amp={amp}`)", cfg, amp, False))
+            if device.type == "cuda":
+                other = get_config(base=cfg.to_dict(), overrides=["channels_last=false"])
+                variants.append((f"{amp} autocast, contiguous NCHW (`channels_last=false`)", other, amp, False))
     return variants
 
 
@@ -294,8 +320,7 @@ def bench_train(cfg, device, batch, repeat, variants=precision_variants):
     (name, cfg, amp, compile) of variants(cfg, device), built as train.py builds it (channels_last weights and
     input where the variant's cfg asks; torch.compile of the training model where it says so)."""
     h, w = cfg.crop_size
-    images, labels = torch.randn(batch, 3, h, w, device=device), torch.randint(0, cfg.num_classes, (batch, h, w),
-                                                                               device=device)
+    images, labels = random_batch(cfg, batch, device)
     proc = Distributed()
     heads = 1 + len(ARCHITECTURES[cfg.arch].AUX_MODULES) * cfg.aux_heads
     lines = [f"Training step of {ARCHITECTURES[cfg.arch].__name__} (`train.train_step`: forward, OHEM loss on {heads} "
@@ -307,15 +332,17 @@ def bench_train(cfg, device, batch, repeat, variants=precision_variants):
         dtype, autocast, scaler = training_precision(amp, device)
         torch.manual_seed(0)
         model = build_model(variant_cfg, pretrained=False).to(device).train()
-        if variant_cfg.channels_last:
+        channels_last = use_channels_last(variant_cfg.channels_last, device, dtype)
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer, criterion = build_optimizer(model, variant_cfg), build_loss(variant_cfg).to(device)
         net = torch.compile(model) if compile else model
         batches = itertools.repeat((images, labels))
 
         def step(net=net, optimizer=optimizer, criterion=criterion, autocast=autocast, scaler=scaler,
-                 variant_cfg=variant_cfg, batches=batches):
-            train_step(net, criterion, optimizer, scaler, autocast, batches, variant_cfg, proc, variant_cfg.lr)
+                 variant_cfg=variant_cfg, batches=batches, channels_last=channels_last):
+            train_step(net, criterion, optimizer, scaler, autocast, batches, variant_cfg, proc, variant_cfg.lr,
+                       channels_last=channels_last)
 
         if compile:
             start = time.perf_counter()

@@ -154,7 +154,8 @@ class UpsampleConvBNReLU(nn.Sequential):
     input pixel and channel pair instead of 4 x 9, and no upsampled copy. The result is the same up to float rounding
     (tests/test_bisenetv2.py checks it against the two modules run one after the other). Measured on a 2-core CPU
     (benchmark.py's boosters section, BENCHMARKS.md), it is faster up to twice the input's channels (aux2, aux3,
-    aux4: 2.6-4.5x, 1.4-3.0x, 1.1-1.7x) and not for aux5_4's 128 -> 1024 (0.7-1.0x), which therefore upsamples first.
+    aux4: 2.6-4.5x, 1.4-3.0x, 1.1-1.7x) and not for aux5_4's 128 -> 1024 (0.7-1.0x), which therefore upsamples first;
+    on a GPU it upsamples first (use_transposed).
     """
 
     # One axis of the 4-tap transposed-conv kernel from the 3 taps of the conv's: output pixel 2i (tap 1) reads
@@ -166,8 +167,14 @@ class UpsampleConvBNReLU(nn.Sequential):
         super().__init__(nn.Upsample(scale_factor=2), ConvBNReLU(cin, cout))
 
     def forward(self, x):
+        return self.transposed(x) if self.use_transposed(x) else self.upsampled(x)
+
+    def use_transposed(self, x):
+        """The one choice between the two computations: the transposed conv on the CPU up to twice the input's
+        channels, where a 2-core CPU measured it faster; upsampling first elsewhere, on CUDA included, until a GPU
+        measurement (benchmark.py's boosters section) shows otherwise."""
         conv = self[1].conv
-        return self.upsampled(x) if conv.out_channels > 2 * conv.in_channels else self.transposed(x)
+        return x.device.type == "cpu" and conv.out_channels <= 2 * conv.in_channels
 
     def upsampled(self, x):
         """The two children one after the other, as CoinCheung runs them: nearest x2, then the ConvBNReLU."""

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from configs import MODEL_KEYS, get_config
+from configs import CITYSCAPES_MEAN, CITYSCAPES_STD, IMAGENET_MEAN, IMAGENET_STD, MODEL_KEYS, get_config
 from model import build_model
 from resnet import state_dict_problems
 
@@ -111,7 +111,21 @@ def inference_config(ckpt_config, config=None, overrides=()):
     if differ:
         print(f"warning: {', '.join(differ)}: the checkpoint loads, but its predictions change; to use the values "
               "it was trained with, leave out --config or override them", file=sys.stderr)
+    if ckpt_config is None:  # nothing in the file says what its input was normalized with: say what is used
+        print(f"note: a bare state dict records no normalization: scored with mean={_numbers(cfg.mean)} "
+              f"std={_numbers(cfg.std)} ({_normalization_name(cfg)}, from --config {config or 'cityscapes'}); "
+              "override mean= and std= if it was trained with others", file=sys.stderr)
     return cfg
+
+
+def _numbers(values):
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _normalization_name(cfg):
+    """Whose statistics cfg.mean / cfg.std are, for the bare state dict's note."""
+    known = {(IMAGENET_MEAN, IMAGENET_STD): "ImageNet's", (CITYSCAPES_MEAN, CITYSCAPES_STD): "CoinCheung's Cityscapes"}
+    return known.get((tuple(cfg.mean), tuple(cfg.std)), "set in the config")
 
 
 def _plain(value):

@@ -15,6 +15,10 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# CoinCheung/BiSeNet's Cityscapes statistics (lib/data/cityscapes_cv2.py): what their released weights expect
+CITYSCAPES_MEAN, CITYSCAPES_STD = (0.3257, 0.3690, 0.3223), (0.2112, 0.2148, 0.2115)
+
 
 @dataclass
 class Config:
@@ -35,8 +39,10 @@ class Config:
     train_split: str = "train"
     val_split: str = "val"
     num_classes: int = 19
-    mean: tuple = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB in [0, 1]
-    std: tuple = (0.229, 0.224, 0.225)
+    # input normalization, RGB in [0, 1]: ImageNet's statistics, which the ImageNet ResNet18 was trained with. Every
+    # checkpoint stores the values it was trained with, and evaluate.py, demo.py and export.py take them from there.
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
 
     # --- training augmentation ---
     crop_size: tuple = (1024, 1024)  # H, W
@@ -73,6 +79,9 @@ class Config:
     poly_power: float = 0.9
     ohem_thresh: float = 0.7  # OHEM keeps pixels whose probability of the true class is below this
     ohem_min_frac: float = 1 / 16  # ...and at least this fraction of the valid pixels
+    # amp=fp16 (GradScaler): a step with inf or NaN values is skipped and the scale lowered, as in the reference; the
+    # run stops after this many skipped steps in a row. fp32 and bf16 stop at the first non-finite step.
+    max_skipped_steps: int = 20
     aux_weight: float = 1.0
     # micro-batches per optimizer step: each process runs batch_size / (processes x grad_accum) images at a time and
     # the gradients add up to one step of batch_size (BatchNorm still sees the micro-batch)
@@ -87,8 +96,11 @@ class Config:
     # mixed precision: on CUDA "fp16" (with GradScaler), "bf16" or "none"; the CPU trains in fp32, or in bf16 with
     # amp=bf16 where the CPU has it natively (AVX512-BF16 or AMX)
     amp: str = "fp16"
-    sync_bn: bool = True  # SyncBatchNorm under multi-GPU torchrun (CUDA only)
-    channels_last: bool = False
+    # SyncBatchNorm under multi-GPU torchrun (CUDA only): off for V1, on in the V2 presets, as the reference configs
+    sync_bn: bool = False
+    # channels_last memory format of weights and input: "auto" is on for CUDA training under fp16/bf16 (the tensor
+    # cores' native layout) and off elsewhere; "true" / "false" force it
+    channels_last: str = "auto"
     seed: int = 0
     out_dir: str = "runs"
     run_name: str = ""  # default: the preset name
@@ -136,6 +148,7 @@ CHOICES = {
     "eval_fusion": ("exp", "mean"),
     "dataset": ("cityscapes", "folder"),
     "backend": ("torch", "openvino", "onnxruntime"),
+    "channels_last": ("auto", "true", "false"),
 }
 
 _CITYSCAPES_1GPU = dict(batch_size=8, lr=5e-3, max_iter=160000, warmup_iters=2000)
@@ -151,7 +164,7 @@ _SYNTHETIC = dict(
     max_iter=300,
     lr=2e-2,
     warmup_iters=30,
-    channels_last=True,  # 1.34x the images/s of the default layout on 2 CPU cores (BENCHMARKS.md, presets)
+    channels_last="true",  # 1.34x the images/s of the default layout on 2 CPU cores (BENCHMARKS.md, presets)
     workers=2,
     log_every=10,
     ckpt_every=100,
@@ -182,7 +195,7 @@ _CAMVID = dict(
     lr=2e-2,
     warmup_iters=100,
     amp="bf16",
-    channels_last=True,
+    channels_last="true",
     workers=2,
     log_every=20,
     ckpt_every=100,
@@ -191,11 +204,15 @@ _CAMVID = dict(
 )
 
 # BiSeNetV2 on Cityscapes as CoinCheung/BiSeNet's configs/bisenetv2_city.py trains it: 2 GPUs x 8 images of
-# 512x1024, lr 5e-3, 150k iterations, sliding-window evaluation on 1024x1024 crops. They start from ImageNet weights
-# of the two branches (backbone_v2.pth, 74.95 mIoU ss); this trains from scratch, as the paper does (73.4 with lr 5e-2).
+# 512x1024, lr 5e-3, 150k iterations, SyncBN, sliding-window evaluation on 1024x1024 crops. They start from ImageNet
+# weights of the two branches (backbone_v2.pth, 74.95 mIoU ss); this trains from scratch, as the paper does (73.4 with
+# lr 5e-2). Their Cityscapes statistics normalize the input: nothing ties a from-scratch model to ImageNet's, and
+# their released weights (model_final_v2_city.pth) are scored with what they were trained with.
 _CITYSCAPES_V2 = dict(
     arch="bisenetv2",
     pretrained="none",
+    mean=CITYSCAPES_MEAN,
+    std=CITYSCAPES_STD,
     batch_size=16,
     crop_size=(512, 1024),
     scales=(0.25, 2.0),
@@ -211,7 +228,7 @@ _CITYSCAPES_V2 = dict(
 # BiSeNetV2 on CamVid from scratch on a 2-core CPU, camvid's data keys, crop, batch and lr. 4500 iterations (chosen
 # on val: 54.96 against 51.08 at 3000): about 1.2 s each in bf16 on a 2-core AVX512-BF16 EPYC (88 min in all);
 # where bf16 is not native, fp32 takes about twice as long.
-_CAMVID_V2 = dict(_CAMVID, arch="bisenetv2", pretrained="none", max_iter=4500, eval_every=500)
+_CAMVID_V2 = dict(_CAMVID, arch="bisenetv2", pretrained="none", max_iter=4500, eval_every=500, sync_bn=True)
 
 PRESETS = {
     "cityscapes": {},
@@ -312,7 +329,7 @@ def _check(cfg):
     if not 0 < cfg.eval_stride <= 1:
         raise ConfigError(f"bad value for eval_stride: {cfg.eval_stride}; expected a fraction in (0, 1]")
     for key in ("batch_size", "max_iter", "num_classes", "log_every", "ckpt_every", "eval_batch", "dist_timeout",
-                "synthetic_train",
+                "max_skipped_steps", "synthetic_train",
                 "synthetic_val"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected a positive integer")
@@ -434,6 +451,8 @@ def get_config(name="cityscapes", overrides=(), base=None):
         values = dict(PRESETS[name])
     else:
         values = {k: tuple(v) if isinstance(defaults.get(k), tuple) else v for k, v in base.items() if k in defaults}
+        if isinstance(values.get("channels_last"), bool):  # a config saved when the key was true/false only
+            values["channels_last"] = str(values["channels_last"]).lower()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"bad override {item!r}: expected key=value")

@@ -38,7 +38,7 @@ from datasets import cityscapes_table, class_table
 from evaluate import predict, write_png
 from model import inference_model
 from runtime import BackendError, BackendModel, load_model
-from transform import Normalize
+from transform import normalize
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
@@ -69,7 +69,7 @@ def segment(model, image_rgb, cfg):
     """Train ids (H, W) uint8 of an RGB uint8 image (H, W, 3) of any size; `model` from inference_model (eval), or a
     runtime.BackendModel."""
     device = model.device if isinstance(model, BackendModel) else next(model.parameters()).device
-    image = Normalize(cfg.mean, cfg.std)(image_rgb)[None].to(device)
+    image = normalize(torch.from_numpy(np.ascontiguousarray(image_rgb))[None].to(device), cfg.mean, cfg.std)
     return predict(model, image, cfg, cfg.eval_mode).to(torch.uint8).cpu().numpy()
 
 

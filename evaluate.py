@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import plots
-from checkpoint import CheckpointError, load_for_inference
+from checkpoint import CheckpointError, load_for_inference, write_atomically
 from cityscapes import IGNORE, DatasetError, read_image
 from configs import ConfigError, add_config_args, format_config
 from datasets import build_dataset, class_table, loader_workers
@@ -38,7 +38,7 @@ from distributed import Distributed, LaunchError, timeout_message
 from model import inference_model
 from runtime import BackendError, BackendModel, load_model, model_path
 from synthetic import prepare_data
-from transform import EvalTransform
+from transform import EvalTransform, normalize
 
 MODES = {  # mode: (sliding crops, multi-scale and flip)
     "ss": (False, False),
@@ -49,10 +49,17 @@ MODES = {  # mode: (sliding crops, multi-scale and flip)
 # ---- the math: confusion matrix and IoU ----
 
 def confusion_update(confusion, pred, label, ignore_index=IGNORE):
-    """Add the pixels of one prediction to a (C, C) int64 confusion matrix: rows = truth, columns = prediction."""
+    """Add the pixels of one prediction to a (C, C) int64 confusion matrix: rows = truth, columns = prediction.
+    A predicted class outside 0..C-1 (a model of more classes than the config's) is refused (ConfigError): it would
+    land in another class's cell, or past the matrix."""
     n = confusion.shape[0]
     valid = label != ignore_index
-    index = label[valid] * n + pred[valid]
+    pred = pred[valid].long()
+    if pred.numel() and not 0 <= int(pred.min()) <= int(pred.max()) < n:
+        bad = int(pred.max()) if int(pred.max()) >= n else int(pred.min())
+        raise ConfigError(f"a prediction holds class {bad}, outside 0..{n - 1}: the model predicts other classes "
+                          f"than num_classes={n}")
+    index = label[valid].long() * n + pred  # int64: uint8 labels would wrap at 256
     confusion += torch.bincount(index, minlength=n * n).reshape(n, n)
     return confusion
 
@@ -224,9 +231,10 @@ def evaluate(model, dataset, cfg, proc, mode=None):
     table = class_table(cfg)
     confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=proc.device)
     for index, image, label in tqdm(loader, desc=f"eval {mode}", disable=not proc.main, dynamic_ncols=True):
-        pred = predict(net, image[None].to(proc.device), cfg, mode)
+        # uint8 from the loader, normalized on the device (transform.normalize)
+        pred = predict(net, normalize(image[None].to(proc.device, non_blocking=True), cfg.mean, cfg.std), cfg, mode)
         if dataset.has_labels:
-            confusion_update(confusion, pred, label.to(proc.device))
+            confusion_update(confusion, pred, label.to(proc.device).long())
         if cfg.save_dir:
             pred_ids = pred.cpu().numpy().astype(np.uint8)
             save_prediction(cfg.save_dir, dataset.output_path(index), pred_ids, table, cfg.save_color)
@@ -270,9 +278,10 @@ def format_results(results):
 # ---- command line ----
 
 def write_results(results, path):
-    """The results as strict JSON (json.dump refuses NaN here rather than write a file other parsers reject)."""
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, allow_nan=False)
+    """The results as strict JSON (json.dumps refuses NaN rather than write a file other parsers reject), written
+    atomically (checkpoint.write_atomically): a full disk leaves the earlier file whole, and the error names it."""
+    text = json.dumps(results, indent=1, allow_nan=False)
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def results_name(cfg, ckpt, results):
@@ -305,7 +314,7 @@ def main(argv=None):
                 print(f"results: {out}" + (f"; predictions: {cfg.save_dir}/labelIds" if cfg.save_dir else ""))
     # OSError: a folder or file not writable
     except (LaunchError, ConfigError, CheckpointError, DatasetError, BackendError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         message = timeout_message(exc, proc, cfg.dist_timeout)

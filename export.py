@@ -44,6 +44,7 @@ from evaluate import confusion_update, eval_dataset, iou_from_confusion
 from model import fold_batchnorm
 from runtime import BackendError, onnxruntime_runner, openvino_runner, require
 from synthetic import prepare_data
+from transform import normalize
 
 MIN_OPSET = 17  # the oldest opset this export is verified with
 # Verification sizes: odd, so that they are not multiples of 32, and other than the export size, so that a size
@@ -128,16 +129,20 @@ class SplitImages:
 
     def __init__(self, cfg, split, size, seed=CALIB_SEED):
         self.dataset = eval_dataset(cfg, split)
+        self.mean, self.std = cfg.mean, cfg.std  # the checkpoint's, as evaluation uses them
         self.indices = [int(i) for i in np.random.default_rng(seed).permutation(len(self.dataset))[:size]]
 
     def __len__(self):
         return len(self.indices)
 
     def __iter__(self):
-        return (image[None].numpy() for image, _ in self.labelled())
+        return (image.numpy() for image, _ in self.labelled())
 
     def labelled(self):
-        return (self.dataset[i] for i in self.indices)
+        """(normalized float32 image (1, 3, H, W), int64 label (H, W)) pairs, as evaluation feeds the model."""
+        for i in self.indices:
+            image, label = self.dataset[i]
+            yield normalize(image[None], self.mean, self.std), label.long()
 
 
 def quantize_int8(xml_path, path, crops):
@@ -272,8 +277,8 @@ def compare_on_split(run, model, images, num_classes):
     device = next(model.parameters()).device
     for image, label in images.labelled():
         with torch.no_grad():
-            expected = model(image[None].to(device)).float().cpu()[0].max(0).indices
-        pred = torch.from_numpy(run(image[None].numpy())[0]).max(0).indices
+            expected = model(image.to(device)).float().cpu()[0].max(0).indices
+        pred = torch.from_numpy(run(image.numpy())[0]).max(0).indices
         agreements.append(float((pred == expected).float().mean()))
         for confusion, labels in zip(confusions, (expected, pred), strict=True):
             confusion_update(confusion, labels, label)

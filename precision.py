@@ -45,6 +45,16 @@ def training_precision(amp, device):
     dtype = autocast_dtype(amp, device, warn=False)
     if dtype is None:
         return None, nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
-    return dtype, torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return dtype, torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type,
+                                                                                 enabled=dtype == torch.float16)
+
+
+def use_channels_last(setting, device, dtype):
+    """Whether training runs weights and input in channels_last memory format: channels_last="true" / "false" as
+    given; "auto" on CUDA under fp16 or bf16 autocast (`dtype`), where NHWC is the tensor cores' native layout
+    (PyTorch's performance guide), and off elsewhere."""
+    if setting == "auto":
+        return device.type == "cuda" and dtype is not None
+    return setting == "true"
 
 

@@ -50,13 +50,20 @@ def threads():
 
 def onnxruntime_runner(path):
     """A function float32 array (N, 3, H, W) -> the file's output array, running the ONNX file `path` with
-    onnxruntime on the CPU, on as many threads as PyTorch uses (see `threads`)."""
+    onnxruntime on the CPU, on as many threads as PyTorch uses (see `threads`). Its `shapes` attribute: the input's
+    and the output's dimensions as the file declares them (None where a dimension is dynamic)."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads()
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     output = session.get_outputs()[0].name
-    return lambda image: session.run([output], {"image": image})[0]
+
+    def run(image):
+        return session.run([output], {"image": image})[0]
+
+    run.shapes = tuple([d if isinstance(d, int) else None for d in io.shape]
+                       for io in (session.get_inputs()[0], session.get_outputs()[0]))
+    return run
 
 
 def openvino_runner(path, precision="f32"):
@@ -69,7 +76,13 @@ def openvino_runner(path, precision="f32"):
     compiled = ov.Core().compile_model(path, "CPU", {ov.properties.hint.inference_precision: hint,
                                                      ov.properties.inference_num_threads: threads()})
     request = compiled.create_infer_request()
-    return lambda image: np.array(request.infer([image])[compiled.output(0)], copy=True)  # the request reuses its own
+
+    def run(image):
+        return np.array(request.infer([image])[compiled.output(0)], copy=True)  # the request reuses its own
+
+    run.shapes = tuple([d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+                       for port in (compiled.input(0), compiled.output(0)))
+    return run
 
 
 class BackendModel:
@@ -78,20 +91,48 @@ class BackendModel:
 
     device = torch.device("cpu")  # where it computes, whatever device the images come from
 
-    def __init__(self, path, backend, precision="f32"):
+    def __init__(self, path, backend, precision="f32", num_classes=None):
         require(backend)  # the runtime's package is named as the backend: install it first, then export
         if not os.path.isfile(path):
             raise BackendError(f"{backend} model not found: {path}; write it with python export.py --ckpt CKPT"
                                + (" --openvino" if backend == "openvino" else "") + " or set backend_model=FILE")
         self.path, self.backend = path, backend
         # precision: OpenVINO's inference precision hint (openvino_runner); ONNX Runtime computes in f32
-        self.run = openvino_runner(path, precision) if backend == "openvino" else onnxruntime_runner(path)
+        try:
+            self.run = openvino_runner(path, precision) if backend == "openvino" else onnxruntime_runner(path)
+        except Exception as err:  # the runtimes' own errors: a corrupt file, an IR without its .bin, the wrong format
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise BackendError(f"{backend} cannot load {path}: {first}; expected a file export.py wrote"
+                               + (" (an .xml with its .bin beside it)" if backend == "openvino" else " (.onnx)")
+                               ) from None
+        input_shape, output_shape = self.run.shapes
+        check_shapes(path, input_shape, output_shape, num_classes)
+        if num_classes is not None and output_shape[1] is None:  # a file that leaves its class count open: ask it
+            probe = self.run(np.zeros((1, 3, 64, 64), np.float32))
+            check_shapes(path, input_shape, list(probe.shape), num_classes)
 
     def __call__(self, image):
         logits = self.run(image.detach().to("cpu", torch.float32).contiguous().numpy())
         if logits.ndim != 4:
             raise BackendError(f"{self.path} outputs labels, not logits: export it without --argmax")
         return torch.from_numpy(logits).float().to(image.device)
+
+
+def check_shapes(path, input_shape, output_shape, num_classes=None):
+    """An exported logits file fits the config: image input (N, 3, H, W), logits output (N, num_classes, H, W).
+    Checked before any image runs, so that a file of another model never gives a number (BackendError)."""
+    if len(input_shape) != 4 or input_shape[1] not in (3, None):
+        raise BackendError(f"{path} takes input of shape {_dims(input_shape)}; expected images (N, 3, H, W)")
+    if len(output_shape) != 4:
+        raise BackendError(f"{path} outputs shape {_dims(output_shape)}, labels rather than logits (N, C, H, W): "
+                           "export it without --argmax")
+    if num_classes is not None and output_shape[1] not in (num_classes, None):
+        raise BackendError(f"{path} outputs {output_shape[1]} classes, but the config has num_classes={num_classes}: "
+                           "it was exported from another model; export this checkpoint (python export.py --ckpt CKPT)")
+
+
+def _dims(shape):
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
 def model_path(cfg, ckpt):
@@ -106,4 +147,4 @@ def load_model(cfg, ckpt, model):
     if cfg.eval_amp != "none":
         warnings.warn(f"eval_amp={cfg.eval_amp} applies to backend=torch only; the {cfg.backend} file runs in the "
                       "precision it was exported in (export.py --int8 for INT8)", stacklevel=2)
-    return BackendModel(model_path(cfg, ckpt), cfg.backend)
+    return BackendModel(model_path(cfg, ckpt), cfg.backend, num_classes=cfg.num_classes)

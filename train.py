@@ -30,17 +30,17 @@ from checkpoint import (
     write_atomically,
 )
 from cityscapes import IGNORE, DatasetError
-from configs import ConfigError, add_config_args, format_config, get_config
+from configs import Config, ConfigError, add_config_args, format_config, get_config, parse_value
 from datasets import build_dataset, class_table, loader_workers, scan_labels
 from distributed import Distributed, LaunchError, launched_rank, timeout_message
 from evaluate import eval_dataset, evaluate, format_results, write_results
 from loss import build_loss
 from model import build_model
 from optimizer import build_optimizer, load_optimizer_state, lr_at, set_lr
-from precision import training_precision
+from precision import training_precision, use_channels_last
 from resnet import PretrainedError
 from synthetic import prepare_data
-from transform import TrainTransform
+from transform import TrainTransform, normalize
 
 
 class NonFiniteError(RuntimeError):
@@ -174,17 +174,39 @@ def resolve_run_dir(cfg):
     return run_dir
 
 
-def read_config(args):
-    """The config from --config and overrides; a resumed run starts from the config it was started with."""
+def resume_path(args):
+    """The resume= override's path, or "" (the last one given wins, as for every override)."""
     resume = [o.split("=", 1)[1] for o in args.overrides if o.startswith("resume=")]
-    if resume and resume[-1]:
-        ckpt = load_training_state(resume[-1])
+    return resume[-1] if resume else ""
+
+
+def read_config(args, ckpt=None):
+    """The config from --config and overrides; a resumed run starts from the config it was started with, stored in
+    its checkpoint (`ckpt`: the resume= file's contents where they have been read already)."""
+    path = resume_path(args)
+    if path:
+        ckpt = load_training_state(path) if ckpt is None else ckpt
         cfg = get_config(ckpt["config"]["run_name"], args.overrides, base=ckpt["config"])
         if ckpt["iteration"] >= cfg.max_iter:
-            raise ConfigError(f"{resume[-1]} holds iteration {ckpt['iteration']}: max_iter={cfg.max_iter} leaves "
+            raise ConfigError(f"{path} holds iteration {ckpt['iteration']}: max_iter={cfg.max_iter} leaves "
                               f"nothing to train; to train longer pass max_iter above {ckpt['iteration']}")
         return cfg
     return get_config(args.config or "cityscapes", args.overrides)
+
+
+def read_resume(args, rank):
+    """(the resume= checkpoint's contents or None, the process group's timeout). Only rank 0 reads the file (machines
+    with node-local disks have it on the first machine alone) and sends it to the others once the process group
+    exists (train); they take the timeout from a dist_timeout= override, else its default: the checkpoint's config
+    cannot set it for them."""
+    path = resume_path(args)
+    if not path:
+        return None, read_config(args).dist_timeout
+    if rank == 0:
+        ckpt = load_training_state(path)
+        return ckpt, read_config(args, ckpt).dist_timeout
+    timeouts = [o.split("=", 1)[1] for o in args.overrides if o.startswith("dist_timeout=")]
+    return None, parse_value("dist_timeout", timeouts[-1], Config.dist_timeout) if timeouts else Config.dist_timeout
 
 
 TEMP_FILE = re.compile(r".+\.tmp\d+(\.png)?$")  # write_atomically's and plots.save's temporary names
@@ -235,7 +257,7 @@ def init_from(model, cfg, proc):
               + "".join(f"\n    {name}: checkpoint {old}, model {new}" for name, old, new in skipped))
 
 
-def build_training(cfg, proc):
+def build_training(cfg, proc, channels_last=False):
     """(model to train: DDP-wrapped when distributed, the raw model inside it, optimizer, loss)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     # A resumed or fine-tuned run takes its weights from a checkpoint: no ImageNet file needed. Otherwise the first
@@ -248,7 +270,7 @@ def build_training(cfg, proc):
     model = model.to(proc.device)
     if proc.enabled and proc.device.type == "cuda" and cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)  # on the raw model: group names must not carry "module."
     raw_model = model
@@ -277,14 +299,14 @@ def training_state(raw_model, optimizer, scaler, iteration, cfg, device, best):
             "iteration": iteration, "config": cfg.to_dict(), "rng": rng_state(device), "best": dict(best)}
 
 
-def restore(ckpt_path, raw_model, optimizer, scaler, device):
-    """Load a training checkpoint into the built model, optimizer and scaler; returns (its iteration, the best
-    validation so far: {"iter", "miou"}).
+def restore(ckpt_path, raw_model, optimizer, scaler, device, ckpt=None):
+    """Load a training checkpoint (`ckpt`: its contents where they have been read already) into the built model,
+    optimizer and scaler; returns (its iteration, the best validation so far: {"iter", "miou"}).
 
     The optimizer keeps the settings of the current config (overrides given on resume apply). A disabled scaler
     saves {}: then an fp16 run starts a fresh scaler (and a scaler that is disabled now ignores a saved state).
     """
-    ckpt = load_checkpoint(raw_model, ckpt_path)
+    ckpt = load_checkpoint(raw_model, ckpt_path, ckpt)
     load_optimizer_state(optimizer, ckpt["optimizer"])
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
@@ -312,32 +334,41 @@ class Log:
 
     def __init__(self, path, enabled, batch_size, formula):
         self.path, self.enabled, self.batch_size, self.formula = path, enabled, batch_size, formula
-        self.names, self.sums, self.count, self.t0 = None, None, 0, time.perf_counter()
+        self.names, self.sums, self.count, self.skipped, self.t0 = None, None, 0, 0, time.perf_counter()
 
-    def add(self, loss, parts):
+    def add(self, loss, parts, skipped=False):
+        """One step's losses; `skipped`: fp16's GradScaler skipped its update (the same on every rank)."""
         if self.names is None:
             self.names = list(parts)
         values = torch.stack([loss.detach().float(), *(parts[n].float() for n in self.names)])
         self.sums = values if self.sums is None else self.sums + values
         self.count += 1
+        self.skipped += int(skipped)
 
-    def flush(self, proc, iteration, lr, eta_s):
+    def flush(self, proc, iteration, lr, eta_s, scaled=False):
         totals = proc.all_sum(torch.cat([self.sums, self.sums.new_tensor([self.count])]).double()).tolist()
         loss, *heads = (total / totals[-1] for total in totals[:-1])
         record = {"iter": iteration, "loss": loss, "loss_sums": self.formula,
                   **{f"loss_{n}": v for n, v in zip(self.names, heads, strict=True)}, "lr": lr,
                   "images_per_s": self.count * self.batch_size / (time.perf_counter() - self.t0),
                   "eta_s": eta_s, "time": time.time()}
+        if scaled:
+            record["skipped_steps"] = self.skipped  # of the steps since the previous record
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        self.sums, self.count, self.t0 = None, 0, time.perf_counter()
+        self.sums, self.count, self.skipped, self.t0 = None, 0, 0, time.perf_counter()
         return record
 
 
-def non_finite_message(flags, world, it, lr, last_path, cfg, saved):
-    """What stopped the run, and what last.pth holds: `saved` is (its iteration, the loss logged last up to then)."""
-    problem = "the loss is not finite" if flags[0] < world else "the loss is finite but its gradients are not"
+def non_finite_message(flags, world, it, lr, last_path, cfg, saved, skipped_in_a_row=0):
+    """What stopped the run, and what last.pth holds: `saved` is (its iteration, the loss logged last up to then);
+    `skipped_in_a_row`: fp16's consecutive steps skipped by the GradScaler, where that is what stopped it."""
+    if skipped_in_a_row:
+        problem = (f"{skipped_in_a_row} steps in a row had non-finite values under fp16 (max_skipped_steps="
+                   f"{cfg.max_skipped_steps}; the GradScaler skipped each and lowered its scale)")
+    else:
+        problem = "the loss is not finite" if flags[0] < world else "the loss is finite but its gradients are not"
     if saved is None:
         kept = "No checkpoint had been saved yet"
     else:
@@ -388,8 +419,9 @@ def draw_pictures(run_dir, results=None):
         plots.plot_confusion(results, os.path.join(run_dir, "confusion.png"))
 
 
-def train(cfg, proc):
-    """Train; returns (the raw model, its run directory, the last validation's results or None)."""
+def train(cfg, proc, ckpt=None):
+    """Train; returns (the raw model, its run directory, the last validation's results or None). `ckpt`: the resume=
+    file's contents where rank 0 has read them already (read_resume); the other ranks receive them from it."""
     if proc.main:  # first of all, so that a run failing early still shows what it was asked to do
         print(f"config:\n{format_config(cfg)}", flush=True)
     # the checks that need the number of processes or the file system, before generating data or building anything
@@ -406,9 +438,14 @@ def train(cfg, proc):
             raise OSError(err.errno, f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
         write_atomically(os.path.join(run_dir, "config.json"), lambda f: f.write(format_config(cfg).encode()))
     val_set = eval_dataset(cfg)  # a missing or empty val split fails now, not after training
-    model, raw_model, optimizer, criterion = build_training(cfg, proc)
     dtype, autocast, scaler = training_precision(cfg.amp, proc.device)  # fp32 where the hardware lacks it: warned below
-    start, best = restore(cfg.resume, raw_model, optimizer, scaler, proc.device) if cfg.resume else (0, NO_BEST)
+    channels_last = use_channels_last(cfg.channels_last, proc.device, dtype)
+    model, raw_model, optimizer, criterion = build_training(cfg, proc, channels_last)
+    start, best = 0, NO_BEST
+    if cfg.resume:  # rank 0 reads the file and sends it: the others' machines need not have it
+        ckpt = proc.broadcast(load_training_state(cfg.resume) if proc.main and ckpt is None else ckpt)
+        start, best = restore(cfg.resume, raw_model, optimizer, scaler, proc.device, ckpt)
+        del ckpt
     if proc.rank or not start:  # a per-rank stream for anything random in the model; rank 0 resumes its own
         torch.manual_seed(cfg.seed + proc.rank + start)
     _, loader = train_loader(cfg, proc, start)
@@ -423,7 +460,7 @@ def train(cfg, proc):
               "confusion.png)")
         accum = f" x {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else ""
         print(f"device: {proc.device}, processes: {proc.world}, batch per process: {micro}{accum}, "
-              f"amp: {str(dtype or 'none (fp32)').replace('torch.', '')}")
+              f"amp: {str(dtype or 'none (fp32)').replace('torch.', '')}, channels_last: {channels_last}")
         if cfg.amp == "bf16" and dtype is None:
             print(f"warning: amp=bf16 but {proc.device} has no native bf16: training in fp32", file=sys.stderr)
         print(f"loss = {formula}, each head's OHEM cross-entropy: the logged loss is this weighted total, the value "
@@ -437,23 +474,32 @@ def train(cfg, proc):
     data = iter(loader)
     t_start = time.perf_counter()
     results, saved, logged_loss = None, (start, None) if start else None, None
+    scaled, in_a_row, skipped_total = scaler.is_enabled(), 0, 0  # fp16: steps the GradScaler skipped
     with StopRequest() as stop:
         for it in bar:
             lr = lr_at(it, cfg)  # the schedule counts optimizer steps
-            loss, parts, flags = train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc, lr,
-                                            stop.signum is not None)
-            if min(flags[:2]) < proc.world:
-                raise NonFiniteError(non_finite_message(flags, proc.world, it, lr, last_path, cfg, saved))
-            log.add(loss, parts)
+            loss, parts, flags, skipped = train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc,
+                                                     lr, stop.signum is not None, channels_last)
+            # fp16: a step with inf or NaN is skipped and the scale lowered; the run stops only when that keeps on.
+            # fp32 and bf16 have no scale to lower: they stop at once.
+            in_a_row, skipped_total = (in_a_row + 1 if skipped else 0), skipped_total + skipped
+            if (in_a_row >= cfg.max_skipped_steps) if scaled else min(flags[:2]) < proc.world:
+                raise NonFiniteError(non_finite_message(flags, proc.world, it, lr, last_path, cfg, saved,
+                                                        in_a_row if scaled else 0))
+            log.add(loss, parts, skipped)
             done = it + 1
             if done % cfg.log_every == 0 or done == cfg.max_iter:
                 eta = (cfg.max_iter - done) * (time.perf_counter() - t_start) / (done - start)
-                record = log.flush(proc, done, lr, eta)
+                record = log.flush(proc, done, lr, eta, scaled)
                 logged_loss = record["loss"]
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
-            if validate and (done % cfg.eval_every == 0 or done == cfg.max_iter):
-                results = validate(raw_model, done, log_path)
+                extra = {"skipped": skipped_total} if scaled else {}
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}",
+                                **extra)
+            # a stop request saves last.pth first and ends without validating: torchrun's agent kills the processes
+            # 30 s after its SIGTERM, and a validation could take longer than that
             stopping = flags[2] > 0 and done < cfg.max_iter
+            if validate and not stopping and (done % cfg.eval_every == 0 or done == cfg.max_iter):
+                results = validate(raw_model, done, log_path)
             if done % cfg.ckpt_every == 0 or done == cfg.max_iter or stopping:
                 if proc.main:
                     best = validate.best if validate else NO_BEST
@@ -477,39 +523,47 @@ def train(cfg, proc):
     return raw_model, run_dir, results
 
 
-def train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc, lr, stop_requested=False):
+def train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc, lr, stop_requested=False,
+               channels_last=False):
     """One optimizer step as training takes it (benchmark.py times this function): the lr set, the gradients of
     cfg.grad_accum micro-batches from `data` (accumulate_gradients), the step's one sync, and the update.
 
     The sync all-reduces [loss finite, gradients finite, asked to stop] of every rank, so that every rank learns
     whether any rank went non-finite or was asked to stop (SIGTERM, SIGINT) and all stop after the same iteration.
-    Returns (the loss, each head's loss, those flags summed over ranks); the update is made only where the first
-    two equal the number of processes.
+    Without a GradScaler the update is made only where the first two flags equal the number of processes. With
+    fp16's GradScaler the scaler decides, as in the reference recipe: it skips a step whose gradients hold inf or NaN
+    (a non-finite loss gives such gradients; DDP's all-reduce gives every rank the same) and lowers its scale.
+    Returns (the loss, each head's loss, the flags summed over ranks, whether the scaler skipped the update).
     """
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
-    loss, parts = accumulate_gradients(model, criterion, data, cfg, proc, autocast, scaler)
+    loss, parts = accumulate_gradients(model, criterion, data, cfg, proc, autocast, scaler, channels_last)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stop_flag = torch.tensor([float(stop_requested)], device=loss.device)
     flags = proc.all_sum(torch.cat([finite_flags(loss, params, not scaler.is_enabled()), stop_flag])).tolist()
-    if min(flags[:2]) == proc.world:
+    skipped = False
+    if scaler.is_enabled():
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
-    return loss, parts, flags
+        skipped = scaler.get_scale() < scale  # update() backs the scale off exactly when step() found inf or NaN
+    elif min(flags[:2]) == proc.world:
+        scaler.step(optimizer)
+        scaler.update()
+    return loss, parts, flags, skipped
 
 
-def accumulate_gradients(model, criterion, data, cfg, proc, autocast, scaler):
+def accumulate_gradients(model, criterion, data, cfg, proc, autocast, scaler, channels_last=False):
     """Forward and backward of cfg.grad_accum micro-batches from `data`, their gradients summed as one step's:
     each micro-batch's loss is divided by grad_accum, so the step equals one over the whole batch where the loss is
     a mean over equal micro-batches (OHEM selects per micro-batch, as it does per GPU under torchrun). DDP averages
-    the gradients at the last micro-batch only. Returns (the step's loss, each head's), means over micro-batches."""
+    the gradients at the last micro-batch only. Returns (the step's loss, each head's), means over micro-batches.
+    The loader's uint8 batch is copied to the device as it is and normalized there (transform.normalize)."""
     total, heads = 0, {}
     for k in range(cfg.grad_accum):
         images, labels = next(data)
-        images = images.to(proc.device, non_blocking=True)
-        labels = labels.to(proc.device, non_blocking=True)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = normalize(images.to(proc.device, non_blocking=True), cfg.mean, cfg.std, channels_last)
+        labels = labels.to(proc.device, non_blocking=True).long()
         last = k == cfg.grad_accum - 1
         with nullcontext() if last or not proc.enabled else model.no_sync():
             with autocast:
@@ -538,20 +592,23 @@ def main(argv=None):
                                                      formatter_class=argparse.RawTextHelpFormatter))
     args = parser.parse_args(argv)
     try:
-        cfg = read_config(args)  # before the process group, whose timeout is a setting
-        proc = Distributed(cfg.dist_timeout)
+        # before the process group, whose timeout is a setting; with resume=, rank 0 alone reads the checkpoint
+        ckpt, timeout = read_resume(args, launched_rank())
+        proc = Distributed(timeout)
     except ConfigError as exc:
         if launched_rank() == 0:  # the same on every rank: said once
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (LaunchError, CheckpointError) as exc:  # CheckpointError: the resume= file, maybe missing on one machine
+    except (LaunchError, CheckpointError) as exc:  # CheckpointError: rank 0's resume= file
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with proc:
         try:
+            cfg = proc.broadcast(read_config(args, ckpt) if proc.main else None)
             if proc.device.type == "cuda":
                 torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
-            model, run_dir, results = train(cfg, proc)
+            model, run_dir, results = train(cfg, proc, ckpt)
+            del ckpt
             final_evaluation(cfg, proc, model, run_dir, results)
         except (ConfigError, NonFiniteError, Stopped) as exc:
             # The same on every rank (one config; an all-reduced check): said once.

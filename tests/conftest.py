@@ -1,17 +1,45 @@
 import os
+import shutil
 import sys
 
-# Tests are CPU-only, even on a machine with a GPU. Set before anything imports torch (pytest imports this file
-# first), and inherited by the subprocesses tests start (torchrun, the command-line scripts).
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
-
-import shutil  # noqa: E402
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import cv2
+import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CUDA_SKIP_HIDDEN = "needs a CUDA GPU: the default run hides GPUs; python -m pytest -m cuda runs it where one is"
+CUDA_SKIP_NONE = "needs a CUDA GPU: this machine has none"
+
+
+def selects_cuda(markexpr):
+    """Whether a -m expression asks for the `cuda` tests (python -m pytest -m cuda)."""
+    return "cuda" in markexpr and "not cuda" not in markexpr
+
+
+def pytest_configure(config):
+    """The suite runs on the CPU, even on a machine with a GPU: GPUs are hidden before any test touches CUDA (torch
+    reads CUDA_VISIBLE_DEVICES when it first initializes CUDA, not at import), and from the subprocesses tests start
+    (torchrun, the command-line scripts), which inherit it. `-m cuda` leaves them visible for the `cuda` tests."""
+    if not selects_cuda(config.getoption("markexpr") or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests are collected everywhere and skipped, with the reason, where no GPU is visible."""
+    cuda_tests = [item for item in items if "cuda" in item.keywords]
+    if not cuda_tests:
+        return
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        reason = CUDA_SKIP_HIDDEN
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        reason = CUDA_SKIP_NONE
+    for item in cuda_tests:
+        item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

@@ -39,8 +39,12 @@ def table_numbers(lines):
 def test_data_section(tmp_path):
     generate(str(tmp_path), n_train=2, n_val=0, size=(64, 128), seed=0, progress=False)
     cfg = get_config("cityscapes", ["crop_size=48,48"])
-    rows, numbers = table_numbers(benchmark.bench_data(cfg, str(tmp_path), repeat=1))
-    assert len(rows) == 5 and numbers and all(n > 0 for n in numbers)
+    lines = benchmark.bench_data(cfg, str(tmp_path), repeat=1)
+    rows, numbers = table_numbers(lines)
+    assert len(rows) == 6 and numbers and all(n > 0 for n in numbers)
+    # a 48x48 sample: 3 + 1 bytes a pixel as uint8 image and labels, 12 + 8 as float32 and int64
+    assert lines[-1] == ("Bytes a sample takes through the loader's shared and pinned memory: 0.01 MB as uint8 image "
+                         "and labels, 0.05 MB as float32 image and int64 labels (5.0x).")
 
 
 @pytest.mark.parametrize("confident", [False, True])  # many hard pixels; fewer than n_min (the top-n_min branch)
@@ -191,9 +195,9 @@ def test_preset_variants_change_one_thing_each(monkeypatch, native):
     cfg = get_config("camvid")
     variants = benchmark.cpu_variants(cfg, torch.device("cpu"))
     assert [(name, c.channels_last, amp, compile) for name, c, amp, compile in variants] == [
-        ("fp32", False, "none", False), ("fp32, channels_last", True, "none", False),
-        *[("bf16 autocast, channels_last", True, "bf16", False)] * native,
-        ("fp32, channels_last, torch.compile", True, "none", True)]
+        ("fp32", "false", "none", False), ("fp32, channels_last", "true", "none", False),
+        *[("bf16 autocast, channels_last", "true", "bf16", False)] * native,
+        ("fp32, channels_last, torch.compile", "true", "none", True)]
     assert all(c.crop_size == cfg.crop_size for _, c, _, _ in variants)
 
 

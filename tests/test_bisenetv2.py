@@ -468,3 +468,39 @@ def test_model_py_bad_config_is_one_line_and_exit_2(capsys):
     assert model_module.main(["--config", "cityscapes_v2", "arm=false"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: arm=false is a BiSeNetV1 switch") and err.count("\n") == 1
+
+
+def test_coincheungs_weights_through_the_readme_command_are_scored_with_their_normalization(tmp_path, tiny_cityscapes,
+                                                                                           capsys):
+    """README: python evaluate.py --ckpt model_final_v2_city.pth --config cityscapes_v2 ... A bare state dict records
+    no normalization: the preset's, CoinCheung's Cityscapes statistics (lib/data/cityscapes_cv2.py), score it, and
+    one line says so."""
+    import evaluate
+
+    path = tmp_path / "model_final_v2_city.pth"
+    torch.save(random_state(make_v2(aux_heads=True)), path)
+    assert evaluate.main(["--ckpt", str(path), "--config", "cityscapes_v2", f"data_root={tiny_cityscapes}",
+                          "eval_workers=0"]) == 0
+    err = capsys.readouterr().err
+    assert "note: a bare state dict records no normalization: scored with mean=0.3257,0.369,0.3223 " \
+           "std=0.2112,0.2148,0.2115 (CoinCheung's Cityscapes, from --config cityscapes_v2)" in err
+    with open(tmp_path / "eval_val_ss.json") as f:
+        used = json.load(f)["config"]
+    assert (tuple(used["mean"]), tuple(used["std"])) == ((0.3257, 0.3690, 0.3223), (0.2112, 0.2148, 0.2115))
+
+
+def test_a_trained_checkpoint_keeps_the_normalization_it_was_trained_with(tmp_path):
+    cfg = get_config("cityscapes_v2", ["mean=0.1,0.2,0.3", "std=0.4,0.5,0.6"])
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": make_v2(aux_heads=False).state_dict(), "config": cfg.to_dict()}, path)
+    _, loaded = load_for_inference(str(path))
+    assert (loaded.mean, loaded.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+
+@pytest.mark.parametrize("device, cout, transposed", [("cpu", 12, True), ("cpu", 13, False), ("cuda", 12, False)])
+def test_the_boosters_transposed_conv_is_a_cpu_choice(device, cout, transposed):
+    """One place decides: on a CPU the transposed conv up to twice the input's channels (measured there); on CUDA the
+    upsample-then-conv path of the reference, until a GPU measurement says otherwise."""
+    expand = UpsampleConvBNReLU(6, cout)
+    x = type("OnDevice", (), {"device": torch.device(device)})()  # the choice reads the input's device only
+    assert expand.use_transposed(x) is transposed

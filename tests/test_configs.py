@@ -104,3 +104,10 @@ def test_a_folder_dataset_on_the_default_preset_is_named_folder():
     assert get_config("cityscapes", ["dataset=folder", "num_classes=2"]).run_name == "folder"
     assert get_config("camvid", ["dataset=folder"]).run_name == "camvid"
     assert get_config("cityscapes", ["dataset=folder", "num_classes=2", "run_name=mine"]).run_name == "mine"
+
+
+def test_syncbn_is_off_for_v1_presets_and_on_for_v2_ones_as_the_reference():
+    # CoinCheung/BiSeNet: configs/bisenetv1_city.py use_sync_bn=False, configs/bisenetv2_city.py True
+    for name in PRESETS:
+        cfg = get_config(name)
+        assert cfg.sync_bn == (cfg.arch == "bisenetv2"), name

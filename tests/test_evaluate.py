@@ -33,6 +33,7 @@ from evaluate import (
     sliding_scores,
 )
 from model import build_model, fold_batchnorm, inference_model
+from transform import normalize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -237,7 +238,7 @@ def test_saved_label_id_pngs_map_back_to_the_predicted_train_ids(tmp_path):
         assert ids.dtype == np.uint8 and ids.shape == (40, 56) and color.shape == (40, 56, 3)
         assert set(np.unique(ids)) <= {7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33}
         with torch.no_grad():
-            image = dataset[i][0][None]
+            image = normalize(dataset[i][0][None], cfg.mean, cfg.std)
             pred = model.eval()(image).argmax(1)[0]
         # evaluate() runs the folded channels_last copy: float rounding may flip a near tie, nothing more
         saved = torch.from_numpy(to_train_ids(ids))
@@ -545,3 +546,68 @@ def test_an_unknown_backend_is_refused(tmp_path, capsys):
     path, _, _ = make_checkpoint(tmp_path, n_val=1)
     assert evaluate.main(["--ckpt", path, "backend=tensorrt"]) == 2
     assert "bad value for backend: 'tensorrt'; expected one of torch, openvino, onnxruntime" in capsys.readouterr().err
+
+
+# ---- hostile use: no wrong number, nothing lost ----
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_an_exported_model_of_other_classes_is_refused_before_any_image(tmp_path, capsys, backend):
+    """A 19-class checkpoint scored with an 11-class file: `label * n + pred` would land in wrong cells; one line
+    naming the file and both counts, no number printed, no results file."""
+    eleven, _, _ = make_checkpoint(tmp_path / "a", n_val=1, extra=("num_classes=11",))
+    onnx_path, xml_path = export_files(eleven)
+    nineteen, _, _ = make_checkpoint(tmp_path / "b", n_val=2)
+    file = xml_path if backend == "openvino" else onnx_path
+    assert evaluate.main(["--ckpt", nineteen, f"backend={backend}", f"backend_model={file}"]) == 2
+    out, err = capsys.readouterr()
+    assert err == (f"error: {file} outputs 11 classes, but the config has num_classes=19: it was exported from "
+                   "another model; export this checkpoint (python export.py --ckpt CKPT)\n")
+    assert "mIoU" not in out and not [n for n in os.listdir(tmp_path / "b") if n.startswith("eval_")]
+
+
+@pytest.mark.parametrize("content, backend", [(b"not a model", "onnxruntime"), (b"<net>garbage", "openvino"),
+                                              (None, "openvino"), ("xml", "onnxruntime")])
+def test_a_corrupt_or_mismatched_exported_file_is_one_line(tmp_path, capsys, content, backend):
+    path, _, _ = make_checkpoint(tmp_path, n_val=1)
+    if content is None:  # an IR whose .bin is missing
+        _, file = export_files(path)
+        os.remove(file.replace(".xml", ".bin"))
+    elif content == "xml":  # an OpenVINO IR given to onnxruntime
+        _, file = export_files(path)
+    else:
+        file = str(tmp_path / ("bad.onnx" if backend == "onnxruntime" else "bad.xml"))
+        with open(file, "wb") as f:
+            f.write(content)
+    assert evaluate.main(["--ckpt", path, f"backend={backend}", f"backend_model={file}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {backend} cannot load {file}: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_confusion_update_refuses_a_class_outside_the_matrix():
+    confusion = torch.zeros((3, 3), dtype=torch.int64)
+    label = torch.tensor([[0, 1], [2, 255]])
+    evaluate.confusion_update(confusion, torch.tensor([[0, 2], [2, 7]]), label)  # 7 under ignore: not counted
+    assert confusion.tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
+    for bad in (3, -1):  # 1 * 3 + 3 would have counted as (2, 0), -1 as (0, 2)
+        with pytest.raises(evaluate.ConfigError, match=f"a prediction holds class {bad}, outside 0..2"):
+            evaluate.confusion_update(confusion, torch.tensor([[0, bad], [2, 0]]), label)
+    assert confusion.tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]  # unchanged by a refused update
+
+
+def test_a_failed_results_write_keeps_the_earlier_file_and_names_it(tmp_path, capsys, monkeypatch):
+    path, _, _ = make_checkpoint(tmp_path, n_val=1)
+    assert evaluate.main(["--ckpt", path]) == 0
+    results = tmp_path / "eval_val_ss.json"
+    before = results.read_bytes()
+    capsys.readouterr()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert evaluate.main(["--ckpt", path, "eval_fusion=mean"]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error" in line] == \
+        [f"error: cannot write {results}: No space left on device"]
+    assert results.read_bytes() == before and json.loads(before)["miou"] is not None
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # no temporary file left

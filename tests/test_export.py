@@ -22,6 +22,7 @@ from configs import PRESETS, get_config
 from evaluate import eval_dataset
 from model import ConvBNReLU, build_model, fold_batchnorm, inference_model
 from precision import autocast_dtype
+from transform import normalize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLD_PRESETS = ["synthetic"] + [name for name in PRESETS if name.startswith("ablation_")]
@@ -335,8 +336,8 @@ def test_split_images_are_whole_evaluation_images_in_the_same_order_every_time(t
     # NNCF iterates more than once (statistics, then bias correction): every pass and every export sees the same
     for again in (list(images), list(export.SplitImages(cfg, "train", 3))):
         assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
-    # each is one of the split's images as evaluation normalizes it, none twice
-    whole = [split[i][0].numpy() for i in range(len(split))]
+    # each is one of the split's images as evaluation normalizes it (transform.normalize), none twice
+    whole = [normalize(split[i][0][None], cfg.mean, cfg.std)[0].numpy() for i in range(len(split))]
     matches = [[k for k, w in enumerate(whole) if np.array_equal(x[0], w)] for x in first]
     assert all(len(m) == 1 for m in matches) and len({m[0] for m in matches}) == 3
     assert len(export.SplitImages(cfg, "train", 100)) == len(split)  # no image repeated to reach the size
@@ -365,7 +366,7 @@ def test_compare_on_split_scores_both_against_the_labels(model, tiny_cityscapes)
     present = len(set(labels[valid].tolist()) | {0})
     assert report["miou_file"] == pytest.approx(float(road_iou) / present)
     assert report["miou_torch"] == same["miou_torch"]
-    predicted = [torch.from_numpy(torch_logits(model, image[None])[0]).argmax(0) for image, _ in images.labelled()]
+    predicted = [torch.from_numpy(torch_logits(model, image)[0]).argmax(0) for image, _ in images.labelled()]
     assert report["argmax_agreement"] == pytest.approx(min(float((p == 0).float().mean()) for p in predicted))
 
 

@@ -277,9 +277,10 @@ def test_errors_shared_by_every_rank_are_printed_by_rank_0_only(monkeypatch, cap
     monkeypatch.setenv("RANK", "1")
     assert train.main(["--config", "nope"]) == 2
     assert capsys.readouterr().err == ""
-    # A missing file may be this machine's own problem: every rank says it.
+    # Only rank 0 reads a resume= file (the others receive it): its missing file is one line, from rank 0.
+    monkeypatch.setenv("RANK", "0")
     assert train.main([f"resume={tmp_path / 'last.pth'}"]) == 2
-    assert str(tmp_path / "last.pth") in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: checkpoint not found: {tmp_path / 'last.pth'}\n"
 
 
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch, capsys):
@@ -309,7 +310,7 @@ def test_loader_workers_run_opencv_single_threaded(tiny_root):
                                        "crop_size=64,64"])
         _, loader = train.train_loader(cfg, Distributed(), 0)
         images, labels = next(iter(loader))
-        assert images.shape == (2, 3, 64, 64) and labels.shape == (2, 64, 64)
+        assert images.shape == (2, 64, 64, 3) and labels.shape == (2, 64, 64)  # uint8, normalized on the device
         counts = torch.utils.data.DataLoader(OpenCVThreads(), num_workers=1, worker_init_fn=loader.worker_init_fn)
         assert [int(n) for n in counts] == [1]
     finally:
@@ -655,8 +656,8 @@ def test_two_micro_batches_make_the_same_update_as_one_batch():
 
     from loss import build_loss
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(8, 3, 64, 64, generator=g)
-    labels = torch.randint(0, 19, (8, 64, 64), generator=g)  # no ignored pixel: equal micro-batches
+    images = torch.randint(0, 256, (8, 64, 64, 3), generator=g, dtype=torch.uint8)  # as the loader ships them
+    labels = torch.randint(0, 19, (8, 64, 64), generator=g, dtype=torch.uint8)  # no ignored pixel: equal micro-batches
     # thresh 0.9999: every pixel is hard, so each loss is the mean over its pixels
     grads = []
     for accum in (1, 2):
@@ -802,3 +803,142 @@ def test_a_run_that_failed_at_start_leaves_its_folder_to_the_next(tiny_root, tmp
     assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=3")) == 0
     assert sorted(os.listdir(tmp_path)) == ["synthetic"]
     assert "last.pth" in os.listdir(tmp_path / "synthetic")
+
+
+# ---- the GPU path, as far as the CPU can show it ----
+
+def poison_calls(monkeypatch, calls_to_poison):
+    """Make the loss computations numbered `calls_to_poison` (1-based) return NaN instead of the loss total."""
+    import loss
+
+    forward, calls = loss.BiSeNetLoss.forward, []
+
+    def forward_with_nan(self, outputs, target):
+        calls.append(1)
+        total, parts = forward(self, outputs, target)
+        return (total * float("nan"), parts) if len(calls) in calls_to_poison else (total, parts)
+
+    monkeypatch.setattr(loss.BiSeNetLoss, "forward", forward_with_nan)
+
+
+def fp16_scaler_on_the_cpu(monkeypatch):
+    """fp16's precision as train.py gets it on CUDA: an enabled GradScaler (which runs on the CPU too), the autocast
+    left out (the CPU has no fast fp16)."""
+    from contextlib import nullcontext
+
+    monkeypatch.setattr(train, "training_precision",
+                        lambda amp, device: (torch.float16, nullcontext(), torch.amp.GradScaler("cpu", init_scale=8.0)))
+
+
+def test_fp16_skips_a_non_finite_step_counts_it_and_goes_on(tiny_root, tmp_path, monkeypatch):
+    fp16_scaler_on_the_cpu(monkeypatch)
+    poison_calls(monkeypatch, {3, 5})
+    assert train.main(tiny_args(tiny_root, tmp_path, "log_every=2")) == 0
+    run_dir = tmp_path / "synthetic"
+    log = [r for r in read_log(run_dir) if "loss" in r]
+    # steps 3 and 5 skipped: one in the record of iterations 3-4, one in that of 5-6
+    assert [(r["iter"], r["skipped_steps"]) for r in log] == [(2, 0), (4, 1), (6, 1)]
+    ckpt = torch.load(run_dir / "last.pth", weights_only=True)
+    assert ckpt["scaler"]["scale"] == 8.0 * 0.5 * 0.5  # backed off once per skipped step (growth needs 2000 steps)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_fp16_stops_after_max_skipped_steps_in_a_row(tiny_root, tmp_path, monkeypatch, capsys):
+    fp16_scaler_on_the_cpu(monkeypatch)
+    poison_calls(monkeypatch, {2, 4, 5})
+    assert train.main(tiny_args(tiny_root, tmp_path, "max_skipped_steps=2")) == 1
+    err = capsys.readouterr().err
+    assert "error: 2 steps in a row had non-finite values under fp16 (max_skipped_steps=2; the GradScaler skipped " \
+           "each and lowered its scale) at iteration 5" in err
+    assert "Traceback" not in err
+
+
+def test_a_stop_request_saves_last_pth_first_and_does_not_validate(tiny_root, tmp_path, monkeypatch, capsys):
+    """A stop that arrives in the step of a validation: last.pth is written and the run ends, without the validation
+    (torchrun's agent kills the processes 30 s after its SIGTERM)."""
+    import signal
+
+    step, calls, validated = train.train_step, [], []
+
+    def sigterm_in_fourth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGTERM)  # caught by the run's StopRequest: the step runs to its end
+            args = (*args[:9], True, *args[10:])  # what the handler's flag gives the step
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", sigterm_in_fourth_step)
+    monkeypatch.setattr(train.Validator, "__call__", lambda self, *args: validated.append(args[1]))
+    assert train.main(tiny_args(tiny_root, tmp_path, "eval_every=4", "ckpt_every=100")) == 143
+    assert validated == []
+    assert torch.load(tmp_path / "synthetic" / "last.pth", weights_only=True)["iteration"] == 4
+    assert "stopped by SIGTERM after iteration 4" in capsys.readouterr().err
+
+
+def test_resume_where_only_rank_0_has_the_checkpoint(tiny_run, tmp_path):
+    """Two gloo processes; rank 1's machine has no copy of last.pth (node-local disks): rank 0 reads it and sends the
+    state."""
+    run_dir = copy_run(tiny_run, tmp_path)
+    script = tmp_path / "rank0_only.py"
+    script.write_text(
+        "import os, sys\n"
+        "import checkpoint, train\n"
+        "if os.environ['RANK'] != '0':\n"
+        "    def missing(path, *args, **kwargs):\n"
+        "        raise checkpoint.CheckpointError(f'checkpoint not found: {path} (not on this machine)')\n"
+        "    checkpoint.read_checkpoint = train.read_checkpoint = missing\n"
+        "sys.exit(train.main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), f"resume={run_dir / 'last.pth'}", "max_iter=5", "batch_size=4"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from" in out.stdout and "processes: 2" in out.stdout
+    assert [r["iter"] for r in read_log(run_dir) if "loss" in r] == [1, 2, 3, 4, 5]
+    assert torch.load(run_dir / "last.pth", weights_only=True)["iteration"] == 5
+
+
+def test_channels_last_auto_is_on_for_cuda_under_autocast_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [precision.use_channels_last("auto", gpu, dtype) for dtype in (torch.float16, torch.bfloat16, None)] == \
+        [True, True, False]
+    assert [precision.use_channels_last("auto", cpu, dtype) for dtype in (torch.bfloat16, None)] == [False, False]
+    assert precision.use_channels_last("false", gpu, torch.float16) is False
+    assert precision.use_channels_last("true", cpu, None) is True
+    # a config saved when the key was a bool reads as the same setting
+    assert get_config(base={**get_config("synthetic").to_dict(), "channels_last": True}).channels_last == "true"
+    assert get_config(base={**get_config("synthetic").to_dict(), "channels_last": False}).channels_last == "false"
+
+
+def test_the_loaders_samples_are_uint8_and_the_step_gets_normalized_float32(tiny_root):
+    cfg = get_config("synthetic", ["synthetic=false", f"data_root={tiny_root}", "crop_size=64,64", "batch_size=2",
+                                   "workers=0"])
+    _, loader = train.train_loader(cfg, Distributed(), 0)
+    images, labels = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (2, 64, 64, 3)
+    assert labels.dtype == torch.uint8 and labels.shape == (2, 64, 64)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            seen.append(x)
+            return x * self.w
+
+    def criterion(outputs, target):
+        seen.append(target)
+        return outputs.sum(), {}
+
+    from contextlib import nullcontext
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train.accumulate_gradients(Recorder(), criterion, iter([(images, labels)]), cfg, Distributed(), nullcontext(),
+                               scaler, channels_last=True)
+    x, target = seen
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 64, 64) and x.is_contiguous(memory_format=torch.channels_last)
+    expected = (images.permute(0, 3, 1, 2).double() / 255 - torch.tensor(cfg.mean)[:, None, None]) \
+        / torch.tensor(cfg.std)[:, None, None]
+    torch.testing.assert_close(x.double(), expected, atol=1e-5, rtol=0)
+    assert target.dtype == torch.int64 and torch.equal(target, labels.long())
