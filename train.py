@@ -51,25 +51,41 @@ NO_BEST = {"iter": None, "miou": None}  # no validation yet: the best {"iter", "
 
 
 class Stopped(Exception):
-    """SIGTERM or SIGINT stopped the run after an iteration, with last.pth written: exit 128 + the signal."""
+    """SIGTERM or SIGINT stopped the run after an iteration, with last.pth written, or after the last one, with
+    model_final.pth written (`final`): exit 128 + the signal."""
 
-    def __init__(self, signum, iteration, path):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}; {path} holds it: "
-                         f"continue with python train.py resume={path}")
+    def __init__(self, signum, iteration, path, final=False):
+        name = signal.Signals(signum).name
+        if final:
+            message = (f"stopped by {name} after the last iteration ({iteration}), before the final evaluation; "
+                       f"{path} holds the final weights: score them with python evaluate.py --ckpt {path}")
+        else:
+            message = f"stopped by {name} after iteration {iteration}; {path} holds it: continue with python " \
+                      f"train.py resume={path}"
+        super().__init__(message)
         self.signum = signum
 
 
 class StopRequest:
     """While entered, SIGTERM (what clusters send before preemption) and SIGINT (Ctrl-C) ask the run to stop at the
-    end of the current iteration instead of killing it; a second SIGINT stops at once."""
+    end of the current iteration instead of killing it; a second SIGINT stops at once. Once the final weights are
+    saved (`saved_final`), a signal stops the process at once: nothing is left to save."""
 
     def __init__(self):
-        self.signum, self._previous = None, {}
+        self.signum, self._previous, self.final = None, {}, None
 
     def _handle(self, signum, frame):
+        if self.final is not None:
+            raise Stopped(signum, *self.final, final=True)
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+
+    def saved_final(self, iteration, path):
+        """The final weights are at `path`: a signal received before ends the run now, one received later at once."""
+        self.final = (iteration, path)
+        if self.signum is not None:
+            raise Stopped(self.signum, iteration, path, final=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
@@ -419,9 +435,10 @@ def draw_pictures(run_dir, results=None):
         plots.plot_confusion(results, os.path.join(run_dir, "confusion.png"))
 
 
-def train(cfg, proc, ckpt=None):
+def train(cfg, proc, ckpt=None, stop=None):
     """Train; returns (the raw model, its run directory, the last validation's results or None). `ckpt`: the resume=
-    file's contents where rank 0 has read them already (read_resume); the other ranks receive them from it."""
+    file's contents where rank 0 has read them already (read_resume); the other ranks receive them from it. `stop`:
+    the entered StopRequest of main, which also covers the final evaluation (None: signals are not caught)."""
     if proc.main:  # first of all, so that a run failing early still shows what it was asked to do
         print(f"config:\n{format_config(cfg)}", flush=True)
     # the checks that need the number of processes or the file system, before generating data or building anything
@@ -430,13 +447,10 @@ def train(cfg, proc, ckpt=None):
     prepare_data(cfg, proc)
     run_dir = proc.broadcast(resolve_run_dir(cfg) if proc.main else None)
     if proc.main:  # before anything is built: a run directory that cannot be written is a one-line error now
-        for path in remove_stale_temp_files(run_dir):
-            print(f"removed {path}, left by a run killed while writing it")
         try:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as err:
             raise OSError(err.errno, f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
-        write_atomically(os.path.join(run_dir, "config.json"), lambda f: f.write(format_config(cfg).encode()))
     val_set = eval_dataset(cfg)  # a missing or empty val split fails now, not after training
     dtype, autocast, scaler = training_precision(cfg.amp, proc.device)  # fp32 where the hardware lacks it: warned below
     channels_last = use_channels_last(cfg.channels_last, proc.device, dtype)
@@ -453,6 +467,10 @@ def train(cfg, proc, ckpt=None):
     last_path, log_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "log.jsonl")
     formula = criterion.formula(cfg.aux_heads)
     if proc.main:
+        # the run folder changes only now, everything checked: a refused resume leaves its config.json as it was
+        for path in remove_stale_temp_files(run_dir):
+            print(f"removed {path}, left by a run killed while writing it")
+        write_atomically(os.path.join(run_dir, "config.json"), lambda f: f.write(format_config(cfg).encode()))
         if start:
             trim_log(log_path, start)  # the records after the checkpoint are logged again
         best_file = ", model_best.pth" if cfg.eval_every else ""
@@ -475,46 +493,53 @@ def train(cfg, proc, ckpt=None):
     t_start = time.perf_counter()
     results, saved, logged_loss = None, (start, None) if start else None, None
     scaled, in_a_row, skipped_total = scaler.is_enabled(), 0, 0  # fp16: steps the GradScaler skipped
-    with StopRequest() as stop:
-        for it in bar:
-            lr = lr_at(it, cfg)  # the schedule counts optimizer steps
-            loss, parts, flags, skipped = train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc,
-                                                     lr, stop.signum is not None, channels_last)
-            # fp16: a step with inf or NaN is skipped and the scale lowered; the run stops only when that keeps on.
-            # fp32 and bf16 have no scale to lower: they stop at once.
-            in_a_row, skipped_total = (in_a_row + 1 if skipped else 0), skipped_total + skipped
-            if (in_a_row >= cfg.max_skipped_steps) if scaled else min(flags[:2]) < proc.world:
-                raise NonFiniteError(non_finite_message(flags, proc.world, it, lr, last_path, cfg, saved,
-                                                        in_a_row if scaled else 0))
-            log.add(loss, parts, skipped)
-            done = it + 1
-            if done % cfg.log_every == 0 or done == cfg.max_iter:
-                eta = (cfg.max_iter - done) * (time.perf_counter() - t_start) / (done - start)
-                record = log.flush(proc, done, lr, eta, scaled)
-                logged_loss = record["loss"]
-                extra = {"skipped": skipped_total} if scaled else {}
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}",
-                                **extra)
-            # a stop request saves last.pth first and ends without validating: torchrun's agent kills the processes
-            # 30 s after its SIGTERM, and a validation could take longer than that
-            stopping = flags[2] > 0 and done < cfg.max_iter
-            if validate and not stopping and (done % cfg.eval_every == 0 or done == cfg.max_iter):
-                results = validate(raw_model, done, log_path)
-            if done % cfg.ckpt_every == 0 or done == cfg.max_iter or stopping:
-                if proc.main:
-                    best = validate.best if validate else NO_BEST
-                    save_checkpoint(last_path, training_state(raw_model, optimizer, scaler, done, cfg, proc.device,
-                                                              best))
-                saved = (done, logged_loss)
-            if stopping:
-                bar.close()
-                proc.barrier()
-                raise Stopped(stop.signum or signal.SIGTERM, done, last_path)  # a rank not signalled: as SIGTERM
+    stop, stopping = stop or StopRequest(), False  # a StopRequest not entered is never asked to stop
+    for it in bar:
+        lr = lr_at(it, cfg)  # the schedule counts optimizer steps
+        loss, parts, flags, skipped = train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc,
+                                                 lr, stop.signum is not None, channels_last)
+        # fp16: a step with inf or NaN is skipped and the scale lowered; the run stops only when that keeps on.
+        # fp32 and bf16 have no scale to lower: they stop at once.
+        in_a_row, skipped_total = (in_a_row + 1 if skipped else 0), skipped_total + skipped
+        if (in_a_row >= cfg.max_skipped_steps) if scaled else min(flags[:2]) < proc.world:
+            raise NonFiniteError(non_finite_message(flags, proc.world, it, lr, last_path, cfg, saved,
+                                                    in_a_row if scaled else 0))
+        log.add(loss, parts, skipped)
+        done = it + 1
+        if done % cfg.log_every == 0 or done == cfg.max_iter:
+            eta = (cfg.max_iter - done) * (time.perf_counter() - t_start) / (done - start)
+            record = log.flush(proc, done, lr, eta, scaled)
+            logged_loss = record["loss"]
+            extra = {"skipped": skipped_total} if scaled else {}
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}",
+                            **extra)
+        # a stop request saves last.pth first and ends without validating: torchrun's agent kills the processes
+        # 30 s after its SIGTERM, and a validation could take longer than that
+        stopping = flags[2] > 0
+        if validate and not stopping and (done % cfg.eval_every == 0 or done == cfg.max_iter):
+            results = validate(raw_model, done, log_path)
+        if done % cfg.ckpt_every == 0 or done == cfg.max_iter or stopping:
+            if proc.main:
+                best = validate.best if validate else NO_BEST
+                save_checkpoint(last_path, training_state(raw_model, optimizer, scaler, done, cfg, proc.device,
+                                                          best))
+            saved = (done, logged_loss)
+        if stopping and done < cfg.max_iter:
+            bar.close()
+            proc.barrier()
+            raise Stopped(stop.signum or signal.SIGTERM, done, last_path)  # a rank not signalled: as SIGTERM
     bar.close()
     proc.sync_buffers(raw_model)
     final_path = os.path.join(run_dir, "model_final.pth")
     if proc.main:
         save_checkpoint(final_path, {"model": raw_model.state_dict(), "config": cfg.to_dict()})
+    # asked to stop during the last iteration or its validation, on any rank: every rank ends without the final
+    # evaluation (a rank not signalled: as SIGTERM)
+    asked = proc.all_sum(torch.tensor([float(stopping or stop.signum is not None)], device=proc.device)).item()
+    if asked:
+        stop.signum = stop.signum or signal.SIGTERM
+    stop.saved_final(cfg.max_iter, final_path)
+    if proc.main:
         print(f"trained {cfg.max_iter} iterations; final weights: {final_path}; training checkpoint: {last_path}")
         if validate and validate.best["miou"] is not None:
             print(f"best val mIoU {100 * validate.best['miou']:.2f} at iteration {validate.best['iter']}: "
@@ -602,14 +627,14 @@ def main(argv=None):
     except (LaunchError, CheckpointError) as exc:  # CheckpointError: rank 0's resume= file
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with proc:
+    with proc, StopRequest() as stop:
         try:
             cfg = proc.broadcast(read_config(args, ckpt) if proc.main else None)
             if proc.device.type == "cuda":
                 torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
-            model, run_dir, results = train(cfg, proc, ckpt)
+            model, run_dir, results = train(cfg, proc, ckpt, stop)
             del ckpt
-            final_evaluation(cfg, proc, model, run_dir, results)
+            final_evaluation(cfg, proc, model, run_dir, results)  # a signal now stops at once (saved_final)
         except (ConfigError, NonFiniteError, Stopped) as exc:
             # The same on every rank (one config; an all-reduced check): said once.
             if proc.main:

@@ -468,3 +468,27 @@ def test_the_state_of_a_run_folder(tmp_path):
     with open(run.path("eval.json"), "w") as f:
         f.write('{"miou": 0.5}')
     assert sweep.run_state(run) == "done"
+
+
+def test_a_stop_in_a_runs_last_iteration_ends_the_sweep_and_a_rerun_finishes_it(tiny_folder, tmp_path, monkeypatch,
+                                                                                   capsys):
+    first, second = tmp_path / "sweep_camvid" / "baseline_seed0", tmp_path / "sweep_camvid" / "ablation_no_sp_seed0"
+    step, calls = train.train_step, []
+
+    def sigterm_in_the_last_iteration(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the first run's last iteration (max_iter=4), as a preemption warning would come
+            signal.raise_signal(signal.SIGTERM)
+            args = (*args[:9], True, *args[10:])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", sigterm_in_the_last_iteration)
+    assert sweep.main(sweep_args(tiny_folder, tmp_path)) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after the last iteration (4)" in err and "sweep stopped: baseline seed 0 stopped" in err
+    assert not second.exists()  # no other run started
+    assert (first / "model_final.pth").is_file() and not (first / "eval.json").exists()
+    monkeypatch.undo()
+    assert sweep.main(sweep_args(tiny_folder, tmp_path)) == 0  # evaluates the first, trains the second
+    assert (first / "eval.json").is_file() and (second / "eval.json").is_file()
+    assert train_records(first) == [1, 2, 3, 4]

@@ -942,3 +942,58 @@ def test_the_loaders_samples_are_uint8_and_the_step_gets_normalized_float32(tiny
         / torch.tensor(cfg.std)[:, None, None]
     torch.testing.assert_close(x.double(), expected, atol=1e-5, rtol=0)
     assert target.dtype == torch.int64 and torch.equal(target, labels.long())
+
+
+# ---- a stop request at any point ----
+
+def sigterm_in_step(monkeypatch, number):
+    """SIGTERM raised in the `number`-th training step (1-based), as a scheduler would send it then."""
+    import signal
+
+    step, calls = train.train_step, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            signal.raise_signal(signal.SIGTERM)  # caught by the run's StopRequest: the step runs to its end
+            args = (*args[:9], True, *args[10:])  # the stop flag the handler gives the step
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", signalled)
+
+
+def test_a_stop_in_the_last_iteration_saves_the_final_weights_and_ends_with_143(tiny_root, tmp_path, monkeypatch,
+                                                                                capsys):
+    sigterm_in_step(monkeypatch, 6)  # max_iter=6: the last one
+    assert train.main(tiny_args(tiny_root, tmp_path, "eval_every=6")) == 143
+    run_dir = tmp_path / "synthetic"
+    final = run_dir / "model_final.pth"
+    assert f"stopped by SIGTERM after the last iteration (6), before the final evaluation; {final} holds the final " \
+           f"weights: score them with python evaluate.py --ckpt {final}" in capsys.readouterr().err
+    assert torch.load(run_dir / "last.pth", weights_only=True)["iteration"] == 6 and final.is_file()
+    assert not (run_dir / "eval.json").exists() and not [r for r in read_log(run_dir) if "val_miou" in r]
+
+
+def test_a_stop_during_the_final_evaluation_ends_it_at_once_with_143(tiny_root, tmp_path, monkeypatch, capsys):
+    import signal
+
+    evaluate, calls = train.evaluate, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        signal.raise_signal(signal.SIGTERM)  # the final weights are saved: the handler ends the run here
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", signalled)
+    assert train.main(tiny_args(tiny_root, tmp_path)) == 143
+    run_dir = tmp_path / "synthetic"
+    assert calls == [1] and (run_dir / "model_final.pth").is_file() and not (run_dir / "eval.json").exists()
+    assert "stopped by SIGTERM after the last iteration (6)" in capsys.readouterr().err
+
+
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(tiny_run, tmp_path, capsys):
+    run_dir = copy_run(tiny_run, tmp_path)
+    before = {n: (run_dir / n).read_bytes() for n in os.listdir(run_dir)}
+    assert train.main([f"resume={run_dir / 'last.pth'}", "num_classes=11", "max_iter=5"]) == 2
+    assert "num_classes" in capsys.readouterr().err
+    assert {n: (run_dir / n).read_bytes() for n in os.listdir(run_dir)} == before  # config.json still says 19
