@@ -14,7 +14,7 @@ import torch
 
 from configs import CITYSCAPES_MEAN, CITYSCAPES_STD, IMAGENET_MEAN, IMAGENET_STD, MODEL_KEYS, get_config
 from model import build_model
-from resnet import state_dict_problems
+from resnet import load_failure, state_dict_problems
 
 # Settings a model was trained with that no weight records: a checkpoint loads whatever their value, and its
 # predictions change with them (upsample is the one architecture switch that shapes no parameter).
@@ -191,13 +191,13 @@ def read_checkpoint(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch's own message suggests weights_only=False, which is not the fix here
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(err).__name__}): expected a file written by torch.save holding "
-            "tensors and plain Python values; it may be truncated or not a checkpoint (details in the cause above)"
-        ) from err
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_failure(err)}") from None
     if isinstance(ckpt, dict) and not isinstance(ckpt.get("model"), dict):
         ckpt = {"model": ckpt}  # a bare state dict
+    if isinstance(ckpt, dict) and "config" in ckpt and not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{path} holds a config that is not a dict of settings ({type(ckpt['config']).__name__}):"
+                              " edited or written by another program; load its weights with init_from=PATH")
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
         raise CheckpointError(
             f"{path} is not a model checkpoint: expected a dict with a 'model' state dict, or a bare state dict"

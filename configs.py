@@ -319,6 +319,8 @@ def _check(cfg):
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)!r}; expected three numbers (R,G,B)")
     if min(cfg.std) <= 0:
         raise ConfigError(f"bad value for std: {cfg.std!r}; expected three positive numbers (it divides the image)")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"bad value for seed: {cfg.seed}; expected an integer in 0..{2**32 - 1}")
     if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
         raise ConfigError(f"bad value for run_name: {cfg.run_name!r}; expected a folder name (no path): the run "
                           "directory is out_dir/run_name")
@@ -404,8 +406,14 @@ def parse_remap(items):
 
 
 def _check_dataset(cfg):
-    """The folder dataset's class table and the class weights fit num_classes."""
+    """The folder dataset's folders, class table and the class weights fit num_classes."""
     n = cfg.num_classes
+    for key in ("image_dir", "label_dir"):
+        try:
+            getattr(cfg, key).format(split="train")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"bad value for {key}: {getattr(cfg, key)!r}; expected a folder under data_root, where "
+                              "{split} stands for the split's name (no other braces)") from None
     if cfg.dataset == "folder" and n > 255:
         raise ConfigError(f"bad value for num_classes: {n}; a folder dataset's 8-bit labels hold at most 255 classes")
     for key in ("class_names", "class_colors"):
@@ -428,6 +436,12 @@ def _check_dataset(cfg):
         if not 0 <= source <= 255 or not (0 <= target < n or target == 255):
             raise ConfigError(f"bad value for label_remap: {item!r}; expected FROM:TO with FROM a label value in "
                               f"0..255 and TO a class id in 0..{n - 1} or 255 (ignore)")
+    sources = [item.partition(":")[0].strip() for item in cfg.label_remap]
+    twice = sorted({s for s in sources if sources.count(s) > 1}, key=int)
+    if twice:
+        pairs = ", ".join(item for item in cfg.label_remap if item.partition(":")[0].strip() in twice)
+        raise ConfigError(f"bad value for label_remap: {pairs} maps label value {', '.join(twice)} more than once; "
+                          "expected one FROM:TO per label value")
     weights = cfg.class_weights
     if weights and tuple(weights) != ("median",):
         try:
@@ -450,9 +464,10 @@ def get_config(name="cityscapes", overrides=(), base=None):
             raise ConfigError(f"unknown config {name!r}; presets: {', '.join(PRESETS)}")
         values = dict(PRESETS[name])
     else:
-        values = {k: tuple(v) if isinstance(defaults.get(k), tuple) else v for k, v in base.items() if k in defaults}
+        values = {k: v for k, v in base.items() if k in defaults}
         if isinstance(values.get("channels_last"), bool):  # a config saved when the key was true/false only
             values["channels_last"] = str(values["channels_last"]).lower()
+        values = {k: _stored_value(k, v, defaults[k]) for k, v in values.items()}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"bad override {item!r}: expected key=value")
@@ -465,6 +480,20 @@ def get_config(name="cityscapes", overrides=(), base=None):
     dataset = values.get("dataset", Config.dataset)
     values.setdefault("run_name", dataset if name == "cityscapes" and dataset != "cityscapes" else name)
     return _check(Config(**values))
+
+
+def _stored_value(key, value, default):
+    """A value of a stored config (a checkpoint's, config.json) as its field's type; a ConfigError naming the key
+    where a hand-edited or foreign file holds another type (num_classes "11")."""
+    if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+        return tuple(value)
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        expected = "a list" if kind is tuple else ("an " if kind is int else "a ") + kind.__name__
+        raise ConfigError(f"bad stored value for {key}: {value!r} ({type(value).__name__}); expected {expected}")
+    return value
 
 
 def format_config(cfg):

@@ -148,12 +148,18 @@ def folder_paths(root, image_dir, label_dir, split):
 
 
 def _stems(folder, exts):
-    """{stem: file name} of the files in `folder` with one of `exts` (case-insensitive), sorted by stem."""
-    found = {}
+    """{stem: file name} of the files in `folder` with one of `exts` (case-insensitive), sorted by stem; a
+    DatasetError where two files share a stem (NAME.png and NAME.jpg): which one is the frame is not ours to guess."""
+    found, twice = {}, []
     for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
         if ext.lower() in exts and os.path.isfile(os.path.join(folder, name)):
+            if stem in found:
+                twice.append(f"{found[stem]} and {name}")
             found.setdefault(stem, name)
+    if twice:
+        raise DatasetError(f"{folder} holds {len(twice)} frame(s) under two file names: {'; '.join(twice[:5])}; "
+                           "expected one image per name: move one of each pair away")
     return found
 
 

@@ -106,9 +106,16 @@ def export_onnx(model, path, argmax=False, opset=17, sample_hw=(256, 512)):
     with warnings.catch_warnings():
         # it warns that it is the legacy exporter, and about its own internals: a choice made above, not a user's
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "Exporting to ONNX opset version")  # an opset it lacks: ExportError below
         with torch.no_grad():
-            torch.onnx.export(module, (sample,), path, dynamo=False, opset_version=opset, input_names=["image"],
-                              output_names=[output], dynamic_axes=dynamic)
+            try:
+                torch.onnx.export(module, (sample,), path, dynamo=False, opset_version=opset, input_names=["image"],
+                                  output_names=[output], dynamic_axes=dynamic)
+            except RuntimeError as err:
+                if "opset" not in str(err).lower():
+                    raise
+                raise ExportError(f"--opset {opset}: {str(err).strip().splitlines()[0]}; expected {MIN_OPSET} or a "
+                                  "newer opset this torch exports") from None
     onnx.checker.check_model(path)
     return path
 
@@ -278,7 +285,8 @@ def compare_on_split(run, model, images, num_classes):
     for image, label in images.labelled():
         with torch.no_grad():
             expected = model(image.to(device)).float().cpu()[0].max(0).indices
-        pred = torch.from_numpy(run(image.numpy())[0]).max(0).indices
+        out = torch.from_numpy(run(image.numpy())[0])
+        pred = out.long() if out.ndim == 2 else out.max(0).indices  # a --argmax file gives the labels themselves
         agreements.append(float((pred == expected).float().mean()))
         for confusion, labels in zip(confusions, (expected, pred), strict=True):
             confusion_update(confusion, labels, label)

@@ -113,12 +113,23 @@ def _read_state_dict(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise PretrainedError(f"cannot read pretrained weights {path}: {err}") from err
+        raise PretrainedError(f"cannot read pretrained weights {path}: {load_failure(err)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PretrainedError(f"{path} is not a resnet18 state dict: expected a dict of tensors named like "
                               "torchvision's")
     # the ImageNet classifier has no place in a segmentation backbone
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def load_failure(err):
+    """Why torch.load(weights_only=True) refused a file, in one line (checkpoint.py's reading says it too). For a
+    pickle of other objects torch's own message advises weights_only=False, which would run whatever code the file
+    holds: that advice is never passed on."""
+    if "weights only load failed" in str(err).lower():
+        return ("it holds Python objects other than tensors and plain values (a pickle, which could run code when "
+                "loaded): refused; expected a file written by torch.save of tensors")
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"{type(err).__name__}: {first}; expected a file written by torch.save (it may be truncated)"
 
 
 def state_dict_problems(expected, state, shapes=True, shown=5):

@@ -172,7 +172,9 @@ def split_variants(text):
     ("128" of crop_size=128,128) continues the override before it."""
     pieces = []
     for piece in (p.strip() for p in (text or "").split(",")):
-        if pieces and piece and not piece[0].isalpha() and "=" in pieces[-1]:
+        # "128" of crop_size=128,128, or "b" of class_names=a,b (no "=" and no preset of that name): the list goes on
+        goes_on = not piece[:1].isalpha() or ("=" not in piece and piece != BASELINE and piece not in PRESETS)
+        if pieces and piece and goes_on and "=" in pieces[-1]:
             pieces[-1] += "," + piece
         elif piece:
             pieces.append(piece)
@@ -181,8 +183,8 @@ def split_variants(text):
 
 def parse_seeds(text):
     seeds = [s.strip() for s in (text or "").split(",") if s.strip()]
-    if not all(s.isdigit() for s in seeds):
-        raise SweepError(f"--seeds {text}: expected non-negative integers, e.g. 0,1,2")
+    if not all(s.isdigit() and int(s) < 2**32 for s in seeds):
+        raise SweepError(f"--seeds {text}: expected integers in 0..{2**32 - 1}, e.g. 0,1,2")
     return check_items([int(s) for s in seeds], "--seeds")
 
 
@@ -250,13 +252,33 @@ class Run:
 
 
 def read_results(path):
-    """An eval JSON's results where it holds a score, else None (missing, cut short by a kill, or unscored)."""
+    """An eval JSON's results where it holds a score, else None (missing, cut short by a kill, or unscored). A file
+    whose figures are not evaluate's (edited by hand: a string, NaN, a number outside 0..1) is left out with a
+    warning, once per file: the run counts as not scored."""
     try:
         with open(path) as f:
             results = json.load(f)
     except (OSError, ValueError):
         return None
-    return results if isinstance(results, dict) and results.get("miou") is not None else None
+    if not isinstance(results, dict) or results.get("miou") is None:
+        return None
+    iou = results.get("iou")
+    if not (_fraction(results["miou"]) and isinstance(iou, dict) and isinstance(results.get("mode"), str)
+            and all(v is None or _fraction(v) for v in iou.values())):
+        if path not in _WARNED:
+            _WARNED.add(path)
+            print(f"warning: {path} does not hold evaluate.py's results (miou {results['miou']!r}): left out; "
+                  "delete it to score the run again", file=sys.stderr)
+        return None
+    return results
+
+
+_WARNED = set()  # the results files read_results has warned about
+
+
+def _fraction(value):
+    """A real number in 0..1 (not NaN, not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def results_file_on_test(cfg):
@@ -717,6 +739,9 @@ def main(argv=None):
             return sweep(args, rerun)
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full or read-only disk under the summary files: write_atomically names the file
+        print(f"error: {exc.strerror or exc}; the runs' own files are kept: {rerun}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:
         ctrl_c = isinstance(exc, KeyboardInterrupt)

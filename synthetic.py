@@ -444,6 +444,8 @@ def main(argv=None):
         generate(args.root, args.train, args.val, args.size, args.seed, progress=not args.quiet)
     except (FileExistsError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
+    except OSError as error:  # a read-only folder, a full disk: write_atomically names the file
+        raise SystemExit(f"error: cannot write the synthetic data in {args.root}: {error.strerror or error}") from None
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(130) from None

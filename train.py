@@ -171,7 +171,7 @@ def trim_log(path, iteration):
             try:
                 if json.loads(line)["iter"] > iteration:
                     break
-            except ValueError:  # a line cut short by the crash that stopped the run
+            except (ValueError, TypeError, KeyError):  # a line cut short by a crash, or edited by hand: the end
                 break
             kept.append(line)
     write_atomically(path, lambda f: f.write("".join(kept).encode()))
@@ -202,7 +202,7 @@ def read_config(args, ckpt=None):
     path = resume_path(args)
     if path:
         ckpt = load_training_state(path) if ckpt is None else ckpt
-        cfg = get_config(ckpt["config"]["run_name"], args.overrides, base=ckpt["config"])
+        cfg = get_config(ckpt["config"].get("run_name", "cityscapes"), args.overrides, base=ckpt["config"])
         if ckpt["iteration"] >= cfg.max_iter:
             raise ConfigError(f"{path} holds iteration {ckpt['iteration']}: max_iter={cfg.max_iter} leaves "
                               f"nothing to train; to train longer pass max_iter above {ckpt['iteration']}")

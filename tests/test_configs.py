@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -111,3 +112,31 @@ def test_syncbn_is_off_for_v1_presets_and_on_for_v2_ones_as_the_reference():
     for name in PRESETS:
         cfg = get_config(name)
         assert cfg.sync_bn == (cfg.arch == "bisenetv2"), name
+
+
+# ---- hostile input ----
+
+@pytest.mark.parametrize("override, words", [
+    ("seed=-1", "bad value for seed: -1; expected an integer in 0..4294967295"),
+    ("seed=99999999999999999999", "bad value for seed: 99999999999999999999"),
+    ("image_dir={foo}", "bad value for image_dir: '{foo}'; expected a folder under data_root"),
+    ("label_dir={split", "bad value for label_dir: '{split'"),
+    ("label_dir={0}annot", "bad value for label_dir: '{0}annot'"),
+    ("label_remap=3:0,3:1", "bad value for label_remap: 3:0, 3:1 maps label value 3 more than once"),
+])
+def test_values_that_would_fail_later_are_one_line_now(override, words):
+    with pytest.raises(ConfigError) as err:
+        get_config("camvid", [override])
+    assert str(err.value).startswith(words)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("num_classes", "11", "bad stored value for num_classes: '11' (str); expected an int"),
+    ("lr", None, "bad stored value for lr: None (NoneType); expected a float"),
+    ("crop_size", 5, "bad stored value for crop_size: 5 (int); expected a list"),
+])
+def test_a_stored_config_of_other_types_is_one_line_naming_the_key(key, value, words):
+    stored = {**get_config("camvid").to_dict(), key: value}
+    with pytest.raises(ConfigError, match=f"^{re.escape(words)}"):
+        get_config(base=stored)
+    assert get_config(base={**get_config("camvid").to_dict(), "lr": 1}).lr == 1.0  # an int where a float goes

@@ -611,3 +611,34 @@ def test_a_failed_results_write_keeps_the_earlier_file_and_names_it(tmp_path, ca
         [f"error: cannot write {results}: No space left on device"]
     assert results.read_bytes() == before and json.loads(before)["miou"] is not None
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # no temporary file left
+
+
+@pytest.mark.parametrize("config, words", [
+    ("list", "holds a config that is not a dict of settings (list)"),
+    ("string_classes", "bad stored value for num_classes: '19' (str); expected an int"),
+])
+def test_a_checkpoint_with_a_malformed_config_is_one_line(tmp_path, capsys, config, words):
+    path, cfg, model = make_checkpoint(tmp_path, n_val=1)
+    stored = [1, 2] if config == "list" else {**cfg.to_dict(), "num_classes": "19"}
+    torch.save({"model": model.state_dict(), "config": stored}, path)
+    assert evaluate.main(["--ckpt", path]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+@pytest.mark.parametrize("content", ["pickle", "truncated"])
+def test_an_unreadable_checkpoint_is_one_line_that_never_advises_weights_only_false(tmp_path, capsys, content):
+    import datetime
+
+    path = tmp_path / "model.pth"
+    if content == "pickle":  # objects a weights-only load refuses
+        torch.save({"model": {"w": torch.zeros(1)}, "made": datetime.date(2026, 1, 1)}, path)
+    else:
+        torch.save({"model": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:500])
+    assert evaluate.main(["--ckpt", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read checkpoint {path}: ") and err.count("\n") == 1
+    assert "weights_only" not in err and "cause above" not in err
+    if content == "pickle":
+        assert "a pickle, which could run code when loaded): refused" in err

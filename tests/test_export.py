@@ -452,3 +452,25 @@ def test_a_count_below_one_is_one_usage_line(tmp_path, capsys, flag):
         export.main(["--ckpt", str(tmp_path / "model_final.pth"), "--int8", flag, "0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith(f"error: {flag} 0: expected a positive number of images\n")
+
+
+def test_the_check_of_an_argmax_file_compares_its_labels(model, tiny_cityscapes):
+    """export.py --int8 --argmax checks a file whose output is the labels themselves (N, H, W)."""
+    cfg = tiny_config(tiny_cityscapes)
+    images = export.SplitImages(cfg, "val", 2)
+
+    def labels_run(x):
+        return torch_logits(model, torch.from_numpy(x)).argmax(1)
+
+    report = export.compare_on_split(labels_run, model, images, cfg.num_classes)
+    assert report["argmax_agreement"] == 1 and report["miou_file"] == report["miou_torch"]
+
+
+def test_an_opset_this_torch_cannot_export_is_one_line(tmp_path, capsys):
+    cfg = get_config("synthetic")
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": build_model(cfg, pretrained=False).state_dict(), "config": cfg.to_dict()}, path)
+    assert export.main(["--ckpt", str(path), "--opset", "99"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --opset 99: ") and "expected 17 or a newer opset this torch exports" in err
+    assert err.count("\n") == 1

@@ -279,7 +279,7 @@ def test_the_summary_skips_its_picture_without_matplotlib_in_one_line(hand_sweep
      "variants 'data_root=a/b' and 'data_root=a:b' have the same folder name data_root-a-b"),
     (["--variants", ",", "--seeds", "0"], "--variants is empty"),
     (["--variants", "baseline", "--seeds", ""], "--seeds is empty"),
-    (["--variants", "baseline", "--seeds", "0,x"], "--seeds 0,x: expected non-negative integers"),
+    (["--variants", "baseline", "--seeds", "0,x"], "--seeds 0,x: expected integers in 0..4294967295"),
     (["--variants", "baseline", "--seeds", "0", "seed=3"],
      "seed=3 in the common overrides: the sweep sets seed (--seeds)"),
     (["--variants", "run_name=x", "--seeds", "0"], "run_name=x in variant 'run_name=x': the sweep sets run_name"),
@@ -466,7 +466,7 @@ def test_the_state_of_a_run_folder(tmp_path):
         f.write('{"miou": 0.5')  # cut short by a kill: not finished
     assert sweep.run_state(run) == "evaluate"
     with open(run.path("eval.json"), "w") as f:
-        f.write('{"miou": 0.5}')
+        f.write('{"mode": "ss", "miou": 0.5, "iou": {"road": 0.5}}')
     assert sweep.run_state(run) == "done"
 
 
@@ -492,3 +492,40 @@ def test_a_stop_in_a_runs_last_iteration_ends_the_sweep_and_a_rerun_finishes_it(
     assert sweep.main(sweep_args(tiny_folder, tmp_path)) == 0  # evaluates the first, trains the second
     assert (first / "eval.json").is_file() and (second / "eval.json").is_file()
     assert train_records(first) == [1, 2, 3, 4]
+
+
+# ---- hostile input ----
+
+@pytest.mark.parametrize("miou", ["0.7", float("nan"), 3.5, True])
+def test_a_hand_edited_eval_json_is_left_out_with_one_warning(hand_sweep, capsys, miou):
+    tmp_path, root = hand_sweep
+    write_eval(f"{root}/baseline_seed2", miou, {"road": 0.9, "car": 0.3})
+    assert sweep.main(["--config", "camvid", f"out_dir={tmp_path}", "--summary-only"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {root}/baseline_seed2/eval.json does not hold evaluate.py's results") == 1
+    with open(f"{root}/summary.json") as f:
+        assert json.load(f)["variants"][0]["val"]["seeds"] == [0, 1]
+
+
+def test_a_full_disk_under_the_summary_is_one_line(hand_sweep, capsys, monkeypatch):
+    tmp_path, root = hand_sweep
+
+    def full(path, write):
+        raise OSError(28, f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(sweep, "write_atomically", full)
+    assert sweep.main(["--config", "camvid", f"out_dir={tmp_path}", "--summary-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {root}/summary.md: No space left on device; the runs' own files are "
+                          "kept") and err.count("\n") == 1
+
+
+def test_a_list_value_in_variants_keeps_its_commas():
+    assert sweep.split_variants("baseline,class_names=a,b,ablation_no_sp,crop_size=128,128") == \
+        ["baseline", "class_names=a,b", "ablation_no_sp", "crop_size=128,128"]
+
+
+@pytest.mark.parametrize("seeds", ["99999999999999999999999", "-1", "4294967296"])
+def test_seeds_outside_the_generators_range_are_refused(seeds):
+    with pytest.raises(sweep.SweepError, match=r"expected integers in 0\.\.4294967295"):
+        sweep.parse_seeds(seeds)

@@ -262,3 +262,13 @@ def test_command_line(tmp_path, capsys):
     assert "seed: 5" in (root / "SYNTHETIC").read_text()
     with pytest.raises(SystemExit, match="size"):
         synthetic.main(["--root", str(tmp_path / "bad"), "--size", "8", "8", "--quiet"])
+
+
+def test_an_unwritable_root_is_one_line(tmp_path, monkeypatch, capsys):
+    def read_only(path, write):
+        raise OSError(30, f"cannot write {path}: Read-only file system")
+
+    monkeypatch.setattr(synthetic, "write_atomically", read_only)
+    with pytest.raises(SystemExit) as end:
+        synthetic.main(["--root", str(tmp_path / "data"), "--quiet", "--train", "1", "--val", "1"])
+    assert str(end.value).startswith(f"error: cannot write the synthetic data in {tmp_path / 'data'}: cannot write ")

@@ -997,3 +997,21 @@ def test_a_refused_resume_leaves_the_run_folder_as_it_was(tiny_run, tmp_path, ca
     assert train.main([f"resume={run_dir / 'last.pth'}", "num_classes=11", "max_iter=5"]) == 2
     assert "num_classes" in capsys.readouterr().err
     assert {n: (run_dir / n).read_bytes() for n in os.listdir(run_dir)} == before  # config.json still says 19
+
+
+def test_a_pickle_given_as_pretrained_weights_is_one_line_without_torchs_advice(tiny_root, tmp_path, capsys):
+    import datetime
+
+    path = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "made": datetime.date(2026, 1, 1)}, path)
+    assert train.main(tiny_args(tiny_root, tmp_path, f"pretrained={path}")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read pretrained weights {path}: it holds Python objects other than tensors")
+    assert "weights_only" not in err and err.count("\n") == 1, err
+
+
+def test_trim_log_stops_at_a_line_edited_by_hand(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"iter": 1}\n{"iter": 2}\nnull\n{"iter": 3}\n')
+    train.trim_log(str(path), 5)
+    assert path.read_text() == '{"iter": 1}\n{"iter": 2}\n'
