@@ -122,8 +122,8 @@ def layout_help(root, split):
         f"    {root}/gtFine/{split}/CITY/CITY_SEQ_FRAME_gtFine_labelIds.png\n"
         "To get it: register at https://www.cityscapes-dataset.com/, download leftImg8bit_trainvaltest.zip and\n"
         f"gtFine_trainvaltest.zip, and unzip both in {root}/ (see data/README.md), or pass data_root=PATH.\n"
-        "To try the pipeline without downloading anything: --config synthetic (generates a small\n"
-        "dataset in the same format)."
+        f"To try the pipeline without downloading anything: python synthetic.py --root {root} writes a small\n"
+        "dataset in this layout (then train with --config synthetic)."
     )
 
 

@@ -32,10 +32,6 @@ class Config:
     class_colors: tuple = field(default=(), metadata={"item": str})  # folder dataset: "#RRGGBB" per class
     void_values: tuple = field(default=(), metadata={"item": int})  # label values ignored like 255
     label_remap: tuple = field(default=(), metadata={"item": str})  # "FROM:TO" label values, applied first
-    synthetic: bool = False  # generate the synthetic Cityscapes-format dataset in data_root if missing
-    synthetic_train: int = 48  # synthetic images per split (train / val)
-    synthetic_val: int = 16
-    synthetic_size: tuple = (256, 512)  # synthetic image H, W
     train_split: str = "train"
     val_split: str = "val"
     num_classes: int = 19
@@ -156,7 +152,6 @@ _CITYSCAPES_1GPU = dict(batch_size=8, lr=5e-3, max_iter=160000, warmup_iters=200
 _CITYSCAPES_1GPU_ACCUM = dict(grad_accum=2)
 _SYNTHETIC = dict(
     data_root="data/synthetic",
-    synthetic=True,
     pretrained="none",
     crop_size=(192, 192),
     scales=(0.75, 1.25),
@@ -308,7 +303,7 @@ def _check(cfg):
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)!r}; expected one of {', '.join(allowed)}")
     if cfg.arch == "bisenetv2":
         _check_v2(cfg)
-    for key in ("crop_size", "eval_crop", "synthetic_size"):
+    for key in ("crop_size", "eval_crop"):
         value = getattr(cfg, key)
         if key == "eval_crop" and not value:
             continue  # the training crop
@@ -331,8 +326,7 @@ def _check(cfg):
     if not 0 < cfg.eval_stride <= 1:
         raise ConfigError(f"bad value for eval_stride: {cfg.eval_stride}; expected a fraction in (0, 1]")
     for key in ("batch_size", "max_iter", "num_classes", "log_every", "ckpt_every", "eval_batch", "dist_timeout",
-                "max_skipped_steps", "synthetic_train",
-                "synthetic_val"):
+                "max_skipped_steps"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected a positive integer")
     if cfg.grad_accum < 1:

@@ -37,7 +37,6 @@ from datasets import build_dataset, class_table, loader_workers
 from distributed import Distributed, LaunchError, timeout_message
 from model import inference_model
 from runtime import BackendError, BackendModel, load_model, model_path
-from synthetic import prepare_data
 from transform import EvalTransform, normalize
 
 MODES = {  # mode: (sliding crops, multi-scale and flip)
@@ -304,7 +303,6 @@ def main(argv=None):
         with Distributed(cfg.dist_timeout) as proc:
             if proc.main:
                 print(format_config(cfg))
-            prepare_data(cfg, proc)
             results = evaluate(model, eval_dataset(cfg), cfg, proc)
             if proc.main:
                 print(format_results(results))

@@ -39,11 +39,9 @@ import torch.nn as nn
 from checkpoint import CheckpointError, load_for_inference
 from cityscapes import DatasetError
 from configs import ConfigError, add_config_args
-from distributed import Distributed
 from evaluate import confusion_update, eval_dataset, iou_from_confusion
 from model import fold_batchnorm
 from runtime import BackendError, onnxruntime_runner, openvino_runner, require
-from synthetic import prepare_data
 from transform import normalize
 
 MIN_OPSET = 17  # the oldest opset this export is verified with
@@ -314,7 +312,6 @@ def export_openvino_files(args, model, cfg, onnx_path):
     print(f"wrote {xml_path}\n" + format_report(report, "OpenVINO"))
     check_report(xml_path, report)
     if args.int8:
-        prepare_data(cfg, Distributed())  # the synthetic preset's data, written where it is missing
         calibration = SplitImages(cfg, cfg.train_split, args.calib_size)
         quantize_int8(xml_path, int8_path, calibration)
         # INT8 is made for real images: a trained model's INT8 copy agrees less on random noise (CamVid: 88%)

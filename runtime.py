@@ -124,8 +124,8 @@ def check_shapes(path, input_shape, output_shape, num_classes=None):
     if len(input_shape) != 4 or input_shape[1] not in (3, None):
         raise BackendError(f"{path} takes input of shape {_dims(input_shape)}; expected images (N, 3, H, W)")
     if len(output_shape) != 4:
-        raise BackendError(f"{path} outputs shape {_dims(output_shape)}, labels rather than logits (N, C, H, W): "
-                           "export it without --argmax")
+        raise BackendError(f"{path} outputs labels, not logits: its output has shape {_dims(output_shape)}, not "
+                           "(N, C, H, W); export it without --argmax")
     if num_classes is not None and output_shape[1] not in (num_classes, None):
         raise BackendError(f"{path} outputs {output_shape[1]} classes, but the config has num_classes={num_classes}: "
                            "it was exported from another model; export this checkpoint (python export.py --ckpt CKPT)")

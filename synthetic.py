@@ -414,21 +414,14 @@ def generate(root, n_train=48, n_val=16, size=(256, 512), seed=0, progress=True)
     (root / PARTIAL_MARKER).unlink()
 
 
-def ensure_synthetic(root, n_train, n_val, size, seed=0) -> bool:
+def ensure_synthetic(root, n_train, n_val, size, seed=0, progress=True) -> bool:
     """Generate the data set unless `root` holds a complete one made with these settings; True if it generated."""
     marker, size = Path(root) / MARKER, tuple(map(int, size))
     if marker.is_file() and marker.read_text() == marker_text(n_train, n_val, size, seed):
         return False
     print(f"generating synthetic data ({n_train} + {n_val} images of {size[0]}x{size[1]}) in {root}", flush=True)
-    generate(root, n_train, n_val, size, seed)
+    generate(root, n_train, n_val, size, seed, progress=progress)
     return True
-
-
-def prepare_data(cfg, proc):
-    """With cfg.synthetic, have cfg.data_root hold the data set: one process per machine writes, the others wait."""
-    with proc.local_main_first():
-        if cfg.synthetic and proc.local_main:
-            ensure_synthetic(cfg.data_root, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, cfg.seed)
 
 
 def main(argv=None):
@@ -441,7 +434,9 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        generate(args.root, args.train, args.val, args.size, args.seed, progress=not args.quiet)
+        if not ensure_synthetic(args.root, args.train, args.val, args.size, args.seed, progress=not args.quiet):
+            print(f"{args.root} holds this synthetic data set already: nothing to write")
+            return
     except (FileExistsError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     except OSError as error:  # a read-only folder, a full disk: write_atomically names the file

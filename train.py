@@ -39,7 +39,6 @@ from model import build_model
 from optimizer import build_optimizer, load_optimizer_state, lr_at, set_lr
 from precision import training_precision, use_channels_last
 from resnet import PretrainedError
-from synthetic import prepare_data
 from transform import TrainTransform, normalize
 
 
@@ -441,10 +440,9 @@ def train(cfg, proc, ckpt=None, stop=None):
     the entered StopRequest of main, which also covers the final evaluation (None: signals are not caught)."""
     if proc.main:  # first of all, so that a run failing early still shows what it was asked to do
         print(f"config:\n{format_config(cfg)}", flush=True)
-    # the checks that need the number of processes or the file system, before generating data or building anything
+    # the checks that need the number of processes or the file system, before building anything
     micro = per_rank_batch(cfg, proc.world)
     check_weight_files(cfg)
-    prepare_data(cfg, proc)
     run_dir = proc.broadcast(resolve_run_dir(cfg) if proc.main else None)
     if proc.main:  # before anything is built: a run directory that cannot be written is a one-line error now
         try:

@@ -85,7 +85,7 @@ def test_every_eval_mode_on_the_gpu_agrees_with_the_cpu(fp16_run, mode, monkeypa
 
 
 def test_the_loader_ships_uint8_and_the_gpu_normalizes_as_the_cpu(tiny_root):
-    cfg = get_config("synthetic", ["synthetic=false", f"data_root={tiny_root}", "crop_size=64,64", "batch_size=2",
+    cfg = get_config("synthetic", [f"data_root={tiny_root}", "crop_size=64,64", "batch_size=2",
                                    "workers=2"])
     proc = Distributed()
     _, loader = train.train_loader(cfg, proc, 0)

@@ -256,7 +256,7 @@ def test_a_loader_worker_outlives_a_sigterm_from_another_process_and_ends_on_its
 def test_a_frame_under_two_image_names_is_one_line_naming_both(tiny_folder):
     train = os.path.join(tiny_folder, "train")
     cv2.imwrite(os.path.join(train, "frame00.jpg"), np.zeros((24, 32, 3), np.uint8))  # beside frame00.png
-    cfg = get_config("synthetic", ["synthetic=false", f"data_root={tiny_folder}", *FOLDER_OVERRIDES])
+    cfg = get_config("synthetic", [f"data_root={tiny_folder}", *FOLDER_OVERRIDES])
     with pytest.raises(DatasetError) as err:
         build_dataset(cfg, "train")
     assert str(err.value) == (f"{train} holds 1 frame(s) under two file names: frame00.jpg and frame00.png; expected "

@@ -204,7 +204,7 @@ def make_checkpoint(tmp_path, n_val=5, size=(40, 56), extra=()):
         write_frame(root, "val", "lindau" if i % 2 else "frankfurt", i,
                     rng.integers(0, 256, (*size, 3), dtype=np.uint8),
                     rng.choice([7, 8, 11, 21, 23, 26, 0], size=size).astype(np.uint8))
-    cfg = get_config("synthetic", ["synthetic=false", f"data_root={root}", "eval_workers=0", *extra])
+    cfg = get_config("synthetic", [f"data_root={root}", "eval_workers=0", *extra])
     torch.manual_seed(0)
     model = build_model(cfg, pretrained=False)
     path = str(tmp_path / "model.pth")

@@ -324,7 +324,7 @@ def test_missing_openvino_is_named(ir_file, monkeypatch):
 
 def tiny_config(root, *overrides):
     """The synthetic preset on a tiny Cityscapes-format folder (conftest's tiny_cityscapes), small crops."""
-    return get_config("synthetic", ["synthetic=false", f"data_root={root}", "crop_size=32,48", *overrides])
+    return get_config("synthetic", [f"data_root={root}", "crop_size=32,48", *overrides])
 
 
 def test_split_images_are_whole_evaluation_images_in_the_same_order_every_time(tiny_cityscapes):

@@ -2,18 +2,14 @@
 per machine, and that it is not solvable from color alone."""
 
 import re
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 import checkpoint
-import distributed
 import synthetic
 from cityscapes import Cityscapes
-from distributed import Distributed
 
 # labelId -> trainId, written out from the official cityscapesScripts table; every other id is ignored.
 TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
@@ -218,40 +214,16 @@ def test_an_interrupted_run_is_regenerated_and_leaves_no_stale_files(tmp_path, m
     assert file_bytes(root) == file_bytes(tmp_path / "clean")
 
 
-@pytest.mark.parametrize("local_rank", [0, 1])
-def test_prepare_data_writes_on_each_machines_first_process_while_the_others_wait(tmp_path, monkeypatch,
-                                                                                 local_rank):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-    proc, events = Distributed(), []
-    monkeypatch.setattr(distributed.Distributed, "barrier", lambda self: events.append("barrier"))
-    monkeypatch.setattr(synthetic, "ensure_synthetic", lambda *settings: events.append(settings))
-    cfg = SimpleNamespace(synthetic=True, data_root=str(tmp_path / "data"), synthetic_train=2, synthetic_val=1,
-                          synthetic_size=(64, 128), seed=5)
-    synthetic.prepare_data(cfg, proc)
-    writes = [(cfg.data_root, 2, 1, (64, 128), 5)]
-    assert events == (writes + ["barrier"] if local_rank == 0 else ["barrier"])  # the others only wait for it
-    events.clear()
-    synthetic.prepare_data(SimpleNamespace(**{**vars(cfg), "synthetic": False}), proc)
-    assert all(event == "barrier" for event in events)
-
-
-def test_prepare_data_generates_once_and_then_reuses_the_data_set(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    cfg = SimpleNamespace(synthetic=True, data_root=str(tmp_path / "data"), synthetic_train=2, synthetic_val=1,
-                          synthetic_size=(64, 128), seed=0)
-    synthetic.prepare_data(cfg, Distributed())
-    assert "generating synthetic data" in capsys.readouterr().out
+def test_the_command_generates_once_and_then_leaves_the_data_set_as_it_is(tmp_path, capsys):
+    """python synthetic.py --root DIR, run twice: the second run finds the same data set and writes nothing."""
+    args = ["--root", str(tmp_path / "data"), "--train", "2", "--val", "1", "--size", "64", "128", "--quiet"]
+    synthetic.main(args)
+    assert "wrote 2 train + 1 val images" in capsys.readouterr().out
     before = file_bytes(tmp_path / "data")
     assert len([name for name in before if name.endswith(".png")]) == 6
-    synthetic.prepare_data(cfg, Distributed())
-    assert capsys.readouterr().out == "" and file_bytes(tmp_path / "data") == before
-    synthetic.prepare_data(SimpleNamespace(**{**vars(cfg), "synthetic": False, "data_root": str(tmp_path / "none")}),
-                           Distributed())
-    assert not (tmp_path / "none").exists()
+    synthetic.main(args)
+    assert capsys.readouterr().out == f"{tmp_path / 'data'} holds this synthetic data set already: nothing to write\n"
+    assert file_bytes(tmp_path / "data") == before
 
 
 def test_command_line(tmp_path, capsys):

@@ -12,6 +12,7 @@ from conftest import copy_run, tiny_args
 
 import checkpoint
 import precision
+import synthetic
 import train
 from checkpoint import load_checkpoint
 from configs import add_config_args, get_config
@@ -266,7 +267,7 @@ def test_a_missing_weight_file_stops_the_run_before_data_generation(tmp_path, ca
 
 def test_config_is_printed_before_anything_can_fail(tmp_path, capsys):
     # A missing dataset fails after the config is resolved: the config it was asked to use is on the screen.
-    assert train.main(["--config", "synthetic", "synthetic=false", f"data_root={tmp_path / 'none'}",
+    assert train.main(["--config", "synthetic", f"data_root={tmp_path / 'none'}",
                        f"out_dir={tmp_path}", "lr=0.123"]) == 2
     out = capsys.readouterr().out
     assert out.startswith("config:\n{") and '"lr": 0.123' in out
@@ -306,7 +307,7 @@ def test_loader_workers_run_opencv_single_threaded(tiny_root):
     cv2.setNumThreads(2)
     cv2.resize(np.zeros((512, 1024, 3), np.uint8), (2048, 1024))
     try:
-        cfg = get_config("synthetic", [f"data_root={tiny_root}", "synthetic=false", "workers=1", "batch_size=2",
+        cfg = get_config("synthetic", [f"data_root={tiny_root}", "workers=1", "batch_size=2",
                                        "crop_size=64,64"])
         _, loader = train.train_loader(cfg, Distributed(), 0)
         images, labels = next(iter(loader))
@@ -321,7 +322,7 @@ def test_loader_workers_run_opencv_single_threaded(tiny_root):
     (["--config", "nope"], "unknown config 'nope'"),
     (["--config", "synthetic", "lr=fast"], "lr: 'fast'"),
     (["resume=/no/such/last.pth"], "/no/such/last.pth"),
-    (["--config", "synthetic", "data_root=/no/such/root", "synthetic=false"], "--config synthetic"),
+    (["--config", "synthetic", "data_root=/no/such/root"], "python synthetic.py --root /no/such/root"),
     (["--config", "synthetic", "batch_size=1"], "batch_size=1 gives 1 image per process"),
     (["--config", "synthetic", "run_name=../elsewhere"], "run_name: '../elsewhere'; expected a folder name"),
     (["--config", "synthetic", "std=0.2,0,0.2"], "std: (0.2, 0.0, 0.2); expected three positive numbers"),
@@ -416,6 +417,7 @@ def test_the_synthetic_preset_learns_end_to_end(tmp_path, capsys):
     and far above a model that learned nothing (0.003 for the untrained model).
     """
     data = tmp_path / "data"
+    assert synthetic.main(["--root", str(data), "--quiet"]) is None  # python synthetic.py --root data/synthetic
     assert train.main(["--config", "synthetic", f"data_root={data}", f"out_dir={tmp_path}"]) == 0
     with open(tmp_path / "synthetic" / "eval.json") as f:
         results = json.load(f)
@@ -773,14 +775,13 @@ def test_resume_refuses_a_max_iter_it_has_reached(tiny_run, tmp_path, capsys):
     assert before == {n: (run_dir / n).read_bytes() for n in before}
 
 
-def test_an_unwritable_run_directory_is_one_line_before_anything_is_built(tmp_path, capsys, monkeypatch):
+def test_an_unwritable_run_directory_is_one_line_before_anything_is_built(tiny_root, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setattr(train, "build_training", lambda *a: pytest.fail("built before the run directory was made"))
-    assert train.main(["--config", "synthetic", f"data_root={tmp_path / 'data'}", f"out_dir={tmp_path / 'file'}",
-                       "synthetic_train=2", "synthetic_val=1", "synthetic_size=64,128"]) == 2
-    err = capsys.readouterr().err  # the data generator's progress bar, then the error
+    assert train.main(tiny_args(tiny_root, tmp_path / "file")) == 2
+    err = capsys.readouterr().err
     run_dir = tmp_path / "file" / "synthetic"
-    assert err.endswith(f"\nerror: cannot create the run directory {run_dir}: Not a directory\n")
+    assert err == f"error: cannot create the run directory {run_dir}: Not a directory\n"
     assert "Traceback" not in err
 
 
@@ -799,7 +800,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(tmp_pat
 
 def test_a_run_that_failed_at_start_leaves_its_folder_to_the_next(tiny_root, tmp_path):
     assert train.main(tiny_args(str(tmp_path / "missing"), tmp_path)) == 2
-    assert os.listdir(tmp_path / "synthetic") == ["config.json"]
+    assert os.listdir(tmp_path / "synthetic") == []  # config.json is written once everything is checked
     assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=3")) == 0
     assert sorted(os.listdir(tmp_path)) == ["synthetic"]
     assert "last.pth" in os.listdir(tmp_path / "synthetic")
@@ -911,7 +912,7 @@ def test_channels_last_auto_is_on_for_cuda_under_autocast_only():
 
 
 def test_the_loaders_samples_are_uint8_and_the_step_gets_normalized_float32(tiny_root):
-    cfg = get_config("synthetic", ["synthetic=false", f"data_root={tiny_root}", "crop_size=64,64", "batch_size=2",
+    cfg = get_config("synthetic", [f"data_root={tiny_root}", "crop_size=64,64", "batch_size=2",
                                    "workers=0"])
     _, loader = train.train_loader(cfg, Distributed(), 0)
     images, labels = next(iter(loader))
