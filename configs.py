@@ -447,10 +447,13 @@ def _check_dataset(cfg):
                               "non-negative numbers (one per class, not all 0)")
 
 
-def get_config(name="cityscapes", overrides=(), base=None):
+def get_config(name="cityscapes", overrides=(), base=None, notes=None):
     """Build the config for preset `name` with `key=value` overrides applied.
 
-    `base` (a dict, e.g. the config stored in a checkpoint) replaces the preset as the starting point.
+    `base` (a dict, e.g. the config stored in a checkpoint) replaces the preset as the starting point. A max_iter
+    override that leaves no room for the preset's warmup shortens the warmup to a tenth of max_iter (a short trial
+    run of a preset just runs); a warmup_iters the user gives keeps its check. `notes`: a list that gets one line
+    per such change, for the caller to print.
     """
     defaults = _field_types()
     if base is None:
@@ -462,6 +465,7 @@ def get_config(name="cityscapes", overrides=(), base=None):
         if isinstance(values.get("channels_last"), bool):  # a config saved when the key was true/false only
             values["channels_last"] = str(values["channels_last"]).lower()
         values = {k: _stored_value(k, v, defaults[k]) for k, v in values.items()}
+    given = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"bad override {item!r}: expected key=value")
@@ -470,6 +474,13 @@ def get_config(name="cityscapes", overrides=(), base=None):
         if key not in defaults:
             raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(defaults)}")
         values[key] = parse_value(key, text, defaults[key])
+        given.add(key)
+    warmup, max_iter = values.get("warmup_iters", Config.warmup_iters), values.get("max_iter", Config.max_iter)
+    if "max_iter" in given and "warmup_iters" not in given and isinstance(warmup, int) and 1 <= max_iter <= warmup:
+        values["warmup_iters"] = max_iter // 10
+        if notes is not None:
+            notes.append(f"note: max_iter={max_iter} leaves no room for the preset's warmup ({warmup} iterations): "
+                         f"warmup_iters={max_iter // 10}, a tenth of the run; set warmup_iters=N to choose")
     # The run is named after its preset; `dataset=folder` on the default preset names it "folder", not "cityscapes".
     dataset = values.get("dataset", Config.dataset)
     values.setdefault("run_name", dataset if name == "cityscapes" and dataset != "cityscapes" else name)

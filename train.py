@@ -195,18 +195,20 @@ def resume_path(args):
     return resume[-1] if resume else ""
 
 
-def read_config(args, ckpt=None):
+def read_config(args, ckpt=None, notes=None):
     """The config from --config and overrides; a resumed run starts from the config it was started with, stored in
-    its checkpoint (`ckpt`: the resume= file's contents where they have been read already)."""
+    its checkpoint (`ckpt`: the resume= file's contents where they have been read already). `notes`: see
+    configs.get_config."""
     path = resume_path(args)
     if path:
         ckpt = load_training_state(path) if ckpt is None else ckpt
-        cfg = get_config(ckpt["config"].get("run_name", "cityscapes"), args.overrides, base=ckpt["config"])
+        cfg = get_config(ckpt["config"].get("run_name", "cityscapes"), args.overrides, base=ckpt["config"],
+                         notes=notes)
         if ckpt["iteration"] >= cfg.max_iter:
             raise ConfigError(f"{path} holds iteration {ckpt['iteration']}: max_iter={cfg.max_iter} leaves "
                               f"nothing to train; to train longer pass max_iter above {ckpt['iteration']}")
         return cfg
-    return get_config(args.config or "cityscapes", args.overrides)
+    return get_config(args.config or "cityscapes", args.overrides, notes=notes)
 
 
 def read_resume(args, rank):
@@ -627,7 +629,10 @@ def main(argv=None):
         return 2
     with proc, StopRequest() as stop:
         try:
-            cfg = proc.broadcast(read_config(args, ckpt) if proc.main else None)
+            notes = []
+            cfg = proc.broadcast(read_config(args, ckpt, notes) if proc.main else None)
+            for note in notes:
+                print(note, flush=True)
             if proc.device.type == "cuda":
                 torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
             model, run_dir, results = train(cfg, proc, ckpt, stop)

@@ -139,3 +139,14 @@ def test_a_stored_config_of_other_types_is_one_line_naming_the_key(key, value, w
     with pytest.raises(ConfigError, match=f"^{re.escape(words)}"):
         get_config(base=stored)
     assert get_config(base={**get_config("camvid").to_dict(), "lr": 1}).lr == 1.0  # an int where a float goes
+
+
+def test_a_max_iter_shorter_than_the_presets_warmup_shortens_it_with_a_note():
+    notes = []
+    cfg = get_config("camvid", ["max_iter=40"], notes=notes)  # camvid warms up for 100 iterations
+    assert (cfg.max_iter, cfg.warmup_iters) == (40, 4)
+    assert notes == ["note: max_iter=40 leaves no room for the preset's warmup (100 iterations): warmup_iters=4, a "
+                     "tenth of the run; set warmup_iters=N to choose"]
+    assert get_config("camvid", ["max_iter=400"]).warmup_iters == 100  # room left: the preset's warmup
+    with pytest.raises(ConfigError, match="bad value for warmup_iters: 100; expected 0 <= warmup_iters < max_iter"):
+        get_config("camvid", ["max_iter=40", "warmup_iters=100"])  # the user's own warmup keeps its check

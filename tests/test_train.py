@@ -1016,3 +1016,10 @@ def test_trim_log_stops_at_a_line_edited_by_hand(tmp_path):
     path.write_text('{"iter": 1}\n{"iter": 2}\nnull\n{"iter": 3}\n')
     train.trim_log(str(path), 5)
     assert path.read_text() == '{"iter": 1}\n{"iter": 2}\n'
+
+
+def test_a_short_trial_run_of_a_preset_runs_and_says_its_warmup_was_shortened(tiny_root, tmp_path, capsys):
+    args = [a for a in tiny_args(tiny_root, tmp_path, "max_iter=3") if not a.startswith("warmup_iters=")]
+    assert train.main(args) == 0  # the synthetic preset warms up for 30 iterations
+    assert "note: max_iter=3 leaves no room for the preset's warmup (30 iterations): warmup_iters=0" in \
+        capsys.readouterr().out
