@@ -187,6 +187,10 @@ def _trained_config(config):
 
 
 def read_checkpoint(path):
+    if os.path.isdir(path):
+        inside = [n for n in ("model_final.pth", "model_best.pth", "last.pth") if os.path.isfile(os.path.join(path, n))]
+        hint = f"; did you mean {os.path.join(path, inside[0])}?" if inside else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint{hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

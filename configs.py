@@ -293,8 +293,19 @@ def parse_value(key, text, default):
             return tuple(kind(s) for s in items)
         return text
     except ValueError:
-        kind = "comma-separated list" if isinstance(default, tuple) else type(default).__name__
-        raise ConfigError(f"bad value for {key}: {text!r} is not a {kind} (default: {default!r})") from None
+        kind = "a comma-separated list" if isinstance(default, tuple) else KINDS.get(type(default), "a string")
+        raise ConfigError(f"bad value for {key}: {text!r} is not {kind} (default: {default!r})") from None
+
+
+KINDS = {bool: "true or false", int: "an integer", float: "a finite number"}
+
+
+def did_you_mean(word, choices):
+    """ "; did you mean 'x'?" for the closest of `choices` to a misspelled `word`, or "" where none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _check(cfg):
@@ -458,7 +469,7 @@ def get_config(name="cityscapes", overrides=(), base=None, notes=None):
     defaults = _field_types()
     if base is None:
         if name not in PRESETS:
-            raise ConfigError(f"unknown config {name!r}; presets: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown config {name!r}{did_you_mean(name, PRESETS)}; presets: {', '.join(PRESETS)}")
         values = dict(PRESETS[name])
     else:
         values = {k: v for k, v in base.items() if k in defaults}
@@ -472,7 +483,8 @@ def get_config(name="cityscapes", overrides=(), base=None, notes=None):
         key, text = item.split("=", 1)
         key = key.strip()
         if key not in defaults:
-            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(defaults)}")
+            raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, defaults)}; every key is a commented "
+                              "field of Config in configs.py")
         values[key] = parse_value(key, text, defaults[key])
         given.add(key)
     warmup, max_iter = values.get("warmup_iters", Config.warmup_iters), values.get("max_iter", Config.max_iter)
@@ -509,7 +521,9 @@ def format_config(cfg):
 def add_config_args(parser):
     """The command-line interface every script shares: --config NAME and key=value overrides."""
     parser.add_argument("--config", default=None, help=f"preset name: {', '.join(PRESETS)}")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_iter=1000")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. eval_mode=mscf or lr=0.02: every key is a commented field of "
+                             "Config in configs.py")
     return parser
 
 

@@ -642,3 +642,11 @@ def test_an_unreadable_checkpoint_is_one_line_that_never_advises_weights_only_fa
     assert "weights_only" not in err and "cause above" not in err
     if content == "pickle":
         assert "a pickle, which could run code when loaded): refused" in err
+
+
+def test_a_run_folder_given_as_ckpt_suggests_the_weights_inside(tmp_path, capsys):
+    path, _, _ = make_checkpoint(tmp_path, n_val=1)
+    os.rename(path, tmp_path / "model_final.pth")
+    assert evaluate.main(["--ckpt", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path} is a folder, not a checkpoint; did you mean "
+                                       f"{tmp_path / 'model_final.pth'}?\n")
