@@ -4,8 +4,8 @@
 
 Reports, naming files: images without labels and labels without images, unreadable files, labels that are not
 PNG files or not single-channel 8-bit, label and image sizes that differ, and label values outside the class table
-(with their pixel counts and the first files that hold them). Then the per-class pixel share of each split and the
-median-frequency class weights (the values class_weights=median trains with).
+(with their pixel counts and the first files that hold them). Then the per-class pixel share of each split and, for
+the training split only, the median-frequency class weights (the values class_weights=median trains with).
 
 Exit status: 0 when training would run, 1 when something would stop it, 2 for a bad config.
 """
@@ -25,7 +25,9 @@ def check_split(cfg, table, split, progress=True):
     return scan, problems + scan.problems
 
 
-def format_split(split, scan, problems, names, limit=20):
+def format_split(split, scan, problems, names, limit=20, weights=True):
+    """The split's report; `weights`: the median-frequency weights too (the training split only: weights from the
+    val or test labels would let those splits steer training)."""
     lines = [f"== {split}: {scan.files} image/label pairs"]
     if problems:
         lines.append(f"{len(problems)} problem(s) that would stop training:")
@@ -37,15 +39,16 @@ def format_split(split, scan, problems, names, limit=20):
     labelled = int(scan.pixels.sum())
     total = labelled + scan.ignored
     if total:
-        weights = scan.median_frequency_weights()
-        lines.append(f"{'class':<16}{'pixels %':>10}{'median-freq weight':>20}")
-        for name, count, weight in zip(names, scan.pixels.tolist(), weights.tolist(), strict=True):
-            lines.append(f"{name:<16}{100 * count / total:>10.2f}{weight:>20.4f}")
+        median = scan.median_frequency_weights()
+        lines.append(f"{'class':<16}{'pixels %':>10}" + (f"{'median-freq weight':>20}" if weights else ""))
+        for name, count, weight in zip(names, scan.pixels.tolist(), median.tolist(), strict=True):
+            lines.append(f"{name:<16}{100 * count / total:>10.2f}" + (f"{weight:>20.4f}" if weights else ""))
         lines.append(f"{'(ignored)':<16}{100 * scan.ignored / total:>10.2f}")
         absent = [name for name, count in zip(names, scan.pixels.tolist(), strict=True) if count == 0]
         if absent:
             lines.append(f"warning: no pixel of {', '.join(absent)} in {split}: its IoU cannot be learned or measured")
-        lines.append("class_weights=" + ",".join(f"{w:.4f}" for w in weights.tolist()))
+        if weights:
+            lines.append("class_weights=" + ",".join(f"{w:.4f}" for w in median.tolist()))
     return "\n".join(lines)
 
 
@@ -62,7 +65,7 @@ def main(argv=None):
         failed = False
         for split in splits:
             scan, problems = check_split(cfg, table, split, progress=not args.quiet)
-            print(format_split(split, scan, problems, table.names), flush=True)
+            print(format_split(split, scan, problems, table.names, weights=split == cfg.train_split), flush=True)
             failed = failed or bool(problems)
     except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -261,3 +261,13 @@ def test_a_frame_under_two_image_names_is_one_line_naming_both(tiny_folder):
         build_dataset(cfg, "train")
     assert str(err.value) == (f"{train} holds 1 frame(s) under two file names: frame00.jpg and frame00.png; expected "
                               "one image per name: move one of each pair away")
+
+
+def test_the_checker_prints_class_weights_for_the_training_split_only(tiny_folder, capsys):
+    """Weights from the val or test labels, pasted into a config, would let those splits steer training."""
+    assert check_data.main(["--config", "camvid", *FOLDER_OVERRIDES, f"data_root={tiny_folder}", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    train_part, val_part = out.split("== val:")
+    assert "class_weights=" in train_part and "median-freq weight" in train_part
+    assert "class_weights=" not in val_part and "median-freq weight" not in val_part
+    assert f"{'road':<16}" in val_part  # the pixel shares stay
