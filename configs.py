@@ -150,8 +150,11 @@ CHOICES = {
 _CITYSCAPES_1GPU = dict(batch_size=8, lr=5e-3, max_iter=160000, warmup_iters=2000)
 # The reference global batch of 16 on one GPU: two micro-batches of 8 per optimizer step.
 _CITYSCAPES_1GPU_ACCUM = dict(grad_accum=2)
+# The quick start: 300 iterations on `python synthetic.py`'s data. bf16 where the CPU has it natively (fp32 with a
+# warning elsewhere): on a 2-core AMX Xeon 129 s and mIoU 21.73, against 197 s and 22.48 in fp32.
 _SYNTHETIC = dict(
     data_root="data/synthetic",
+    amp="bf16",
     pretrained="none",
     crop_size=(192, 192),
     scales=(0.75, 1.25),

@@ -1,6 +1,6 @@
 """Pictures of a run: training curves from log.jsonl and the confusion matrix of an evaluation.
 
-    python plots.py runs/NAME                  # (re)draw runs/NAME/curves.png from its log.jsonl
+    python plots.py runs/NAME                  # (re)draw curves.png (log.jsonl) and confusion.png (eval.json)
     python plots.py runs/NAME/eval_val_ss.json # draw eval_val_ss_confusion.png beside it
 
 train.py redraws both in the run directory at each validation and at the end; evaluate.py draws the confusion
@@ -35,6 +35,16 @@ def pyplot():
             _warned = True
         return None
     return plt
+
+
+def missing_note():
+    """The one line saying what pictures need, where matplotlib is missing (and no warning later); else None."""
+    global _warned
+    if importlib.util.find_spec("matplotlib") is not None:
+        return None
+    _warned = True
+    return ("note: curves.png and confusion.png need matplotlib (pip install -r requirements-plot.txt); the run goes "
+            "on without them")
 
 
 def read_log(path):
@@ -148,19 +158,24 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     try:
-        if os.path.isdir(args.path):
-            out = plot_curves(os.path.join(args.path, "log.jsonl"), os.path.join(args.path, "curves.png"))
+        if os.path.isdir(args.path):  # a run folder: its curves, and the confusion of its final evaluation
+            written = [plot_curves(os.path.join(args.path, "log.jsonl"), os.path.join(args.path, "curves.png"))]
+            if os.path.isfile(os.path.join(args.path, "eval.json")):
+                with open(os.path.join(args.path, "eval.json")) as f:
+                    written.append(plot_confusion(json.load(f), os.path.join(args.path, "confusion.png")))
         else:
             with open(args.path) as f:
-                out = plot_confusion(json.load(f), confusion_path(args.path))
+                written = [plot_confusion(json.load(f), confusion_path(args.path))]
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: cannot draw {args.path}: {exc}", file=sys.stderr)
         return 2
-    if out is None:
+    written = [out for out in written if out is not None]
+    if not written:
         print(f"error: nothing drawn for {args.path}: it holds no training records or no labelled results",
               file=sys.stderr)
         return 1
-    print(f"wrote {out}")
+    for out in written:
+        print(f"wrote {out}")
     return 0
 
 

@@ -436,12 +436,30 @@ def draw_pictures(run_dir, results=None):
         plots.plot_confusion(results, os.path.join(run_dir, "confusion.png"))
 
 
+def startup_summary(cfg):
+    """What the run trains, on what, and where it writes: a few lines instead of the whole config (config.json)."""
+    what = {"bisenetv1": "BiSeNetV1 (ResNet18)", "bisenetv2": "BiSeNetV2"}[cfg.arch]
+    start = "from scratch" if cfg.pretrained == "none" else f"from ImageNet weights ({cfg.pretrained})"
+    if cfg.init_from:
+        start = f"from {cfg.init_from}"
+    if cfg.resume:
+        start = f"resuming {cfg.resume}"
+    lines = [f"train {what} {start}: {cfg.max_iter} iterations, batch {cfg.batch_size}, crop "
+             f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, lr {cfg.lr:g} (preset {cfg.run_name})",
+             f"data: {cfg.dataset} at {cfg.data_root}, {cfg.num_classes} classes; every setting goes to the run "
+             "folder's config.json"]
+    note = plots.missing_note()
+    if note:
+        lines.append(note)
+    return "\n".join(lines)
+
+
 def train(cfg, proc, ckpt=None, stop=None):
     """Train; returns (the raw model, its run directory, the last validation's results or None). `ckpt`: the resume=
     file's contents where rank 0 has read them already (read_resume); the other ranks receive them from it. `stop`:
     the entered StopRequest of main, which also covers the final evaluation (None: signals are not caught)."""
     if proc.main:  # first of all, so that a run failing early still shows what it was asked to do
-        print(f"config:\n{format_config(cfg)}", flush=True)
+        print(startup_summary(cfg), flush=True)
     # the checks that need the number of processes or the file system, before building anything
     micro = per_rank_batch(cfg, proc.world)
     check_weight_files(cfg)

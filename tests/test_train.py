@@ -265,12 +265,18 @@ def test_a_missing_weight_file_stops_the_run_before_data_generation(tmp_path, ca
     assert not data.exists() and not (tmp_path / "synthetic").exists()
 
 
-def test_config_is_printed_before_anything_can_fail(tmp_path, capsys):
-    # A missing dataset fails after the config is resolved: the config it was asked to use is on the screen.
+def test_a_short_summary_is_printed_before_anything_can_fail(tmp_path, capsys, monkeypatch):
+    # A missing dataset fails after the config is resolved: what the run was asked to do is on the screen, in a few
+    # lines (every setting goes to config.json)
+    import plots
+
+    monkeypatch.setattr(plots, "missing_note", lambda: None)
     assert train.main(["--config", "synthetic", f"data_root={tmp_path / 'none'}",
                        f"out_dir={tmp_path}", "lr=0.123"]) == 2
     out = capsys.readouterr().out
-    assert out.startswith("config:\n{") and '"lr": 0.123' in out
+    assert out == ("train BiSeNetV1 (ResNet18) from scratch: 300 iterations, batch 8, crop 192x192, lr 0.123 "
+                   f"(preset synthetic)\ndata: cityscapes at {tmp_path / 'none'}, 19 classes; every setting goes to "
+                   "the run folder's config.json\n")
 
 
 def test_errors_shared_by_every_rank_are_printed_by_rank_0_only(monkeypatch, capsys, tmp_path):
@@ -378,7 +384,7 @@ def test_torchrun_two_processes_keep_identical_weights_and_write_once(tiny_root,
     assert sorted(os.listdir(tmp_path / "runs" / "synthetic")) == ["config.json", "last.pth", "log.jsonl",
                                                                     "model_final.pth"]
     assert "batch per process: 2" in out.stdout and out.stdout.count("run directory:") == 1
-    assert out.stdout.count("config:") == 1
+    assert out.stdout.count("train BiSeNetV1") == 1
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("saved_by")) == ["saved_by_rank0"]
     log = read_log(tmp_path / "runs" / "synthetic")
     assert [r["iter"] for r in log] == [1, 2, 3, 4]
@@ -638,6 +644,11 @@ def test_plots_cli_draws_a_run_and_names_the_missing_package(tmp_path, monkeypat
     assert plots.main([str(tmp_path / "empty")]) == 1
     assert capsys.readouterr().err == (f"error: nothing drawn for {tmp_path / 'empty'}: it holds no training records "
                                        "or no labelled results\n")
+    results = {"split": "val", "mode": "ss", "miou": 0.5, "confusion": [[3, 1], [1, 3]], "iou": {"a": 0.6, "b": 0.6}}
+    (tmp_path / "eval.json").write_text(json.dumps(results))  # a run's final evaluation: its confusion is redrawn too
+    assert plots.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'curves.png'}\nwrote {tmp_path / 'confusion.png'}\n"
+    assert cv2.imread(str(tmp_path / "confusion.png")) is not None
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     assert plots.main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("error: plots.py draws with matplotlib, which is not installed; "
@@ -1023,3 +1034,16 @@ def test_a_short_trial_run_of_a_preset_runs_and_says_its_warmup_was_shortened(ti
     assert train.main(args) == 0  # the synthetic preset warms up for 30 iterations
     assert "note: max_iter=3 leaves no room for the preset's warmup (30 iterations): warmup_iters=0" in \
         capsys.readouterr().out
+
+
+def test_without_matplotlib_the_run_says_so_once_at_start_and_warns_no_more(tiny_root, tmp_path, monkeypatch, capsys,
+                                                                          recwarn):
+    import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(plots, "_warned", False)
+    assert train.main(tiny_args(tiny_root, tmp_path, "eval_every=3")) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: curves.png and confusion.png need matplotlib (pip install -r requirements-plot.txt); "
+                     "the run goes on without them") == 1
+    assert not [w for w in recwarn if "matplotlib" in str(w.message)]
