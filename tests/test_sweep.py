@@ -367,6 +367,7 @@ def test_a_rerun_skips_finished_runs_and_resumes_the_stopped_one(tiny_folder, tm
         return step(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", ctrl_c_in_the_second_run)
+    monkeypatch.setattr(sweep, "keep_final_weights_only", lambda run: None)  # the states below need last.pth
     assert sweep.main(sweep_args(tiny_folder, tmp_path)) == 130
     err = capsys.readouterr().err
     # train.py finishes the iteration that was running when the signal came (2), writes last.pth and stops
@@ -379,6 +380,7 @@ def test_a_rerun_skips_finished_runs_and_resumes_the_stopped_one(tiny_folder, tm
     with open(tmp_path / "sweep_camvid" / "summary.json") as f:
         assert [(v["variant"], v["val"]["seeds"]) for v in json.load(f)["variants"]] == [("baseline", [0])]
     monkeypatch.undo()
+    monkeypatch.setattr(sweep, "keep_final_weights_only", lambda run: None)
     before = files_and_times(first)
     for split in ("test", "testannot"):  # a test split for --test: the val frames again
         shutil.copytree(os.path.join(tiny_folder, split.replace("test", "val")), os.path.join(tiny_folder, split))
@@ -529,3 +531,31 @@ def test_a_list_value_in_variants_keeps_its_commas():
 def test_seeds_outside_the_generators_range_are_refused(seeds):
     with pytest.raises(sweep.SweepError, match=r"expected integers in 0\.\.4294967295"):
         sweep.parse_seeds(seeds)
+
+
+def test_two_seeds_are_warned_of_and_no_interval_is_drawn_outside_0_to_100(tmp_path):
+    root = str(tmp_path / "sweep_camvid")
+    for seed, miou in ((0, 0.02), (1, 0.10)):  # mean 6, 95% interval of 2 seeds [-44.8, +56.8]
+        write_eval(f"{root}/baseline_seed{seed}", miou, {"road": miou})
+    summary = sweep.summarize(sweep.collect(root))
+    text = sweep.format_summary(summary, root)
+    assert "Warning: baseline has 2 seeds: the 95% interval of a mean of 2 reaches 12.7 standard errors either side" \
+           in text
+    low, high = summary["variants"][0]["val"]["mean_interval"]
+    assert low < 0 < high < 1  # the number stays in the table and the JSON
+    pytest.importorskip("matplotlib")
+    plt = plots.pyplot()
+    fig = sweep.summary_figure(plt, summary)
+    try:
+        [bars] = [c for c in fig.axes[0].containers if getattr(c, "errorbar", None) is not None]
+        [segment] = bars.errorbar.lines[2][0].get_segments()
+        assert segment[:, 1].min() == 0 and segment[:, 1].max() == pytest.approx(100 * high)
+    finally:
+        plt.close(fig)
+
+
+def test_a_finished_run_keeps_only_its_final_weights(tiny_folder, tmp_path):
+    assert sweep.main(sweep_args(tiny_folder, tmp_path, "eval_every=2")) == 0
+    for run in ("baseline_seed0", "ablation_no_sp_seed0"):
+        weights = sorted(n for n in os.listdir(tmp_path / "sweep_camvid" / run) if n.endswith(".pth"))
+        assert weights == ["model_final.pth"], run
