@@ -4,6 +4,7 @@
                     --seeds 0,1,2 [key=value ...]
     python sweep.py ... --test                        # also score each run's test split once, when it finishes
     python sweep.py --config camvid_ablation --summary-only      # rebuild the summary from what exists
+    python sweep.py ... --commands > jobs.txt                     # one train.py line per run, for a scheduler
 
 A variant is `baseline` (the --config itself), a preset name (its settings on top of --config: ablation_no_sp is
 camvid_ablation with spatial_path=none) or a quoted set of key=value overrides (a list value keeps its commas:
@@ -457,6 +458,25 @@ def train_runs(runs, rerun, test=False, finished=lambda: None):
     return 0
 
 
+def print_commands(runs, test=False):
+    """--commands: one shell line per run left to train, for any scheduler to run (a SLURM job array, GNU parallel,
+    one GPU each): train.py as this sweep would run it, then with --test evaluate.py on the test split.
+    --summary-only collects the results. Runs stopped after their training are named on stderr: the sweep itself
+    (without --commands) finishes them."""
+    for run in runs:
+        if run.state in ("new", "resume"):
+            start = ["--config", run.config] if run.state == "new" else [f"resume={run.path('last.pth')}"]
+            line = shlex.join(["python", "train.py", *start, *run.overrides])
+            if test:
+                line += " && " + shlex.join(["python", "evaluate.py", "--ckpt", run.path("model_final.pth"),
+                                             "val_split=test"])
+            print(line)
+        elif run.state != "done":
+            print(f"note: {run.run_dir} is trained; rerun this sweep without --commands to "
+                  f"{'evaluate' if run.state == 'evaluate' else 'finish'} it", file=sys.stderr)
+    return 0
+
+
 def keep_final_weights_only(run):
     """A finished run keeps model_final.pth, the weights its eval JSONs score; last.pth and model_best.pth (about
     50 MB each for BiSeNetV1) go: a 21-run study keeps 21 files instead of 63."""
@@ -727,6 +747,8 @@ def sweep(args, rerun):
     runs = plan_runs(config, variants, seeds, args.overrides, sweep_dir)
     if args.test:
         check_test_split(runs)
+    if args.commands:
+        return print_commands(runs, args.test)
     counts = {s: sum(r.state == s for r in runs) for s in ("done", "resume", "new")}
     print(f"sweep {sweep_dir}: {len(runs)} runs ({len(variants)} variants x {len(seeds)} seeds); "
           f"{counts['done']} finished, {counts['resume']} to resume, {counts['new']} to train", flush=True)
@@ -747,6 +769,8 @@ def main(argv=None):
     parser.add_argument("--name", help="the sweep folder is OUT_DIR/sweep_NAME (default: the --config name)")
     parser.add_argument("--test", action="store_true", help="also score the test split once per run")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the summary from the eval JSONs")
+    parser.add_argument("--commands", action="store_true", help="print one train.py command per run left to train, "
+                                                                "for a scheduler to run; --summary-only collects them")
     args = add_config_args(parser).parse_intermixed_args(argv)  # options and key=value in any order
     rerun = ("finished runs are kept and a stopped one continues from its last.pth: rerun the same command, "
              f"python sweep.py {shlex.join(argv)}")

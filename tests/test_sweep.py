@@ -559,3 +559,32 @@ def test_a_finished_run_keeps_only_its_final_weights(tiny_folder, tmp_path):
     for run in ("baseline_seed0", "ablation_no_sp_seed0"):
         weights = sorted(n for n in os.listdir(tmp_path / "sweep_camvid" / run) if n.endswith(".pth"))
         assert weights == ["model_final.pth"], run
+
+
+def test_commands_run_by_anyone_give_the_summary_the_sweep_gives(tiny_folder, tmp_path, capsys):
+    """--commands prints a line per run left to train; run in any order by any scheduler (here: in this process,
+    last first), then --summary-only collects what one sweep process would have written."""
+    import shlex
+
+    args = sweep_args(tiny_folder, tmp_path / "a", "--commands", "--test")
+    for split in ("test", "testannot"):  # a test split for --test: the val frames again
+        shutil.copytree(os.path.join(tiny_folder, split.replace("test", "val")), os.path.join(tiny_folder, split))
+    assert sweep.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("python train.py --config camvid ") for line in lines)
+    assert not (tmp_path / "a" / "sweep_camvid").exists()  # nothing trained by printing
+    for line in reversed(lines):
+        train_part, evaluate_part = line.split(" && ")
+        assert train.main(shlex.split(train_part)[2:]) == 0
+        assert evaluate.main(shlex.split(evaluate_part)[2:]) == 0
+    assert sweep.main(sweep_args(tiny_folder, tmp_path / "a", "--summary-only")) == 0
+    assert sweep.main(sweep_args(tiny_folder, tmp_path / "b", "--test")) == 0  # the same study, one process
+    capsys.readouterr()
+    summaries = []
+    for folder in ("a", "b"):
+        with open(tmp_path / folder / "sweep_camvid" / "summary.json") as f:
+            summary = json.load(f)
+        summaries.append([(v["variant"], v["val"]["miou"], v["test"]["miou"]) for v in summary["variants"]])
+    assert summaries[0] == summaries[1]
+    assert sweep.main(sweep_args(tiny_folder, tmp_path / "a", "--commands")) == 0
+    assert capsys.readouterr().out == ""  # nothing left to train
