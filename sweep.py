@@ -63,6 +63,8 @@ class Terminated(BaseException):
 
 
 # ---- statistics ----
+# Student's t quantile written out (incomplete beta): scipy is not among the project's packages, and a table would
+# not cover Welch's fractional degrees of freedom.
 
 mean = statistics.mean  # ValueError (StatisticsError) for no values
 sample_std = statistics.stdev  # n - 1 in the denominator; ValueError for fewer than 2 values
