@@ -104,6 +104,12 @@ def inference_config(ckpt_config, config=None, overrides=()):
         cfg = get_config(config or "cityscapes", overrides)
     else:
         cfg = get_config(ckpt_config.get("run_name", "cityscapes"), overrides, base=ckpt_config)
+    trained = _trained_config(ckpt_config)
+    wrong = [k for k in MODEL_KEYS if k != "aux_heads" and k in trained and trained[k] != getattr(cfg, k)]
+    if config and wrong:  # the preset builds another model than the one the checkpoint holds, with its own config
+        raise CheckpointError(f"the checkpoint was trained with {', '.join(f'{k}={trained[k]!r}' for k in wrong)}; "
+                              f"--config {config} builds {', '.join(f'{k}={getattr(cfg, k)!r}' for k in wrong)}: leave "
+                              "out --config, the checkpoint's own config is used")
     differ = [f"{key}={_plain(getattr(cfg, key))!r} (trained with {_plain(ckpt_config[key])!r})"
               for key in UNRECORDED_KEYS
               if isinstance(ckpt_config, dict) and key in ckpt_config

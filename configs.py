@@ -117,6 +117,7 @@ class Config:
     eval_fusion: str = "exp"  # "exp": exp(softmax + flipped softmax) summed (seed); "mean": mean probability
     eval_batch: int = 8  # crops per forward pass in sliding-window modes
     eval_workers: int = 2
+    eval_images: int = 0  # evaluate.py: score the split's first N images only, for a quick look (0: all of them)
     # evaluate.py / demo.py autocast: "bf16" or "fp16" where the hardware has it natively (CUDA; bf16 also on CPUs with
     # AVX512-BF16 or AMX), else fp32 with a warning. "none": fp32, the reference.
     eval_amp: str = "none"
@@ -347,7 +348,7 @@ def _check(cfg):
         raise ConfigError(f"bad value for grad_accum: {cfg.grad_accum}; expected a positive integer")
     if cfg.eval_every < 0:
         raise ConfigError(f"bad value for eval_every: {cfg.eval_every}; expected 0 (off) or a number of iterations")
-    for key in ("workers", "eval_workers"):
+    for key in ("workers", "eval_workers", "eval_images"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected 0 or more loader processes")
     if cfg.warmup_iters < 0 or cfg.warmup_iters >= cfg.max_iter:

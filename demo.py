@@ -252,7 +252,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="model_final.pth or last.pth of a run")
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, folder of images or video")
+    # "*", not "+": argparse would name key=value as missing too; an empty list is said below
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image, folder of images or video")
     args = split_arguments(add_config_args(parser).parse_intermixed_args(argv))
     if not args.inputs:
         parser.error("expected at least one INPUT (image, folder or video)")

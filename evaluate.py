@@ -221,7 +221,8 @@ def evaluate(model, dataset, cfg, proc, mode=None):
                           "to write its predictions (label-id PNGs for the benchmark server)")
     if not isinstance(dataset.transform, EvalTransform):
         raise TypeError("evaluate() takes a dataset with its evaluation transform: eval_dataset(cfg, split)")
-    shard = _Indexed(dataset, list(range(proc.rank, len(dataset), proc.world)))
+    count = min(cfg.eval_images, len(dataset)) if cfg.eval_images else len(dataset)  # eval_images: a quick look
+    shard = _Indexed(dataset, list(range(proc.rank, count, proc.world)))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, pin_memory=proc.device.type == "cuda",
                                          **loader_workers(cfg.eval_workers))
     # a folded channels_last copy on the device the images go to: `model` stays as and where it is; an exported
@@ -229,7 +230,8 @@ def evaluate(model, dataset, cfg, proc, mode=None):
     net = model if isinstance(model, BackendModel) else inference_model(model, cfg.eval_amp, proc.device)
     table = class_table(cfg)
     confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=proc.device)
-    for index, image, label in tqdm(loader, desc=f"eval {mode}", disable=not proc.main, dynamic_ncols=True):
+    scorer = "" if not isinstance(model, BackendModel) else f" {model.backend} {os.path.basename(model.path)}"
+    for index, image, label in tqdm(loader, desc=f"eval {mode}{scorer}", disable=not proc.main, dynamic_ncols=True):
         # uint8 from the loader, normalized on the device (transform.normalize)
         pred = predict(net, normalize(image[None].to(proc.device, non_blocking=True), cfg.mean, cfg.std), cfg, mode)
         if dataset.has_labels:
@@ -241,7 +243,8 @@ def evaluate(model, dataset, cfg, proc, mode=None):
                 image = read_image(dataset.samples[index][0])
                 write_png(os.path.join(cfg.save_dir, "compare", dataset.output_path(index)),
                           comparison(image, label.numpy(), pred_ids, table)[..., ::-1])
-    results = {"mode": mode, "split": dataset.split, "images": len(dataset), "labels": dataset.has_labels,
+    results = {"mode": mode, "split": dataset.split, "images": count, "labels": dataset.has_labels,
+               "scored_by": scorer.strip() or "torch",
                "miou": None, "pixel_accuracy": None, "iou": None, "confusion": None}
     if dataset.has_labels:
         confusion = proc.all_sum(confusion).cpu()
@@ -258,6 +261,10 @@ def _none_if_nan(value):
 def format_results(results):
     """The per-class table printed on the terminal, or for a split without labels where its predictions went."""
     where = f"{results['mode']} on {results['images']} {results['split']} images"
+    if results["config"].get("eval_images"):
+        where += " (eval_images: the first ones only)"
+    if results.get("scored_by", "torch") != "torch":
+        where += f", scored by {results['scored_by']}"
     if not results["labels"]:
         return (f"{where}: the {results['split']} split has no labels, so nothing was scored; label-id predictions "
                 f"are in {os.path.join(results['config']['save_dir'], 'labelIds')}")

@@ -3,6 +3,7 @@
     python train.py [--config NAME] [key=value ...]                    # one GPU, or the CPU
     torchrun --nproc_per_node=N train.py [--config NAME] [key=value]    # N processes (DDP), one node
     python train.py resume=runs/NAME/last.pth                           # continue a stopped run
+    python train.py --config camvid --show                              # the settings a run would use, and exit
 
 Distributed training is detected from torchrun's RANK variable; rank 0 prints and writes files.
 """
@@ -436,6 +437,13 @@ def draw_pictures(run_dir, results=None):
         plots.plot_confusion(results, os.path.join(run_dir, "confusion.png"))
 
 
+def show_config(cfg):
+    """train.py --show: every setting (as config.json holds them), then the ones the preset and overrides change."""
+    defaults = Config().to_dict()
+    changed = [f"  {k}={json.dumps(v)}" for k, v in cfg.to_dict().items() if v != defaults[k]]
+    return f"{format_config(cfg)}\nchanged from the defaults ({len(changed)}):\n" + "\n".join(changed)
+
+
 def startup_summary(cfg):
     """What the run trains, on what, and where it writes: a few lines instead of the whole config (config.json)."""
     what = {"bisenetv1": "BiSeNetV1 (ResNet18)", "bisenetv2": "BiSeNetV2"}[cfg.arch]
@@ -463,13 +471,13 @@ def train(cfg, proc, ckpt=None, stop=None):
     # the checks that need the number of processes or the file system, before building anything
     micro = per_rank_batch(cfg, proc.world)
     check_weight_files(cfg)
+    val_set = eval_dataset(cfg)  # a missing or empty val split (a wrong data_root) fails now, leaving no run folder
     run_dir = proc.broadcast(resolve_run_dir(cfg) if proc.main else None)
     if proc.main:  # before anything is built: a run directory that cannot be written is a one-line error now
         try:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as err:
             raise OSError(err.errno, f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
-    val_set = eval_dataset(cfg)  # a missing or empty val split fails now, not after training
     dtype, autocast, scaler = training_precision(cfg.amp, proc.device)  # fp32 where the hardware lacks it: warned below
     channels_last = use_channels_last(cfg.channels_last, proc.device, dtype)
     model, raw_model, optimizer, criterion = build_training(cfg, proc, channels_last)
@@ -633,7 +641,17 @@ def final_evaluation(cfg, proc, model, run_dir, results=None):
 def main(argv=None):
     parser = add_config_args(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawTextHelpFormatter))
+    parser.add_argument("--show", action="store_true", help="print the resolved config and what it changes from the "
+                                                               "defaults, then exit")
     args = parser.parse_args(argv)
+    if args.show:
+        try:
+            cfg = read_config(args)
+        except (ConfigError, CheckpointError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(show_config(cfg))
+        return 0
     try:
         # before the process group, whose timeout is a setting; with resume=, rank 0 alone reads the checkpoint
         ckpt, timeout = read_resume(args, launched_rank())

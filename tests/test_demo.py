@@ -231,3 +231,11 @@ def test_a_missing_backend_model_or_package_is_one_line(checkpoint, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: the onnxruntime package is needed") and err.count("\n") == 1
     assert err.strip().endswith("pip install -r requirements-deploy.txt")
+
+
+def test_no_input_is_one_line_asking_for_one(capsys):
+    with pytest.raises(SystemExit) as end:
+        demo.main(["--ckpt", "model_final.pth"])
+    assert end.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        " error: expected at least one INPUT (image, folder or video)")  # not "key=value are required"

@@ -650,3 +650,23 @@ def test_a_run_folder_given_as_ckpt_suggests_the_weights_inside(tmp_path, capsys
     assert evaluate.main(["--ckpt", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path} is a folder, not a checkpoint; did you mean "
                                        f"{tmp_path / 'model_final.pth'}?\n")
+
+
+def test_another_presets_model_for_a_checkpoint_says_to_leave_out_config(tmp_path, capsys):
+    path, _, _ = make_checkpoint(tmp_path, n_val=1)  # BiSeNetV1, with its config stored
+    assert evaluate.main(["--ckpt", path, "--config", "cityscapes_v2"]) == 2
+    assert capsys.readouterr().err == ("error: the checkpoint was trained with arch='bisenetv1'; --config "
+                                       "cityscapes_v2 builds arch='bisenetv2': leave out --config, the checkpoint's "
+                                       "own config is used\n")
+
+
+def test_a_quick_look_scores_the_first_images_and_an_exported_file_is_named_in_the_table(tmp_path, capsys):
+    path, cfg, _ = make_checkpoint(tmp_path, n_val=3)
+    onnx_path, _ = export_files(path)
+    assert evaluate.main(["--ckpt", path, "eval_images=2", "backend=onnxruntime"]) == 0
+    out = capsys.readouterr().out
+    assert "(ss on 2 val images (eval_images: the first ones only), scored by onnxruntime model.onnx; mIoU" in out
+    results = strict_json(tmp_path / "eval_val_ss_onnxruntime_model.json")
+    assert results["images"] == 2 and results["scored_by"] == "onnxruntime model.onnx"
+    dataset = evaluate.eval_dataset(cfg)  # the pixels scored: the labelled ones of the first two frames
+    assert np.array(results["confusion"]).sum() == sum(int((dataset[i][1] != 255).sum()) for i in range(2))

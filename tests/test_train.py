@@ -15,7 +15,7 @@ import precision
 import synthetic
 import train
 from checkpoint import load_checkpoint
-from configs import add_config_args, get_config
+from configs import add_config_args, format_config, get_config
 from distributed import Distributed
 from model import build_model
 from optimizer import build_optimizer
@@ -811,7 +811,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(tmp_pat
 
 def test_a_run_that_failed_at_start_leaves_its_folder_to_the_next(tiny_root, tmp_path):
     assert train.main(tiny_args(str(tmp_path / "missing"), tmp_path)) == 2
-    assert os.listdir(tmp_path / "synthetic") == []  # config.json is written once everything is checked
+    assert not (tmp_path / "synthetic").exists()  # a wrong data_root leaves no run folder behind
     assert train.main(tiny_args(tiny_root, tmp_path, "max_iter=3")) == 0
     assert sorted(os.listdir(tmp_path)) == ["synthetic"]
     assert "last.pth" in os.listdir(tmp_path / "synthetic")
@@ -1047,3 +1047,14 @@ def test_without_matplotlib_the_run_says_so_once_at_start_and_warns_no_more(tiny
     assert out.count("note: curves.png and confusion.png need matplotlib (pip install -r requirements-plot.txt); "
                      "the run goes on without them") == 1
     assert not [w for w in recwarn if "matplotlib" in str(w.message)]
+
+
+def test_show_prints_the_resolved_config_and_what_it_changes_and_writes_nothing(tmp_path, capsys):
+    assert train.main(["--config", "camvid", "--show", "max_iter=40", f"out_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out.split("\nchanged from the defaults")[0])
+    assert shown == json.loads(format_config(get_config("camvid", ["max_iter=40", f"out_dir={tmp_path}"])))
+    changed = out.split("changed from the defaults")[1].splitlines()[1:]
+    assert "  max_iter=40" in changed and "  warmup_iters=4" in changed and '  dataset="folder"' in changed
+    assert "  lr=0.02" in changed and not [line for line in changed if line.startswith("  momentum=")]  # unchanged
+    assert os.listdir(tmp_path) == []
