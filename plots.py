@@ -81,31 +81,38 @@ def plot_curves(log_path, out_path):
         return None
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     its = [r["iter"] for r in train]
+    marker = "o" if len(its) <= 10 else None  # a few logged points (one alone draws no line) are seen as dots
     loss_ax, lr_ax, speed_ax, miou_ax = axes.ravel()
-    loss_ax.plot(its, [r["loss"] for r in train], label=f"loss = {train[-1].get('loss_sums', 'total')}", lw=2)
+    loss_ax.plot(its, [r["loss"] for r in train], label=f"loss = {train[-1].get('loss_sums', 'total')}", lw=2,
+                 marker=marker)
     for key in sorted(k for k in train[-1] if k.startswith("loss_") and k != "loss_sums"):
-        loss_ax.plot(its, [r.get(key) for r in train], label=key, lw=1)
+        loss_ax.plot(its, [r.get(key) for r in train], label=key, lw=1, marker=marker)
     loss_ax.set(title="training loss", xlabel="iteration", yscale="log")
     loss_ax.legend()
-    lr_ax.plot(its, [r["lr"] for r in train])
+    lr_ax.plot(its, [r["lr"] for r in train], marker=marker)
     lr_ax.set(title="learning rate (base group)", xlabel="iteration")
-    speed_ax.plot(its, [r["images_per_s"] for r in train])
+    speed_ax.plot(its, [r["images_per_s"] for r in train], marker=marker)
     speed_ax.set(title="throughput", xlabel="iteration", ylabel="images/s")
     speed_ax.set_ylim(bottom=0)
     if val:
         miou = [100 * r["val_miou"] if r["val_miou"] is not None else np.nan for r in val]
         miou_ax.plot([r["iter"] for r in val], miou, marker="o")
         best = int(np.nanargmax(miou)) if not np.isnan(miou).all() else None
-        if best is not None:
+        if best is not None:  # the label extends toward the middle of the plot, never past its edge
+            right_half = 2 * best >= len(val) - 1 and len(val) > 1
             miou_ax.annotate(f"best {miou[best]:.1f} @ {val[best]['iter']}", (val[best]["iter"], miou[best]),
-                             textcoords="offset points", xytext=(-40, -15))
-        miou_ax.set_xlim(0, max(its[-1], val[-1]["iter"]))
+                             textcoords="offset points", xytext=(-6 if right_half else 6, -14),
+                             ha="right" if right_half else "left", va="top")
+            miou_ax.set_ylim(bottom=min(0.0, np.nanmin(miou)))
     else:
         miou_ax.text(0.5, 0.5, "no validation during training (eval_every=0)", ha="center", va="center",
                      transform=miou_ax.transAxes)
     miou_ax.set(title="val mIoU (%)", xlabel="iteration")
+    first, last = min([its[0]] + [r["iter"] for r in val[:1]]), max([its[-1]] + [r["iter"] for r in val[-1:]])
+    pad = max(1, (last - first) * 0.03)
     for ax in axes.ravel():
         ax.grid(alpha=0.3)
+        ax.set_xlim(first - pad, last + pad)  # one iteration axis for the four panels
     fig.tight_layout()
     save(fig, plt, out_path)
     return out_path
@@ -125,7 +132,9 @@ def plot_confusion(results, out_path):
     normalized = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
     n = len(names)
     size = max(6.0, 0.45 * n + 3)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    longest = max(len(name) for name in names) + 11  # " (IoU 62.5)"
+    extra = max(0.0, 0.09 * (longest - 16))  # room for long class names, which would be cut at the edge
+    fig, ax = plt.subplots(figsize=(size + 1.5 + extra, size + extra))
     image = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's pixels")
     ious = ["n/a" if v is None else f"{100 * v:.1f}" for v in results["iou"].values()]
@@ -138,8 +147,11 @@ def plot_confusion(results, out_path):
                     ax.text(j, i, f"{100 * normalized[i, j]:.0f}", ha="center", va="center", fontsize=7,
                             color="white" if normalized[i, j] > 0.5 else "black")
     miou = results.get("miou")
-    ax.set(xlabel="predicted", ylabel="true",
-           title=f"{results['split']} split, {results['mode']}: mIoU {100 * miou:.2f}" if miou is not None else "")
+    run = (results.get("config") or {}).get("run_name")
+    scorer = results.get("scored_by", "torch")
+    what = f"{run + ', ' if run else ''}{results['split']} split, {results['mode']}"
+    what += f", {scorer}" if scorer != "torch" else ""  # an exported file's matrix says which one it is
+    ax.set(xlabel="predicted", ylabel="true", title=f"{what}: mIoU {100 * miou:.2f}" if miou is not None else what)
     fig.tight_layout()
     save(fig, plt, out_path)
     return out_path

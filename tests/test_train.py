@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import cv2
 import numpy as np
@@ -1058,3 +1059,51 @@ def test_show_prints_the_resolved_config_and_what_it_changes_and_writes_nothing(
     assert "  max_iter=40" in changed and "  warmup_iters=4" in changed and '  dataset="folder"' in changed
     assert "  lr=0.02" in changed and not [line for line in changed if line.startswith("  momentum=")]  # unchanged
     assert os.listdir(tmp_path) == []
+
+
+def inside_figure(fig, texts):
+    """Whether every text artist lies within the figure's canvas once drawn."""
+    fig.canvas.draw()
+    box = fig.bbox
+    extents = [t.get_window_extent() for t in texts if t.get_text()]
+    return all(e.x0 >= box.x0 - 1 and e.x1 <= box.x1 + 1 and e.y0 >= box.y0 - 1 and e.y1 <= box.y1 + 1
+               for e in extents)
+
+
+def test_curves_show_a_single_point_share_one_axis_and_keep_the_best_label_inside(tmp_path, monkeypatch):
+    import plots
+
+    pytest.importorskip("matplotlib")
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, plt, path: drawn.setdefault("fig", fig))
+    log = tmp_path / "log.jsonl"
+    records = [{"iter": 10, "loss": 3.0, "loss_main": 1.0, "lr": 0.01, "images_per_s": 4.0},
+               {"iter": 10, "val_miou": 0.2, "val_iou": {}}, {"iter": 20, "val_miou": 0.3, "val_iou": {}}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plots.plot_curves(str(log), str(tmp_path / "curves.png"))
+    fig = drawn["fig"]
+    loss_ax, lr_ax, speed_ax, miou_ax = fig.axes
+    assert all(line.get_marker() == "o" for line in loss_ax.lines)  # one logged point: a dot, not nothing
+    assert len({ax.get_xlim() for ax in fig.axes}) == 1 and loss_ax.get_xlim()[0] > 0  # from the first record
+    [best] = [t for t in miou_ax.texts if t.get_text().startswith("best")]
+    assert best.get_text() == "best 30.0 @ 20" and best.get_ha() == "right"  # at the right edge: drawn leftwards
+    assert inside_figure(fig, [best]) and best.get_window_extent().x1 <= miou_ax.get_window_extent().x1
+
+
+def test_the_confusion_picture_names_its_run_and_backend_and_keeps_long_names_inside(tmp_path, monkeypatch):
+    import plots
+
+    pytest.importorskip("matplotlib")
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, plt, path: drawn.setdefault("fig", fig))
+    names = ["road", "a class name as long as a sentence: stuff that nobody expects to read here", "car"]
+    results = {"split": "val", "mode": "ss", "miou": 0.5, "confusion": [[5, 1, 0], [2, 2, 0], [0, 0, 1]],
+               "iou": dict(zip(names, [0.6, 0.4, 1.0], strict=True)), "scored_by": "openvino model_int8.xml",
+               "config": {"run_name": "camvid"}}
+    plots.plot_confusion(results, str(tmp_path / "confusion.png"))
+    fig = drawn["fig"]
+    ax = fig.axes[0]
+    assert ax.get_title() == "camvid, val split, ss, openvino model_int8.xml: mIoU 50.00"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Tight layout not applied": the labels would be cut
+        assert inside_figure(fig, [*ax.get_yticklabels(), *ax.get_xticklabels(), ax.title])
