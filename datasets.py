@@ -14,6 +14,7 @@ Every item is (RGB uint8 image (H, W, 3), int64 class-id label (H, W)) without a
 `transform(image, label, rng)` with one; the index may be an (i, seed) pair (see cityscapes.Cityscapes).
 """
 
+import math
 import os
 import signal
 import threading
@@ -139,6 +140,56 @@ def class_table(cfg):
         return cityscapes_table(cfg.num_classes)
     return folder_table(cfg.num_classes, cfg.class_names, cfg.class_colors, cfg.void_values,
                         parse_remap(cfg.label_remap))
+
+
+# ---- legends: class colors and names drawn beside a picture (demo.py, evaluate.py's compare pictures) ----
+
+# Legend look: rows are 1/20 of the picture's height so that all 19 classes fit in one column,
+# but never under MIN_ROW pixels, where text stops being readable (short pictures get more columns).
+LEGEND_ROWS = 20
+MIN_ROW = 16
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+BACKGROUND, TEXT, BORDER = (255, 255, 255), (0, 0, 0), (128, 128, 128)
+
+
+def present_classes(train_ids, names):
+    """Sorted train ids that occur in the map and have a name (ignore, 255, never has one)."""
+    return [int(c) for c in np.unique(train_ids) if c < len(names)]
+
+
+def legend_layout(height, names):
+    """(row height, font scale, thickness, rows per column, column width, strip width) for a picture `height` tall.
+
+    It depends on the height only, never on the classes present, so that every frame of a video has the
+    same size; the strip has room for all `names`.
+    """
+    row = max(MIN_ROW, height // LEGEND_ROWS)
+    scale = row / 40  # Hershey capitals are about 22 * scale pixels tall: over half a row
+    thickness = max(1, round(row / 30))
+    text_w = max(cv2.getTextSize(name, FONT, scale, thickness)[0][0] for name in names)
+    rows_per_column = max(1, (height - row // 2) // row)
+    column_w = row // 2 + row + row // 3 + text_w + row // 2  # margin, swatch, gap, text, margin
+    width = column_w * math.ceil(len(names) / rows_per_column)
+    # even: the overlay then has the parity of the input, so that its video gets the color video's format
+    return row, scale, thickness, rows_per_column, column_w, width + width % 2
+
+
+def legend(train_ids, height, table):
+    """RGB uint8 strip (height, legend width) listing the classes present: a color swatch and the name each."""
+    names = table.names
+    row, scale, thickness, rows_per_column, column_w, width = legend_layout(height, names)
+    strip = np.full((height, width, 3), BACKGROUND, np.uint8)
+    swatch = max(4, round(row * 0.7))
+    for i, class_id in enumerate(present_classes(train_ids, names)):
+        x = (i // rows_per_column) * column_w + row // 2
+        top = row // 4 + (i % rows_per_column) * row + (row - swatch) // 2
+        color = tuple(int(v) for v in table.colors[class_id])
+        cv2.rectangle(strip, (x, top), (x + swatch - 1, top + swatch - 1), color, cv2.FILLED)
+        cv2.rectangle(strip, (x, top), (x + swatch - 1, top + swatch - 1), BORDER, 1)  # black classes stay visible
+        baseline = top + (swatch + cv2.getTextSize(names[class_id], FONT, scale, thickness)[0][1]) // 2
+        cv2.putText(strip, names[class_id], (x + swatch + row // 3, baseline), FONT, scale, TEXT, thickness,
+                    cv2.LINE_AA)
+    return strip
 
 
 # ---- the folder dataset ----

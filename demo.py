@@ -21,7 +21,6 @@ the CPU.
 """
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_for_inference
 from cityscapes import DatasetError, read_image
 from configs import ConfigError, add_config_args
-from datasets import cityscapes_table, class_table
+from datasets import cityscapes_table, class_table, legend
 from evaluate import predict, write_png
 from model import inference_model
 from runtime import BackendError, BackendModel, load_model
@@ -50,12 +49,6 @@ MJPEG = (cv2.CAP_OPENCV_MJPEG, "MJPG", ".avi")
 DEFAULT_FPS = 25.0  # for a video whose header gives no frame rate
 CITYSCAPES = cityscapes_table()
 
-# Legend look: rows are 1/20 of the picture's height so that all 19 classes fit in one column,
-# but never under MIN_ROW pixels, where text stops being readable (short pictures get more columns).
-LEGEND_ROWS = 20
-MIN_ROW = 16
-FONT = cv2.FONT_HERSHEY_SIMPLEX
-BACKGROUND, TEXT, BORDER = (255, 255, 255), (0, 0, 0), (128, 128, 128)
 
 
 class DemoError(RuntimeError):
@@ -77,46 +70,6 @@ def overlay(image_rgb, train_ids, table=CITYSCAPES, alpha=0.5):
     """The image blended with its segmentation colors: (1 - alpha) * image + alpha * colors, RGB uint8."""
     blend = (1 - alpha) * image_rgb.astype(np.float32) + alpha * table.colorize(train_ids).astype(np.float32)
     return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
-
-
-def present_classes(train_ids, names=CITYSCAPES.names):
-    """Sorted train ids that occur in the map and have a name (ignore, 255, never has one)."""
-    return [int(c) for c in np.unique(train_ids) if c < len(names)]
-
-
-def legend_layout(height, names=CITYSCAPES.names):
-    """(row height, font scale, thickness, rows per column, column width, strip width) for a picture `height` tall.
-
-    It depends on the height only, never on the classes present, so that every frame of a video has the
-    same size; the strip has room for all `names`.
-    """
-    row = max(MIN_ROW, height // LEGEND_ROWS)
-    scale = row / 40  # Hershey capitals are about 22 * scale pixels tall: over half a row
-    thickness = max(1, round(row / 30))
-    text_w = max(cv2.getTextSize(name, FONT, scale, thickness)[0][0] for name in names)
-    rows_per_column = max(1, (height - row // 2) // row)
-    column_w = row // 2 + row + row // 3 + text_w + row // 2  # margin, swatch, gap, text, margin
-    width = column_w * math.ceil(len(names) / rows_per_column)
-    # even: the overlay then has the parity of the input, so that its video gets the color video's format
-    return row, scale, thickness, rows_per_column, column_w, width + width % 2
-
-
-def legend(train_ids, height, table=CITYSCAPES):
-    """RGB uint8 strip (height, legend width) listing the classes present: a color swatch and the name each."""
-    names = table.names
-    row, scale, thickness, rows_per_column, column_w, width = legend_layout(height, names)
-    strip = np.full((height, width, 3), BACKGROUND, np.uint8)
-    swatch = max(4, round(row * 0.7))
-    for i, class_id in enumerate(present_classes(train_ids, names)):
-        x = (i // rows_per_column) * column_w + row // 2
-        top = row // 4 + (i % rows_per_column) * row + (row - swatch) // 2
-        color = tuple(int(v) for v in table.colors[class_id])
-        cv2.rectangle(strip, (x, top), (x + swatch - 1, top + swatch - 1), color, cv2.FILLED)
-        cv2.rectangle(strip, (x, top), (x + swatch - 1, top + swatch - 1), BORDER, 1)  # black classes stay visible
-        baseline = top + (swatch + cv2.getTextSize(names[class_id], FONT, scale, thickness)[0][1]) // 2
-        cv2.putText(strip, names[class_id], (x + swatch + row // 3, baseline), FONT, scale, TEXT, thickness,
-                    cv2.LINE_AA)
-    return strip
 
 
 def overlay_with_legend(image_rgb, train_ids, table=CITYSCAPES):

@@ -33,7 +33,7 @@ import plots
 from checkpoint import CheckpointError, load_for_inference, write_atomically
 from cityscapes import IGNORE, DatasetError, read_image
 from configs import ConfigError, add_config_args, format_config
-from datasets import build_dataset, class_table, loader_workers
+from datasets import FONT, MIN_ROW, build_dataset, class_table, legend, loader_workers
 from distributed import Distributed, LaunchError, timeout_message
 from model import inference_model
 from runtime import BackendError, BackendModel, load_model, model_path
@@ -185,11 +185,22 @@ def save_prediction(save_dir, relative_path, pred, table, color):
         write_png(os.path.join(save_dir, "color", relative_path), table.colorize(pred)[..., ::-1])
 
 
+COMPARE_TITLES = ("image", "truth (void black)", "prediction")
+
+
 def comparison(image_rgb, truth, pred, table, gap=4):
     """RGB uint8 picture: the image, its ground truth and the prediction side by side (class colors; ignored pixels
-    of the truth black), `gap` white columns apart."""
-    space = np.full((image_rgb.shape[0], gap, 3), 255, np.uint8)
-    return np.concatenate([image_rgb, space, table.colorize(truth), space, table.colorize(pred)], axis=1)
+    of the truth black), `gap` white columns apart, each under its title, and a legend of the classes in either."""
+    h, w = image_rgb.shape[:2]
+    space = np.full((h, gap, 3), 255, np.uint8)
+    present = np.concatenate([truth.ravel(), pred.ravel()])
+    panels = np.concatenate([image_rgb, space, table.colorize(truth), space, table.colorize(pred), space,
+                             legend(present, h, table)], axis=1)
+    row = max(MIN_ROW, h // 12)
+    header = np.full((row, panels.shape[1], 3), 255, np.uint8)
+    for i, title in enumerate(COMPARE_TITLES):
+        cv2.putText(header, title, (i * (w + gap) + 2, row - row // 4), FONT, row / 40, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([header, panels], axis=0)
 
 
 def write_png(path, array):
@@ -316,7 +327,9 @@ def main(argv=None):
                 out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), results_name(cfg, args.ckpt, results))
                 write_results(results, out)
                 plots.plot_confusion(results, plots.confusion_path(out))
-                print(f"results: {out}" + (f"; predictions: {cfg.save_dir}/labelIds" if cfg.save_dir else ""))
+                kinds = ("labelIds", "color", "compare") if cfg.save_color else ("labelIds",)
+                saved = ", ".join(os.path.join(cfg.save_dir, kind) for kind in kinds)
+                print(f"results: {out}" + (f"; predictions: {saved}" if cfg.save_dir else ""))
     # OSError: a folder or file not writable
     except (LaunchError, ConfigError, CheckpointError, DatasetError, BackendError, OSError) as exc:
         print(f"error: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}", file=sys.stderr)

@@ -678,10 +678,10 @@ def mean_panel(ax, entries, baseline_mean, split, level):
     if baseline_mean is not None:
         ax.axhline(100 * baseline_mean, color="#3182bd", linestyle="--", linewidth=1, zorder=2,
                    label=f"{BASELINE} mean")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper right")  # above the bars: the axis leaves them the top quarter
     top = min(100.0, max(100 * v for _, s in entries for v in [*s["miou"], *(s["mean_interval"] or ())]))
-    ax.set_ylim(0, max(1.1 * top, 1.0))  # never 0 to 0, where every seed scored 0
-    ax.set(title=f"{split}: mean mIoU, {level}% interval of the mean (t), a dot per seed", ylabel="mIoU (%)")
+    ax.set_ylim(0, max(1.35 * top, 1.0))  # never 0 to 0, where every seed scored 0
+    ax.set(title=f"{split}: mean mIoU\n{level}% interval of the mean (t), a dot per seed", ylabel="mIoU (%)")
 
 
 def difference_panel(ax, entries, split, level):
@@ -698,7 +698,7 @@ def difference_panel(ax, entries, split, level):
         color = "#d62728" if vs["high"] < 0 else "#2ca02c" if vs["low"] > 0 else "#7f7f7f"
         ax.errorbar([x], [diff], yerr=[[diff - 100 * vs["low"]], [100 * vs["high"] - diff]], fmt="o", color=color,
                     capsize=5, zorder=3)
-    ax.set(title=f"{split}: difference to {BASELINE}, {level}% interval (Welch); red/green: 0 outside",
+    ax.set(title=f"{split}: difference to {BASELINE}\n{level}% interval (Welch); red/green: 0 outside",
            ylabel="mIoU difference (points)")
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import datasets
 import demo
 import export
 from checkpoint import load_for_inference
@@ -57,7 +58,7 @@ def test_image_outputs_have_the_input_size_and_the_models_colors(checkpoint, tmp
     assert len(np.unique(expected)) > 1  # a one-class prediction would hardly test the colors
     assert np.array_equal(color, colorize(expected))
     # the overlay: the blend at the input's size on the left, the legend strip (as tall) on the right
-    assert annotated.shape == (45, 70 + demo.legend_layout(45)[-1], 3)
+    assert annotated.shape == (45, 70 + datasets.legend_layout(45, demo.CITYSCAPES.names)[-1], 3)
     blend = np.rint(0.5 * image + 0.5 * colorize(expected).astype(np.float64))
     assert np.abs(annotated[:, :70].astype(int) - blend).max() <= 1
 
@@ -110,7 +111,7 @@ def test_a_video_gives_videos_with_every_frame_at_the_input_size(checkpoint, tmp
     extensions = (".avi",) if width % 2 or height % 2 else (".mp4", ".avi")
     written = sorted(os.listdir(out))
     assert written in [[f"drive_color{ext}", f"drive_overlay{ext}"] for ext in extensions], written
-    legend_w = demo.legend_layout(height)[-1]
+    legend_w = datasets.legend_layout(height, demo.CITYSCAPES.names)[-1]
     for name in written:
         frames, fps = read_video(out / name)
         expected_width = width if "_color." in name else width + legend_w
@@ -132,9 +133,9 @@ def test_a_video_gives_videos_with_every_frame_at_the_input_size(checkpoint, tmp
 def test_the_legend_lists_exactly_the_classes_present():
     train_ids = np.full((30, 40), 255, np.uint8)  # ignore: never listed
     train_ids[:5, :5], train_ids[10, 10:20], train_ids[-1, -1] = 13, 0, 18
-    assert demo.present_classes(train_ids) == [0, 13, 18]
-    strip = demo.legend(train_ids, 200)
-    assert strip.shape == (200, demo.legend_layout(200)[-1], 3)
+    assert datasets.present_classes(train_ids, demo.CITYSCAPES.names) == [0, 13, 18]
+    strip = datasets.legend(train_ids, 200, demo.CITYSCAPES)
+    assert strip.shape == (200, datasets.legend_layout(200, demo.CITYSCAPES.names)[-1], 3)
     colors = {tuple(c) for c in strip.reshape(-1, 3)}
     # Swatches are drawn in the class colors; text is anti-aliased gray, so only non-gray colors can tell.
     for class_id, color in enumerate(map(tuple, PALETTE[:19])):
@@ -144,7 +145,8 @@ def test_the_legend_lists_exactly_the_classes_present():
 
 def test_the_legend_keeps_its_width_whatever_the_classes():
     few, many = np.zeros((50, 8), np.uint8), np.arange(19, dtype=np.uint8).repeat(2).reshape(2, 19)
-    assert demo.legend(few, 50).shape == demo.legend(many, 50).shape  # video frames must not change size
+    # video frames must not change size
+    assert datasets.legend(few, 50, demo.CITYSCAPES).shape == datasets.legend(many, 50, demo.CITYSCAPES).shape
 
 
 @pytest.mark.parametrize("name, content", [("missing.png", None), ("notes.txt", "text"), ("fake.png", "text")])
@@ -189,13 +191,13 @@ def test_a_folder_datasets_names_and_colors_reach_the_pictures_and_legend(tmp_pa
     assert np.mean(np.all(color == table.colors[expected], axis=-1)) >= 0.999
     # the legend: CamVid's colors for the classes present, sized for CamVid's names
     ids = np.array([[2, 10, 11]], np.uint8).repeat(3, 0)  # Pole, Bicyclist and a value past the classes
-    strip = demo.legend(ids, 120, table)
-    assert strip.shape[1] == demo.legend_layout(120, table.names)[-1]
+    strip = datasets.legend(ids, 120, table)
+    assert strip.shape[1] == datasets.legend_layout(120, table.names)[-1]
     colors = {tuple(c) for c in strip.reshape(-1, 3)}
     for class_id, rgb in enumerate(map(tuple, table.colors.tolist())):
         if len(set(rgb)) > 1:  # gray ones (Sky) cannot be told from the anti-aliased text
             assert (rgb in colors) == (class_id in (2, 10)), table.names[class_id]
-    assert demo.present_classes(ids, table.names) == [2, 10]
+    assert datasets.present_classes(ids, table.names) == [2, 10]
 
 
 @pytest.fixture(scope="module")

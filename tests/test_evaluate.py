@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import write_frame
 from torch import nn
 
+import datasets
 import evaluate
 import export
 import runtime
@@ -421,13 +422,21 @@ def test_a_folder_dataset_is_scored_under_its_class_names_and_saved_in_its_own_v
             seen.update([value] if at.any() else [])
         assert set(np.unique(values).tolist()) <= {0, 2, 5}
     assert seen  # something was predicted
-    # the comparison picture: image | truth | prediction, 4 white columns apart, truth in the class colors
+    # the comparison picture: a row of titles over image | truth | prediction | legend, 4 white columns apart,
+    # truth in the class colors
     picture = cv2.cvtColor(cv2.imread(str(tmp_path / "pred" / "compare" / "frame00.png")), cv2.COLOR_BGR2RGB)
-    assert picture.shape == (24, 3 * 32 + 8, 3)
+    title, legend_w = evaluate.MIN_ROW, datasets.legend_layout(24, class_table(cfg).names)[-1]
+    assert picture.shape == (title + 24, 3 * 32 + 12 + legend_w, 3)
+    assert (picture[:title] < 128).any()  # the titles' text
     image, truth = build_dataset(cfg, "val")[0]
-    assert np.array_equal(picture[:, :32], image)
-    assert np.array_equal(picture[:, 36:68], class_table(cfg).colorize(truth))
-    assert (picture[:, 32:36] == 255).all()
+    assert np.array_equal(picture[title:, :32], image)
+    assert np.array_equal(picture[title:, 36:68], class_table(cfg).colorize(truth))
+    assert (picture[title:, 32:36] == 255).all()
+    # the legend lists the classes of the truth and of the prediction (read back from its label-value PNG)
+    values = cv2.imread(str(tmp_path / "pred" / "labelIds" / "frame00.png"), cv2.IMREAD_UNCHANGED)
+    pred = class_table(cfg).lookup[values].astype(np.uint8)
+    expected = datasets.legend(np.concatenate([truth.ravel(), pred.ravel()]), 24, class_table(cfg))
+    assert np.array_equal(picture[title:, 3 * 32 + 12:], expected)
 
 
 def test_evaluate_takes_a_dataset_with_its_evaluation_transform_and_leaves_it_as_it_is(tmp_path):
@@ -670,3 +679,12 @@ def test_a_quick_look_scores_the_first_images_and_an_exported_file_is_named_in_t
     assert results["images"] == 2 and results["scored_by"] == "onnxruntime model.onnx"
     dataset = evaluate.eval_dataset(cfg)  # the pixels scored: the labelled ones of the first two frames
     assert np.array(results["confusion"]).sum() == sum(int((dataset[i][1] != 255).sum()) for i in range(2))
+
+
+def test_the_console_names_every_folder_of_saved_predictions(tmp_path, capsys):
+    path, _, _ = make_checkpoint(tmp_path, n_val=1)
+    save = tmp_path / "pred"
+    assert evaluate.main(["--ckpt", path, f"save_dir={save}", "save_color=true"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("results: ")][-1]
+    assert line.endswith(f"; predictions: {save / 'labelIds'}, {save / 'color'}, {save / 'compare'}")
+    assert all((save / kind).is_dir() for kind in ("labelIds", "color", "compare"))

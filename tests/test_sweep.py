@@ -588,3 +588,22 @@ def test_commands_run_by_anyone_give_the_summary_the_sweep_gives(tiny_folder, tm
     assert summaries[0] == summaries[1]
     assert sweep.main(sweep_args(tiny_folder, tmp_path / "a", "--commands")) == 0
     assert capsys.readouterr().out == ""  # nothing left to train
+
+
+def test_the_summary_picture_keeps_its_titles_inside_and_its_legend_off_the_bars(hand_sweep):
+    pytest.importorskip("matplotlib")
+    _, root = hand_sweep
+    plt = plots.pyplot()
+    fig = sweep.summary_figure(plt, sweep.summarize(sweep.collect(root)))
+    try:
+        fig.canvas.draw()
+        box = fig.bbox
+        for ax in fig.axes:
+            title = ax.title.get_window_extent()
+            assert box.x0 <= title.x0 and title.x1 <= box.x1 and title.y1 <= box.y1, ax.get_title()
+        means = fig.axes[0]
+        legend = means.get_legend().get_window_extent()
+        for bar in means.patches:
+            assert not legend.overlaps(bar.get_window_extent()), "the legend covers a bar"
+    finally:
+        plt.close(fig)
