@@ -22,8 +22,8 @@ from model import build_model
 from optimizer import build_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Runs of the preset on 2 CPU cores reached 0.217, 0.223 and 0.241 (generator versions 1 and 2; channels_last).
-SYNTHETIC_MIOU_FLOOR = 0.15
+# The end-to-end test's smaller problem reached 0.179 (bf16) and 0.174 (fp32) on 2 CPU cores; untrained: 0.003.
+SYNTHETIC_MIOU_FLOOR = 0.10
 
 
 
@@ -418,24 +418,25 @@ def test_a_stopped_rank_ends_the_torchrun_job_after_dist_timeout_with_one_line(t
 
 
 def test_the_synthetic_preset_learns_end_to_end(tmp_path, capsys):
-    """The README's first command with its defaults (only the folders moved): generate, train, evaluate.
-
-    A few minutes on 2 CPU cores. The threshold is well under what the preset reaches (BENCHMARKS.md, "Training runs"),
-    and far above a model that learned nothing (0.003 for the untrained model).
-    """
+    """The README's first command on a smaller problem: generate (24 + 8 images of 128x256), train the synthetic preset
+    90 iterations on 128x128 crops, evaluate. About 30 s in bf16 and 50 s in fp32 on 2 CPU cores, where it reached
+    mIoU 17.9 and 17.4 and pixel accuracy 66.8% and 65.9%; the untrained model scores 0.3. The full quick start
+    (300 iterations, 21.7 in bf16 and 22.5 in fp32) is measured by hand (BENCHMARKS.md, README)."""
     data = tmp_path / "data"
-    assert synthetic.main(["--root", str(data), "--quiet"]) is None  # python synthetic.py --root data/synthetic
-    assert train.main(["--config", "synthetic", f"data_root={data}", f"out_dir={tmp_path}"]) == 0
+    assert synthetic.main(["--root", str(data), "--train", "24", "--val", "8", "--size", "128", "256", "--quiet"]) \
+        is None
+    assert train.main(["--config", "synthetic", f"data_root={data}", f"out_dir={tmp_path}", "max_iter=90",
+                       "crop_size=128,128", "eval_every=30"]) == 0
     with open(tmp_path / "synthetic" / "eval.json") as f:
         results = json.load(f)
-    assert results["images"] == 16 and results["split"] == "val"
-    assert results["miou"] > SYNTHETIC_MIOU_FLOOR and results["pixel_accuracy"] > 0.6
+    assert results["images"] == 8 and results["split"] == "val"
+    assert results["miou"] > SYNTHETIC_MIOU_FLOOR and results["pixel_accuracy"] > 0.55
     assert "mIoU" in capsys.readouterr().out
     log = [r for r in read_log(tmp_path / "synthetic") if "loss" in r]
-    assert log[-1]["iter"] == 300 and log[-1]["loss"] < 0.7 * log[0]["loss"]
-    # validated every 100 iterations; the run directory holds the best weights and the two pictures
+    assert log[-1]["iter"] == 90 and log[-1]["loss"] < 0.7 * log[0]["loss"]
+    # validated every 30 iterations; the run directory holds the best weights and the two pictures
     val = [r for r in read_log(tmp_path / "synthetic") if "val_miou" in r]
-    assert [r["iter"] for r in val] == [100, 200, 300] and val[-1]["val_miou"] == results["miou"]
+    assert [r["iter"] for r in val] == [30, 60, 90] and val[-1]["val_miou"] == results["miou"]
     for name in ("model_best.pth", "curves.png", "confusion.png"):
         assert (tmp_path / "synthetic" / name).is_file(), name
 
