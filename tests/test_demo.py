@@ -241,3 +241,24 @@ def test_no_input_is_one_line_asking_for_one(capsys):
     assert end.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         " error: expected at least one INPUT (image, folder or video)")  # not "key=value are required"
+
+
+def test_an_exported_file_of_other_classes_is_refused_before_any_picture(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = get_config("synthetic", ["num_classes=11"])
+    eleven = tmp_path / "eleven"
+    eleven.mkdir()
+    torch.save({"model": build_model(cfg, pretrained=False).state_dict(), "config": cfg.to_dict()},
+               eleven / "model.pth")
+    model, _ = load_for_inference(str(eleven / "model.pth"))
+    onnx_path = export.export_onnx(fold_batchnorm(model), str(eleven / "model.onnx"), sample_hw=(64, 96))
+    cfg19 = get_config("synthetic")
+    torch.save({"model": build_model(cfg19, pretrained=False).state_dict(), "config": cfg19.to_dict()},
+               tmp_path / "model.pth")
+    out = tmp_path / "out"
+    assert demo.main(["--ckpt", str(tmp_path / "model.pth"), write_png(tmp_path / "street.png", random_image((45, 70))),
+                      "--out", str(out), "backend=onnxruntime", f"backend_model={onnx_path}"]) == 2
+    assert capsys.readouterr().err == (f"error: {onnx_path} outputs 11 classes, but the config has num_classes=19: it "
+                                       "was exported from another model; export this checkpoint (python export.py "
+                                       "--ckpt CKPT)\n")
+    assert not out.exists() or not os.listdir(out)
