@@ -23,6 +23,8 @@ def pytest_configure(config):
     (torchrun, the command-line scripts), which inherit it. `-m cuda` leaves them visible for the `cuda` tests."""
     if not selects_cuda(config.getoption("markexpr") or ""):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, one thread each
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
