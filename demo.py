@@ -5,12 +5,12 @@
 An INPUT is an image (.png .jpg .jpeg .bmp), a folder (its images, sorted, not its subfolders) or a video
 (.mp4 .avi .mov .mkv). For each image NAME, DIR (default demo_out/) gets:
 
-    NAME_color.png     the segmentation in the dataset's class colors, at the input's size
-    NAME_overlay.png   the input blended with the segmentation (alpha 0.5), with a legend strip on the
-                       right listing the classes present: as tall as the input, input width + strip width
+    NAME_color.png     the segmentation in the dataset's class colors
+    NAME_overlay.png   the input blended with the segmentation (alpha 0.5)
 
-and for each video NAME: NAME_color.mp4 and NAME_overlay.mp4, same fps, frames as above (the color frames
-exactly the input's frame size, the overlay frames input width + strip width). Where the input's width or height
+each at the input's size with a legend strip on the right listing the classes present: as tall as the input, input
+width + strip width (evaluate.py save_dir=DIR writes maps of the input's size alone). For each video NAME:
+NAME_color.mp4 and NAME_overlay.mp4, same fps, frames as above. Where the input's width or height
 is odd, or where this OpenCV cannot write mp4v, they are Motion JPEG .avi files instead (NAME_color.avi,
 NAME_overlay.avi): OpenCV's mp4 writer would drop the odd last row or column.
 
@@ -72,16 +72,13 @@ def overlay(image_rgb, train_ids, table=CITYSCAPES, alpha=0.5):
     return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
 
 
-def overlay_with_legend(image_rgb, train_ids, table=CITYSCAPES):
-    """The overlay at the input's size with the legend strip to its right."""
-    return np.concatenate([overlay(image_rgb, train_ids, table), legend(train_ids, image_rgb.shape[0], table)],
-                          axis=1)
-
-
 def render(model, image_rgb, cfg, table):
-    """(color picture, overlay with legend) of one RGB image, both RGB uint8, in the colors of `table`."""
+    """(color picture, overlay) of one RGB image, both RGB uint8 in the colors of `table`, each at the input's size
+    with the legend strip of the classes present to its right."""
     train_ids = segment(model, image_rgb, cfg)
-    return table.colorize(train_ids), overlay_with_legend(image_rgb, train_ids, table)
+    strip = legend(train_ids, image_rgb.shape[0], table)
+    return (np.concatenate([table.colorize(train_ids), strip], axis=1),
+            np.concatenate([overlay(image_rgb, train_ids, table), strip], axis=1))
 
 
 # ---- inputs and outputs ----
