@@ -13,8 +13,7 @@ import sys
 import torch
 
 from configs import CITYSCAPES_MEAN, CITYSCAPES_STD, IMAGENET_MEAN, IMAGENET_STD, MODEL_KEYS, get_config
-from model import build_model
-from resnet import load_failure, state_dict_problems
+from model import build_model, load_failure, state_dict_problems
 
 # Settings a model was trained with that no weight records: a checkpoint loads whatever their value, and its
 # predictions change with them (upsample is the one architecture switch that shapes no parameter).

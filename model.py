@@ -10,17 +10,19 @@ part that is switched off has no parameters at all, so DistributedDataParallel n
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 
 import torch
 import torch.nn as nn
+import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from bisenetv2 import BiSeNetV2
 from configs import ConfigError, add_config_args, get_config
 from layers import ConvBNReLU, global_avg, resize
 from precision import autocast_dtype
-from resnet import ResNet18, load_pretrained
+from resnet import ResNet18
 
 
 def make_spatial_path():
@@ -172,6 +174,95 @@ class BiSeNet(nn.Module):
 
 
 ARCHITECTURES = {"bisenetv1": BiSeNet, "bisenetv2": BiSeNetV2}  # cfg.arch -> the model class
+
+
+# ---- ImageNet weights of the ResNet18 trunk, and the report of a state dict that does not fit ----
+
+class PretrainedError(RuntimeError):
+    """The ImageNet weights the config asks for cannot be found or do not fit."""
+
+
+def load_pretrained(backbone, source):
+    """Load ImageNet weights into `backbone` from `source` (the config's `pretrained`).
+
+    "none" trains from scratch on purpose; "torchvision" uses torchvision's IMAGENET1K_V1 file (from the torch hub
+    cache, downloading it if missing); anything else is the path of a resnet18 state dict. Returns the file the
+    weights came from (None for "none"), for the training log. Never continues silently without weights.
+    """
+    if source == "none":
+        return None
+    state, path = _torchvision_weights() if source == "torchvision" else (_read_state_dict(source), source)
+    # the ImageNet classifier has no place in a segmentation backbone
+    _load_strict(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")}, path)
+    return path
+
+
+def _torchvision_weights():
+    """torchvision's ResNet18 ImageNet weights (ResNet18_Weights.IMAGENET1K_V1) through its weights API: from the torch
+    hub cache, downloaded there once (hash checked), read weights-only."""
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True), path
+    except Exception as err:  # offline, proxy, bad hash: whatever the cause, the fix is to fetch the file by hand
+        raise PretrainedError(
+            f"pretrained=torchvision: the ResNet18 ImageNet weights are not in the torch hub cache ({path}) and "
+            f"downloading them failed ({type(err).__name__}: {err}). Download {weights.url} and put it at "
+            f"{path}, or pass pretrained=/path/to/resnet18.pth. Use pretrained=none only to train from scratch on "
+            "purpose (expect a much lower mIoU)."
+        ) from None
+
+
+def _read_state_dict(path):
+    if not os.path.isfile(path):
+        raise PretrainedError(
+            f"pretrained weights not found: {path!r}; expected 'torchvision', 'none' or the path of a resnet18 "
+            "state dict (.pth)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise PretrainedError(f"cannot read pretrained weights {path}: {load_failure(err)}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedError(f"{path} is not a resnet18 state dict: expected a dict of tensors named like "
+                              "torchvision's")
+    return state
+
+
+def load_failure(err):
+    """Why torch.load(weights_only=True) refused a file, in one line (checkpoint.py's reading says it too). For a
+    pickle of other objects torch's own message advises weights_only=False, which would run whatever code the file
+    holds: that advice is never passed on."""
+    if "weights only load failed" in str(err).lower():
+        return ("it holds Python objects other than tensors and plain values (a pickle, which could run code when "
+                "loaded): refused; expected a file written by torch.save of tensors")
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"{type(err).__name__}: {first}; expected a file written by torch.save (it may be truncated)"
+
+
+def state_dict_problems(expected, state, shapes=True, shown=5):
+    """How `state` differs from a module's state dict `expected`: a "wrong shapes: ...", "missing keys: ..." and
+    "unexpected keys: ..." line where there are any (the first `shown` names, then the count); shapes=False leaves
+    the shapes unchecked. The one report of a mismatch, for ImageNet weights and for checkpoints (checkpoint.py)."""
+    wrong_shape = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+                   for k, v in expected.items() if shapes and k in state and state[k].shape != v.shape]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    found = (("wrong shapes", wrong_shape), ("missing keys", missing), ("unexpected keys", unexpected))
+    return [f"{label}: {', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''} ({len(keys)} in all)"
+            for label, keys in found if keys]
+
+
+def _load_strict(backbone, state, path):
+    expected = backbone.state_dict()
+    # BatchNorm's batch counter is absent from older torchvision files and unused with a fixed momentum
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked"):
+            state.setdefault(key, value)
+    problems = state_dict_problems(expected, state)
+    if problems:
+        raise PretrainedError(f"{path} does not match torchvision's resnet18 layout: " + "; ".join(problems))
+    backbone.load_state_dict(state)
 
 
 def build_model(cfg, pretrained=True):

@@ -36,10 +36,9 @@ from datasets import build_dataset, class_table, loader_workers, scan_labels
 from distributed import Distributed, LaunchError, launched_rank, timeout_message
 from evaluate import eval_dataset, evaluate, format_results, write_results
 from loss import build_loss
-from model import build_model
+from model import PretrainedError, build_model
 from optimizer import build_optimizer, load_optimizer_state, lr_at, set_lr
 from precision import training_precision, use_channels_last
-from resnet import PretrainedError
 from transform import TrainTransform, normalize
 
 

@@ -13,8 +13,7 @@ import resnet
 from checkpoint import CheckpointError, load_checkpoint
 from configs import PRESETS, get_config
 from loss import build_loss
-from model import BiSeNet, build_model, count_parameters
-from resnet import PretrainedError
+from model import BiSeNet, PretrainedError, build_model, count_parameters, load_pretrained
 
 MODEL_PRESETS = ["cityscapes"] + [name for name in PRESETS if name.startswith("ablation_")]
 
@@ -197,7 +196,7 @@ def test_load_pretrained_matches_torchvision(tmp_path):
     backbone = resnet.ResNet18()
     assert set(tv.state_dict()) - set(backbone.state_dict()) == {"fc.weight", "fc.bias"}
     assert set(backbone.state_dict()) <= set(tv.state_dict())
-    assert resnet.load_pretrained(backbone, str(path)) == str(path)
+    assert load_pretrained(backbone, str(path)) == str(path)
     x = torch.randn(1, 3, 97, 131)
     with torch.no_grad():
         ours, theirs = backbone.eval()(x), torchvision_features(tv, x)
@@ -211,7 +210,7 @@ def test_load_pretrained_file_without_batch_counters(tmp_path):
     path = tmp_path / "old.pth"
     torch.save({k: v for k, v in tv.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
     backbone = resnet.ResNet18()
-    resnet.load_pretrained(backbone, str(path))
+    load_pretrained(backbone, str(path))
     theirs = tv.state_dict()
     for key, value in backbone.state_dict().items():
         if not key.endswith("num_batches_tracked"):
@@ -223,23 +222,23 @@ def test_load_pretrained_rejects_unexpected_and_missing_keys(tmp_path):
     extra = tmp_path / "extra.pth"
     torch.save({**state, "layer5.0.conv1.weight": torch.zeros(1)}, extra)
     with pytest.raises(PretrainedError, match=r"(?s)extra\.pth.*unexpected keys: layer5\.0\.conv1\.weight"):
-        resnet.load_pretrained(resnet.ResNet18(), str(extra))
+        load_pretrained(resnet.ResNet18(), str(extra))
     missing = tmp_path / "missing.pth"
     torch.save({k: v for k, v in state.items() if k != "layer3.1.bn2.weight"}, missing)
     with pytest.raises(PretrainedError, match=r"(?s)missing\.pth.*missing keys: layer3\.1\.bn2\.weight"):
-        resnet.load_pretrained(resnet.ResNet18(), str(missing))
+        load_pretrained(resnet.ResNet18(), str(missing))
 
 
 def test_load_pretrained_missing_path_is_named(tmp_path):
     path = str(tmp_path / "nowhere" / "resnet18.pth")
     with pytest.raises(PretrainedError, match="nowhere"):
-        resnet.load_pretrained(resnet.ResNet18(), path)
+        load_pretrained(resnet.ResNet18(), path)
 
 
 def test_load_pretrained_none_keeps_init():
     backbone = resnet.ResNet18()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    assert resnet.load_pretrained(backbone, "none") is None
+    assert load_pretrained(backbone, "none") is None
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
 
 
@@ -248,10 +247,12 @@ def no_network(*args, **kwargs):
 
 
 def test_torchvision_source_offline_error(tmp_path, monkeypatch):
+    import torchvision.models._api
+
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)  # the weights API's
     with pytest.raises(PretrainedError) as info:
-        resnet.load_pretrained(resnet.ResNet18(), "torchvision")
+        load_pretrained(resnet.ResNet18(), "torchvision")
     message = str(info.value)
     assert os.path.join(str(tmp_path), "checkpoints", "resnet18-f37072fd.pth") in message
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
@@ -259,13 +260,12 @@ def test_torchvision_source_offline_error(tmp_path, monkeypatch):
 
 
 def test_torchvision_source_uses_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # the file is there: nothing is downloaded
     tv = random_torchvision_resnet18()
     (tmp_path / "checkpoints").mkdir()
     torch.save(tv.state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
     backbone = resnet.ResNet18()
-    resnet.load_pretrained(backbone, "torchvision")
+    load_pretrained(backbone, "torchvision")
     assert torch.equal(backbone.layer4[1].bn2.running_var, tv.layer4[1].bn2.running_var)
 
 
