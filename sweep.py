@@ -298,6 +298,8 @@ def check_existing(run):
     except (OSError, ValueError):
         return
     asked = json.loads(json.dumps(run.cfg.to_dict()))  # lists where the config has tuples, as in the file
+    if isinstance(saved.get("channels_last"), bool):  # saved when the key was true/false only
+        saved["channels_last"] = str(saved["channels_last"]).lower()
     wrong = [k for k in MODEL_KEYS if k in saved and k in asked and saved[k] != asked[k]]
     if wrong:
         trained = ", ".join(override_text(k, saved[k]) for k in wrong)

@@ -452,7 +452,7 @@ def startup_summary(cfg):
     if cfg.resume:
         start = f"resuming {cfg.resume}"
     lines = [f"train {what} {start}: {cfg.max_iter} iterations, batch {cfg.batch_size}, crop "
-             f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, lr {cfg.lr:g} (preset {cfg.run_name})",
+             f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, lr {cfg.lr:g} (run {cfg.run_name})",
              f"data: {cfg.dataset} at {cfg.data_root}, {cfg.num_classes} classes; every setting goes to the run "
              "folder's config.json"]
     note = plots.missing_note()

@@ -607,3 +607,14 @@ def test_the_summary_picture_keeps_its_titles_inside_and_its_legend_off_the_bars
             assert not legend.overlaps(bar.get_window_extent()), "the legend covers a bar"
     finally:
         plt.close(fig)
+
+
+def test_a_run_saved_when_channels_last_was_a_bool_is_not_said_to_differ(tmp_path, capsys):
+    run = hand_run(tmp_path)
+    os.makedirs(run.run_dir)
+    saved = {**json.loads(json.dumps(run.cfg.to_dict())), "channels_last": True, "lr": 0.5}
+    with open(run.path("config.json"), "w") as f:
+        json.dump(saved, f)
+    sweep.check_existing(run)
+    err = capsys.readouterr().err
+    assert "lr=0.5" in err and "channels_last" not in err  # camvid's channels_last="true" is the same setting

@@ -276,7 +276,7 @@ def test_a_short_summary_is_printed_before_anything_can_fail(tmp_path, capsys, m
                        f"out_dir={tmp_path}", "lr=0.123"]) == 2
     out = capsys.readouterr().out
     assert out == ("train BiSeNetV1 (ResNet18) from scratch: 300 iterations, batch 8, crop 192x192, lr 0.123 "
-                   f"(preset synthetic)\ndata: cityscapes at {tmp_path / 'none'}, 19 classes; every setting goes to "
+                   f"(run synthetic)\ndata: cityscapes at {tmp_path / 'none'}, 19 classes; every setting goes to "
                    "the run folder's config.json\n")
 
 
