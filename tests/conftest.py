@@ -90,6 +90,22 @@ def randomize_batchnorm(model, seed=0):
     return model
 
 
+def start_training(args, log_path, records, timeout=240):
+    """`python train.py ARGS` started in a session of its own (its pid is its process group), returned once its
+    log.jsonl at `log_path` holds `records` lines (or `timeout` seconds passed)."""
+    import subprocess
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(repo, "train.py"), *args], env={**os.environ,
+                            "PYTHONPATH": repo}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while (not log_path.exists() or len(log_path.read_text().splitlines()) < records) and time.time() < deadline:
+        time.sleep(0.1)
+    return proc
+
+
 def copy_run(run_dir, out):
     """A copy of run folder `run_dir` at out/synthetic, which resume= then continues in place."""
     return shutil.copytree(run_dir, out / "synthetic")

@@ -10,11 +10,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import start_training, tiny_args
 
 import evaluate
 import train
@@ -100,13 +99,7 @@ def test_the_loader_ships_uint8_and_the_gpu_normalizes_as_the_cpu(tiny_root):
 def test_sigterm_on_the_gpu_saves_last_pth_without_validating_and_resumes(tiny_root, tmp_path):
     args = tiny_args(tiny_root, tmp_path, "amp=fp16", "max_iter=400", "ckpt_every=1000", "eval_every=200",
                      "workers=2", "eval_workers=1")
-    env = {**os.environ, "PYTHONPATH": REPO}
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    log_path = tmp_path / "synthetic" / "log.jsonl"
-    deadline = time.time() + 120
-    while (not log_path.exists() or len(log_path.read_text().splitlines()) < 3) and time.time() < deadline:
-        time.sleep(0.1)
+    proc = start_training(args, tmp_path / "synthetic" / "log.jsonl", 3, timeout=120)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import copy_run, tiny_args
+from conftest import copy_run, start_training, tiny_args
 
 import checkpoint
 import precision
@@ -745,15 +745,7 @@ def test_a_stop_signal_finishes_the_iteration_writes_last_pth_and_resumes(tiny_r
     """The signal goes to every process of the run, loader workers included, as Ctrl-C (the terminal's process group)
     and a scheduler that preempts a job (SLURM: every process of the job) send it."""
     import signal
-    import time
-    args = tiny_args(tiny_root, tmp_path, *STOP_SETTINGS)
-    env = {**os.environ, "PYTHONPATH": REPO}
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    log_path = tmp_path / "synthetic" / "log.jsonl"
-    deadline = time.time() + 240
-    while (not log_path.exists() or len(log_path.read_text().splitlines()) < 2) and time.time() < deadline:
-        time.sleep(0.2)
+    proc = start_training(tiny_args(tiny_root, tmp_path, *STOP_SETTINGS), tmp_path / "synthetic" / "log.jsonl", 2)
     assert len(process_group(proc.pid)) >= 2  # the main process and its loader worker(s) get the signal
     os.killpg(proc.pid, signum)
     out, err = proc.communicate(timeout=240)
