@@ -476,10 +476,7 @@ def get_config(name="cityscapes", overrides=(), base=None, notes=None):
             raise ConfigError(f"unknown config {name!r}{did_you_mean(name, PRESETS)}; presets: {', '.join(PRESETS)}")
         values = dict(PRESETS[name])
     else:
-        values = {k: v for k, v in base.items() if k in defaults}
-        if isinstance(values.get("channels_last"), bool):  # a config saved when the key was true/false only
-            values["channels_last"] = str(values["channels_last"]).lower()
-        values = {k: _stored_value(k, v, defaults[k]) for k, v in values.items()}
+        values = {k: _stored_value(k, v, defaults[k]) for k, v in upgrade_stored(base).items() if k in defaults}
     given = set()
     for item in overrides:
         if "=" not in item:
@@ -501,6 +498,14 @@ def get_config(name="cityscapes", overrides=(), base=None, notes=None):
     dataset = values.get("dataset", Config.dataset)
     values.setdefault("run_name", dataset if name == "cityscapes" and dataset != "cityscapes" else name)
     return _check(Config(**values))
+
+
+def upgrade_stored(config):
+    """A stored config dict (a checkpoint's, config.json) with the values of keys whose type changed since it was
+    written: channels_last was true/false only."""
+    if isinstance(config.get("channels_last"), bool):
+        return {**config, "channels_last": str(config["channels_last"]).lower()}
+    return config
 
 
 def _stored_value(key, value, default):

@@ -54,8 +54,9 @@ def confusion_update(confusion, pred, label, ignore_index=IGNORE):
     n = confusion.shape[0]
     valid = label != ignore_index
     pred = pred[valid].long()
-    if pred.numel() and not 0 <= int(pred.min()) <= int(pred.max()) < n:
-        bad = int(pred.max()) if int(pred.max()) >= n else int(pred.min())
+    low, high = (int(pred.min()), int(pred.max())) if pred.numel() else (0, 0)
+    if not 0 <= low <= high < n:
+        bad = high if high >= n else low
         raise ConfigError(f"a prediction holds class {bad}, outside 0..{n - 1}: the model predicts other classes "
                           f"than num_classes={n}")
     index = label[valid].long() * n + pred  # int64: uint8 labels would wrap at 256

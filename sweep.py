@@ -41,7 +41,7 @@ import plots
 import train
 from checkpoint import CheckpointError, load_for_inference, save_checkpoint, write_atomically
 from cityscapes import DatasetError
-from configs import MODEL_KEYS, PRESETS, ConfigError, add_config_args, get_config
+from configs import MODEL_KEYS, PRESETS, ConfigError, add_config_args, get_config, upgrade_stored
 from datasets import build_dataset
 from distributed import Distributed
 
@@ -298,8 +298,7 @@ def check_existing(run):
     except (OSError, ValueError):
         return
     asked = json.loads(json.dumps(run.cfg.to_dict()))  # lists where the config has tuples, as in the file
-    if isinstance(saved.get("channels_last"), bool):  # saved when the key was true/false only
-        saved["channels_last"] = str(saved["channels_last"]).lower()
+    saved = upgrade_stored(saved)
     wrong = [k for k in MODEL_KEYS if k in saved and k in asked and saved[k] != asked[k]]
     if wrong:
         trained = ", ".join(override_text(k, saved[k]) for k in wrong)
