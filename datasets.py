@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 
 import cityscapes
 from cityscapes import IGNORE, DatasetError, read_image, read_label_png
@@ -404,3 +405,29 @@ def _end_on_sigterm_from_parent():
     while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
         pass  # a SIGTERM from anyone else: the main process decides when this worker ends
     os._exit(0)  # as PyTorch's own worker handler ends on its parent's SIGTERM: quietly, as a clean exit
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """An endless stream of (index, augmentation seed) for this rank, resumable at any position.
+
+    The global stream is a fresh permutation of the dataset per epoch (seeded by seed and epoch); rank r
+    takes stream positions r, r + world, r + 2 world, ... as DistributedSampler does. Each sample's
+    augmentation seed is (seed, stream position), so the data a run sees depends only on the seed and
+    the iteration: not on the number of loader workers, and not on whether the run was resumed.
+    """
+
+    def __init__(self, size, seed=0, rank=0, world=1, start=0):
+        self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start
+
+    def permutation(self, epoch):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self):
+        position, epoch, order = self.start * self.world + self.rank, -1, None
+        while True:
+            if position // self.size != epoch:
+                epoch = position // self.size
+                order = self.permutation(epoch)
+            yield order[position % self.size], (self.seed, position)
+            position += self.world

@@ -3,6 +3,8 @@
 import datetime
 import os
 import re
+import signal
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -99,3 +101,51 @@ class Distributed:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT stopped the run after an iteration, with last.pth written, or after the last one, with
+    model_final.pth written (`final`): exit 128 + the signal."""
+
+    def __init__(self, signum, iteration, path, final=False):
+        name = signal.Signals(signum).name
+        if final:
+            message = (f"stopped by {name} after the last iteration ({iteration}), before the final evaluation; "
+                       f"{path} holds the final weights: score them with python evaluate.py --ckpt {path}")
+        else:
+            message = f"stopped by {name} after iteration {iteration}; {path} holds it: continue with python " \
+                      f"train.py resume={path}"
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequest:
+    """While entered, SIGTERM (what clusters send before preemption) and SIGINT (Ctrl-C) ask the run to stop at the
+    end of the current iteration instead of killing it; a second SIGINT stops at once. Once the final weights are
+    saved (`saved_final`), a signal stops the process at once: nothing is left to save."""
+
+    def __init__(self):
+        self.signum, self._previous, self.final = None, {}, None
+
+    def _handle(self, signum, frame):
+        if self.final is not None:
+            raise Stopped(signum, *self.final, final=True)
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def saved_final(self, iteration, path):
+        """The final weights are at `path`: a signal received before ends the run now, one received later at once."""
+        self.final = (iteration, path)
+        if self.signum is not None:
+            raise Stopped(self.signum, iteration, path, final=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

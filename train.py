@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 
@@ -32,8 +31,8 @@ from checkpoint import (
 )
 from cityscapes import IGNORE, DatasetError
 from configs import Config, ConfigError, add_config_args, format_config, get_config, parse_value
-from datasets import build_dataset, class_table, loader_workers, scan_labels
-from distributed import Distributed, LaunchError, launched_rank, timeout_message
+from datasets import InfiniteSampler, build_dataset, class_table, loader_workers, scan_labels
+from distributed import Distributed, LaunchError, Stopped, StopRequest, launched_rank, timeout_message
 from evaluate import eval_dataset, evaluate, format_results, write_results
 from loss import build_loss
 from model import PretrainedError, build_model
@@ -47,80 +46,6 @@ class NonFiniteError(RuntimeError):
 
 
 NO_BEST = {"iter": None, "miou": None}  # no validation yet: the best {"iter", "miou"} so far
-
-
-class Stopped(Exception):
-    """SIGTERM or SIGINT stopped the run after an iteration, with last.pth written, or after the last one, with
-    model_final.pth written (`final`): exit 128 + the signal."""
-
-    def __init__(self, signum, iteration, path, final=False):
-        name = signal.Signals(signum).name
-        if final:
-            message = (f"stopped by {name} after the last iteration ({iteration}), before the final evaluation; "
-                       f"{path} holds the final weights: score them with python evaluate.py --ckpt {path}")
-        else:
-            message = f"stopped by {name} after iteration {iteration}; {path} holds it: continue with python " \
-                      f"train.py resume={path}"
-        super().__init__(message)
-        self.signum = signum
-
-
-class StopRequest:
-    """While entered, SIGTERM (what clusters send before preemption) and SIGINT (Ctrl-C) ask the run to stop at the
-    end of the current iteration instead of killing it; a second SIGINT stops at once. Once the final weights are
-    saved (`saved_final`), a signal stops the process at once: nothing is left to save."""
-
-    def __init__(self):
-        self.signum, self._previous, self.final = None, {}, None
-
-    def _handle(self, signum, frame):
-        if self.final is not None:
-            raise Stopped(signum, *self.final, final=True)
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def saved_final(self, iteration, path):
-        """The final weights are at `path`: a signal received before ends the run now, one received later at once."""
-        self.final = (iteration, path)
-        if self.signum is not None:
-            raise Stopped(self.signum, iteration, path, final=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-class InfiniteSampler(torch.utils.data.Sampler):
-    """An endless stream of (index, augmentation seed) for this rank, resumable at any position.
-
-    The global stream is a fresh permutation of the dataset per epoch (seeded by seed and epoch); rank r
-    takes stream positions r, r + world, r + 2 world, ... as DistributedSampler does. Each sample's
-    augmentation seed is (seed, stream position), so the data a run sees depends only on the seed and
-    the iteration: not on the number of loader workers, and not on whether the run was resumed.
-    """
-
-    def __init__(self, size, seed=0, rank=0, world=1, start=0):
-        self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start
-
-    def permutation(self, epoch):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
-
-    def __iter__(self):
-        position, epoch, order = self.start * self.world + self.rank, -1, None
-        while True:
-            if position // self.size != epoch:
-                epoch = position // self.size
-                order = self.permutation(epoch)
-            yield order[position % self.size], (self.seed, position)
-            position += self.world
 
 
 def per_rank_batch(cfg, world):

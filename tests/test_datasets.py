@@ -271,3 +271,16 @@ def test_the_checker_prints_class_weights_for_the_training_split_only(tiny_folde
     assert "class_weights=" in train_part and "median-freq weight" in train_part
     assert "class_weights=" not in val_part and "median-freq weight" not in val_part
     assert f"{'road':<16}" in val_part  # the pixel shares stay
+
+
+def test_sampler_positions_shard_and_resume():
+    full = datasets.InfiniteSampler(5, seed=1, rank=0, world=1)
+    stream = [next(it) for it in [iter(full)] for _ in range(12)]
+    # Each epoch of 5 is a permutation; the augmentation seed is (seed, position).
+    assert sorted(i for i, _ in stream[:5]) == list(range(5)) and sorted(i for i, _ in stream[5:10]) == list(range(5))
+    assert [s for _, s in stream] == [(1, p) for p in range(12)]
+    ranks = [iter(datasets.InfiniteSampler(5, seed=1, rank=r, world=2)) for r in range(2)]
+    sharded = [next(ranks[p % 2]) for p in range(12)]
+    assert sharded == stream
+    later = iter(datasets.InfiniteSampler(5, seed=1, rank=1, world=2, start=3))
+    assert [next(later) for _ in range(3)] == stream[7:12:2]

@@ -343,19 +343,6 @@ def test_bad_input_is_a_clear_error(argv, words, capsys, tmp_path):
     assert not (tmp_path / "data").exists()  # the error comes before any data is generated
 
 
-def test_sampler_positions_shard_and_resume():
-    full = train.InfiniteSampler(5, seed=1, rank=0, world=1)
-    stream = [next(it) for it in [iter(full)] for _ in range(12)]
-    # Each epoch of 5 is a permutation; the augmentation seed is (seed, position).
-    assert sorted(i for i, _ in stream[:5]) == list(range(5)) and sorted(i for i, _ in stream[5:10]) == list(range(5))
-    assert [s for _, s in stream] == [(1, p) for p in range(12)]
-    ranks = [iter(train.InfiniteSampler(5, seed=1, rank=r, world=2)) for r in range(2)]
-    sharded = [next(ranks[p % 2]) for p in range(12)]
-    assert sharded == stream
-    later = iter(train.InfiniteSampler(5, seed=1, rank=1, world=2, start=3))
-    assert [next(later) for _ in range(3)] == stream[7:12:2]
-
-
 def test_torchrun_two_processes_keep_identical_weights_and_write_once(tiny_root, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(
