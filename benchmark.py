@@ -1,50 +1,41 @@
-"""Measure the pipeline and write BENCHMARKS.md.
+"""Measure the pipeline and write benchmarks/<machine class>.md.
 
-    python benchmark.py                                   # every section, written to BENCHMARKS.md
+    python benchmark.py                                   # every section, written to benchmarks/<class>.md
     python benchmark.py --only data,latency               # some (see SECTIONS): printed
     python benchmark.py --only eval --out eval_bench.md   # some, written to the file given
 
-Sections: data (training pipeline samples/s per loader worker on 1024x2048 frames, against a
-full-image resize baseline), loss (one head's OHEM loss, against the gather formulation), boosters
-(BiSeNetV2's booster expansions and whole training step, against upsampling first), train (training
-images/s at the reference crop, per precision), presets (training images/s at the synthetic, camvid and
-camvid_v2 presets' crops: fp32, channels_last, bf16, torch.compile),
-latency (inference ms/image at 512x1024 and 1024x2048 for several execution variants and the exported
-ONNX Runtime / OpenVINO fp32, bf16, INT8 files, against fp32 eager), eval (seconds per image of each
-evaluation mode, in PyTorch and with the OpenVINO files, and batched against one-at-a-time crops). Each
-figure is the median of --repeat timed runs after a warm-up run: on the GPU timed with CUDA events (read
-after a synchronize), on the CPU with perf_counter. Runs on the GPU when there is one, else the CPU;
-exported files always run on the CPU (the notes say so). Rows whose package (requirements-deploy.txt) is
-missing are left out with a note.
-
-BENCHMARKS.md is written by a full run only, so that a partial run does not replace the whole report with
-its sections; --out FILE writes any run's sections to FILE.
+The class is the CPU's (AVX2, AVX512, AVX512-BF16, AMX: it decides the precision rows), or the GPU's name. Sections:
+data (training pipeline samples/s per loader worker on 1024x2048 frames), train (training images/s at the reference
+crop, per precision), presets (the same at the CPU presets' crops: fp32, channels_last, bf16, torch.compile), latency
+(inference ms/image at 512x1024 and 1024x2048 per execution variant and exported ONNX Runtime / OpenVINO file),
+eval (seconds per image of each evaluation mode, in PyTorch and OpenVINO). Each figure is the median of --repeat
+timed runs after a warm-up run, on the GPU where there is one; exported files run on the CPU. Rows whose package
+(requirements-deploy.txt) is missing are left out with a note. Only a full run writes the default file, so that a
+partial run does not replace a report with its sections. Figures measured by hand: benchmarks/measured.md.
 """
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import precision
-from bisenetv2 import UpsampleConvBNReLU
-from cityscapes import IGNORE
 from configs import get_config
 from datasets import build_dataset
 from distributed import Distributed
 from evaluate import eval_crop_size, predict, predict_scores
 from export import export_onnx, export_openvino, openvino_paths, quantize_int8, random_images
-from loss import OhemCrossEntropy, build_loss
+from loss import build_loss
 from model import ARCHITECTURES, build_model, count_gflops, fold_batchnorm, inference_model
 from optimizer import build_optimizer
 from precision import training_precision, use_channels_last
@@ -53,16 +44,12 @@ from synthetic import generate
 from train import train_step
 from transform import TrainTransform, normalize
 
-SECTIONS = ("data", "loss", "boosters", "train", "presets", "latency", "eval")
+SECTIONS = ("data", "train", "presets", "latency", "eval")
 
 
 def timed(fn, device, repeat):
-    """Median seconds of fn() over `repeat` runs after one warm-up run.
-
-    On CUDA, from events recorded on the current stream before and after fn (work queued earlier is
-    finished first; the end event is waited for before it is read): the GPU's own time, which host clocks
-    only approximate for asynchronous kernels. On the CPU, from perf_counter.
-    """
+    """Median seconds of fn() over `repeat` runs after one warm-up run. On CUDA from events recorded around fn on the
+    current stream (the GPU's own time, which host clocks only approximate); on the CPU from perf_counter."""
     fn()
     times = []
     for _ in range(repeat):
@@ -105,6 +92,14 @@ def cpu_isa(capability, flags):
     return capability
 
 
+def machine_class():
+    """The name of this machine's report: the GPU's name (runs of other characters than letters, digits, '.' and '-'
+    as one '-') where there is a GPU, else the CPU's class (cpu_isa)."""
+    if torch.cuda.is_available():
+        return re.sub(r"[^\w.-]+", "-", torch.cuda.get_device_name(0)).strip("-")
+    return cpu_isa(torch.backends.cpu.get_cpu_capability(), cpu_info()[1])
+
+
 def machine():
     cpu, flags = cpu_info()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -117,54 +112,32 @@ def machine():
 
 # ---- data ----
 
-def resize_crop_baseline(image, label, crop_hw, rng):
-    """The usual pipeline, for comparison: resize the whole frame, pad, crop, flip."""
-    scale = rng.uniform(0.75, 2.0)
-    h, w = round(image.shape[0] * scale), round(image.shape[1] * scale)
-    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
-    ph, pw = max(h, crop_hw[0]), max(w, crop_hw[1])
-    image = cv2.copyMakeBorder(image, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
-    label = cv2.copyMakeBorder(label, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=255)
-    y, x = rng.integers(0, ph - crop_hw[0] + 1), rng.integers(0, pw - crop_hw[1] + 1)
-    image, label = image[y:y + crop_hw[0], x:x + crop_hw[1]], label[y:y + crop_hw[0], x:x + crop_hw[1]]
-    if rng.random() < 0.5:
-        image, label = image[:, ::-1], label[:, ::-1]
-    return image, label
-
-
 def bench_data(cfg, root, repeat):
     tf = TrainTransform.from_config(cfg)
     data_cfg = dataclasses.replace(cfg, data_root=root)
     dataset, plain = build_dataset(data_cfg, "train", tf), build_dataset(data_cfg, "train")
     raw = [(img, lbl.astype(np.uint8)) for img, lbl in (plain[i] for i in range(len(plain)))]
-    rng = np.random.default_rng(0)
-    n = len(dataset)
+    rng, n = np.random.default_rng(0), len(dataset)
 
-    def loop(fn):
-        return lambda: [fn(i) for i in range(n)]
+    def per_sample(fn):
+        return timed(lambda: [fn(i) for i in range(n)], torch.device("cpu"), repeat) / n
 
-    t_full = timed(loop(lambda i: dataset[(i, (0, i))]), torch.device("cpu"), repeat) / n
-    t_float = timed(loop(lambda i: as_float_sample(dataset[(i, (0, i))], cfg)), torch.device("cpu"), repeat) / n
-    t_decode = timed(loop(lambda i: plain[i]), torch.device("cpu"), repeat) / n
-    t_ours = timed(loop(lambda i: tf.geometry(*raw[i], rng)), torch.device("cpu"), repeat) / n
-    t_base = timed(loop(lambda i: resize_crop_baseline(*raw[i], cfg.crop_size, rng)), torch.device("cpu"), repeat) / n
-    t_rest = timed(loop(lambda i: tf(*raw[i], rng)), torch.device("cpu"), repeat) / n - t_ours
+    t_full = per_sample(lambda i: dataset[(i, (0, i))])
+    t_float = per_sample(lambda i: as_float_sample(dataset[(i, (0, i))], cfg))
+    t_geometry = per_sample(lambda i: tf.geometry(*raw[i], rng))
     rows = [
-        ("full sample: PNG decode + label map + augmentation, shipped as uint8 (ours)", 1 / t_full,
+        ("full sample: PNG decode + label map + augmentation, shipped as uint8 (ours)", t_full,
          f"{t_float / t_full:.2f}x"),
-        ("full sample, normalized in the worker: float32 image + int64 label (baseline)", 1 / t_float, "1.00x"),
-        ("PNG decode + label map only", 1 / t_decode, ""),
-        ("scale/pad/crop/flip: one warpAffine of the crop (ours)", 1 / t_ours, f"{t_base / t_ours:.2f}x"),
-        ("scale/pad/crop/flip: resize whole frame, then crop (baseline)", 1 / t_base, "1.00x"),
-        ("color jitter", 1 / t_rest, ""),
+        ("full sample, normalized in the worker: float32 image + int64 label (baseline)", t_float, "1.00x"),
+        ("PNG decode + label map only", per_sample(lambda i: plain[i]), ""),
+        ("scale/pad/crop/flip: one warpAffine of the crop", t_geometry, ""),
+        ("color jitter", per_sample(lambda i: tf(*raw[i], rng)) - t_geometry, ""),
     ]
     h, w = cfg.crop_size
     ours_bytes, float_bytes = h * w * 3 + h * w, h * w * 3 * 4 + h * w * 8
-    lines = [f"Training pipeline, one worker process, {n} synthetic 1024x2048 frames, crop "
-             f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, scale {cfg.scales}:", "",
-             "| step | samples/s per worker | speed vs baseline |", "|---|---|---|"]
-    lines += [f"| {name} | {rate:.2f} | {ratio} |" for name, rate, ratio in rows]
+    lines = [f"Training pipeline, one worker process, {n} synthetic 1024x2048 frames, crop {h}x{w}, scale "
+             f"{cfg.scales}:", "", "| step | samples/s per worker | speed vs baseline |", "|---|---|---|"]
+    lines += [f"| {name} | {1 / seconds:.2f} | {ratio} |" for name, seconds, ratio in rows]
     lines += ["", f"Bytes a sample takes through the loader's shared and pinned memory: {ours_bytes / 1e6:.2f} MB as "
               f"uint8 image and labels, {float_bytes / 1e6:.2f} MB as float32 image and int64 labels "
               f"({float_bytes / ours_bytes:.1f}x)."]
@@ -178,116 +151,7 @@ def as_float_sample(sample, cfg):
     return normalize(image[None], cfg.mean, cfg.std)[0], label.long()
 
 
-# ---- loss ----
-
-def ohem_gather_baseline(logits, target, thresh_loss, min_frac, ignore_index=IGNORE):
-    """OHEM written the usual way, for comparison: gather the valid pixels' losses, then the hard ones, their mean."""
-    losses = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
-    losses = losses[target != ignore_index]
-    n_min = max(1, int(losses.numel() * min_frac))
-    hard = losses > thresh_loss
-    return losses[hard].mean() if int(hard.sum()) >= n_min else losses.topk(n_min, sorted=False).values.mean()
-
-
-def bench_loss(cfg, device, repeat, batch=8, seed=0):
-    """Forward + backward of one head's OHEM loss at cfg's crop: its logits bilinearly resized from a 1/8 map (what
-    a head does), 5% of the pixels ignored; loss.OhemCrossEntropy against the gather baseline, on the same input."""
-    h, w = cfg.crop_size
-    generator = torch.Generator().manual_seed(seed)
-    small = torch.randn(batch, cfg.num_classes, -(-h // 8), -(-w // 8), generator=generator).to(device)
-    small = small.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    target = torch.randint(0, cfg.num_classes, (batch, h, w), generator=generator)
-    target[torch.rand(batch, h, w, generator=generator) < 0.05] = IGNORE
-    target = target.to(device)
-    ours = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac).to(device)
-
-    def step(loss_fn):
-        logits = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-        loss_fn(logits, target).backward()
-
-    t_ours = timed(lambda: step(ours), device, repeat)
-    t_base = timed(lambda: step(lambda x, t: ohem_gather_baseline(x, t, ours.thresh_loss, ours.min_frac)), device,
-                   repeat)
-    return [f"OHEM cross-entropy of one head, forward + backward (with the head's bilinear resize), {batch} x "
-            f"{cfg.num_classes} x {h}x{w} logits, 5% of the pixels ignored:", "",
-            "| variant | ms | speed vs baseline |", "|---|---|---|",
-            f"| masked mean over the map (`loss.OhemCrossEntropy`) | {1000 * t_ours:.1f} | {t_base / t_ours:.2f}x |",
-            f"| gather of the valid, then the hard pixels (baseline) | {1000 * t_base:.1f} | 1.00x |"]
-
-
-# ---- BiSeNetV2's boosters ----
-
-@contextmanager
-def boosters_upsampling_first():
-    """Every UpsampleConvBNReLU runs as UpsampleConvBNReLU.upsampled (the baseline) inside the block."""
-    forward = UpsampleConvBNReLU.forward
-    UpsampleConvBNReLU.forward = UpsampleConvBNReLU.upsampled
-    try:
-        yield
-    finally:
-        UpsampleConvBNReLU.forward = forward
-
-
-def bench_boosters(cfg, device, batch, repeat):
-    """Forward + backward of each booster's expansion as a transposed conv (UpsampleConvBNReLU.transposed) at cfg's
-    crop, in training mode, and the whole training step (train.train_step, in cfg's own precision, the boosters as
-    they run), against nearest x2 followed by the 3x3 conv."""
-    h, w = cfg.crop_size
-    torch.manual_seed(0)
-    model = build_model(cfg, pretrained=False).to(device).train().to(memory_format=torch.channels_last)
-    amps = ["none"] + (["bf16"] if training_precision("bf16", device)[0] is not None else [])
-    lines = [f"BiSeNetV2's booster expansions (nearest x2, then a 3x3 ConvBNReLU), forward + backward, batch {batch}, "
-             f"crop {h}x{w}, channels_last: one stride-2 transposed conv (`UpsampleConvBNReLU.transposed`, which "
-             "the boosters use up to twice the input's channels) against the upsampled copy and the conv "
-             "(baseline):", "",
-             "| booster | channels | output size | precision | ms | baseline ms | speed vs baseline |",
-             "|---|---|---|---|---|---|---|"]
-    for name, stride in zip(model.AUX_MODULES, (4, 8, 16, 32), strict=True):
-        expand = getattr(model, name).conv_out[0]
-        cin, cout = expand[1].conv.in_channels, expand[1].conv.out_channels
-        x = torch.randn(batch, cin, -(-h // stride), -(-w // stride), device=device)
-        x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        for amp in amps:
-            autocast = training_precision(amp, device)[1]
-
-            def step(forward, x=x, autocast=autocast):
-                with autocast:
-                    y = forward(x)
-                y.float().square().mean().backward()
-
-            ours = timed(lambda expand=expand: step(expand.transposed), device, repeat)
-            base = timed(lambda expand=expand: step(expand.upsampled), device, repeat)
-            lines.append(f"| {name} | {cin} -> {cout} | {2 * x.shape[2]}x{2 * x.shape[3]} | "
-                         f"{'fp32' if amp == 'none' else amp} | {1000 * ours:.1f} | {1000 * base:.1f} | "
-                         f"{base / ours:.2f}x |")
-    dtype, autocast, scaler = training_precision(cfg.amp, device)
-    optimizer, criterion, proc = build_optimizer(model, cfg), build_loss(cfg).to(device), Distributed()
-    batches = itertools.repeat(random_batch(cfg, batch, device))
-
-    def train():
-        train_step(model, criterion, optimizer, scaler, autocast, batches, cfg, proc, cfg.lr, channels_last=True)
-
-    # alternated, so that a slower minute of a shared machine falls on both
-    ours, base = [], []
-    for _ in range(repeat):
-        ours.append(timed(train, device, 1))
-        with boosters_upsampling_first():
-            base.append(timed(train, device, 1))
-    ours, base = statistics.median(ours), statistics.median(base)
-    precision_name = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
-    return lines + ["", f"Whole training step (`train.train_step`, {precision_name}, 5 heads): {batch / ours:.2f} "
-                    f"images/s, {batch / base:.2f} with the baseline expansions: {base / ours:.2f}x."]
-
-
 # ---- training ----
-
-def random_batch(cfg, batch, device):
-    """A batch as the loader ships it (uint8 RGB images (N, H, W, 3), uint8 labels), on `device`: train_step
-    normalizes it there."""
-    h, w = cfg.crop_size
-    return (torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device),
-            torch.randint(0, cfg.num_classes, (batch, h, w), dtype=torch.uint8, device=device))
-
 
 def precision_variants(cfg, device):
     """(name, cfg, amp, compile) for each precision train.py can use on `device`: fp32, and the autocast of
@@ -320,30 +184,23 @@ def bench_train(cfg, device, batch, repeat, variants=precision_variants):
     (name, cfg, amp, compile) of variants(cfg, device), built as train.py builds it (channels_last weights and
     input where the variant's cfg asks; torch.compile of the training model where it says so)."""
     h, w = cfg.crop_size
-    images, labels = random_batch(cfg, batch, device)
-    proc = Distributed()
-    heads = 1 + len(ARCHITECTURES[cfg.arch].AUX_MODULES) * cfg.aux_heads
+    # a batch as the loader ships it, uint8 images (N, H, W, 3) and labels: train_step normalizes it on the device
+    batches = itertools.repeat((torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device),
+                                torch.randint(0, cfg.num_classes, (batch, h, w), dtype=torch.uint8, device=device)))
+    proc, heads = Distributed(), 1 + len(ARCHITECTURES[cfg.arch].AUX_MODULES) * cfg.aux_heads
     lines = [f"Training step of {ARCHITECTURES[cfg.arch].__name__} (`train.train_step`: forward, OHEM loss on {heads} "
-             f"heads, backward, SGD), crop {h}x{w}, batch "
-             f"{batch} per process, random data:", "",
+             f"heads, backward, SGD), crop {h}x{w}, batch {batch} per process, random data:", "",
              "| variant | images/s | s/iteration | speed vs fp32 |", "|---|---|---|---|"]
     base, notes = None, []
     for name, variant_cfg, amp, compile in variants(cfg, device):
         dtype, autocast, scaler = training_precision(amp, device)
         torch.manual_seed(0)
-        model = build_model(variant_cfg, pretrained=False).to(device).train()
         channels_last = use_channels_last(variant_cfg.channels_last, device, dtype)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = build_model(variant_cfg, pretrained=False).to(device).train()
+        model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         optimizer, criterion = build_optimizer(model, variant_cfg), build_loss(variant_cfg).to(device)
-        net = torch.compile(model) if compile else model
-        batches = itertools.repeat((images, labels))
-
-        def step(net=net, optimizer=optimizer, criterion=criterion, autocast=autocast, scaler=scaler,
-                 variant_cfg=variant_cfg, batches=batches, channels_last=channels_last):
-            train_step(net, criterion, optimizer, scaler, autocast, batches, variant_cfg, proc, variant_cfg.lr,
-                       channels_last=channels_last)
-
+        step = functools.partial(train_step, torch.compile(model) if compile else model, criterion, optimizer, scaler,
+                                 autocast, batches, variant_cfg, proc, variant_cfg.lr, channels_last=channels_last)
         if compile:
             start = time.perf_counter()
             try:
@@ -399,11 +256,9 @@ def latency_variants(model, device, compile=True):
 
 
 def exported_models(model, directory, hw, calibration=8):
-    """The deployment files export.py writes, of `model` (eval mode), made in `directory` by whichever of onnx,
-    onnxruntime, openvino and nncf are installed: ([(name, runtime.BackendModel: what backend=... runs)], [notes]),
-    all on the CPU. ONNX Runtime fp32, OpenVINO fp32, OpenVINO bf16 (CPUs with native bf16 only) and OpenVINO INT8,
-    the last calibrated on `calibration` random images of size `hw`: enough to time it, not to judge its accuracy
-    (export.py calibrates on whole training images and checks the file on val images)."""
+    """([(name, runtime.BackendModel)], [notes]): the files export.py writes of `model`, made in `directory` by
+    whichever of onnx, onnxruntime, openvino and nncf are installed, on the CPU: ONNX Runtime fp32, OpenVINO fp32,
+    bf16 (CPUs with native bf16) and INT8, calibrated on `calibration` random images of size `hw` (enough to time)."""
     onnx_path = os.path.join(directory, "model.onnx")
     xml, int8 = openvino_paths(onnx_path)
     calibration_images = [x.numpy() for x in random_images([hw] * calibration)]
@@ -428,12 +283,6 @@ def exported_models(model, directory, hw, calibration=8):
     if not bf16:
         notes.append("OpenVINO bf16: not run; this CPU has no native bf16 (AVX512-BF16 or AMX)")
     return models, notes
-
-
-def rate(gflop, seconds):
-    """GFLOP/s for the table: whole numbers, and two significant digits below 10 (tiny test inputs)."""
-    value = gflop / seconds
-    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
 
 
 def bench_latency(cfg, device, repeat, sizes, compile=True):
@@ -465,8 +314,9 @@ def bench_latency(cfg, device, repeat, sizes, compile=True):
                     times.append(timed(lambda fn=fn, x=x: fn(x), where, repeat))
             base = base or times
             speed = " / ".join(f"{b / t:.2f}x" for b, t in zip(base, times, strict=True))
+            rates = [flops[hw] / t for hw, t in zip(sizes, times, strict=True)]  # 2 digits below 10: tiny test inputs
             lines.append(f"| {name} | " + " | ".join(f"{1000 * t:.0f}" for t in times) + " | " +
-                         " | ".join(rate(flops[hw], t) for hw, t in zip(sizes, times, strict=True)) + f" | {speed} |")
+                         " | ".join(f"{r:.0f}" if r >= 10 else f"{r:.2g}" for r in rates) + f" | {speed} |")
     lines += ["", "FLOPs (torch.utils.flop_counter, 2 per multiply-add): " +
               ", ".join(f"{flops[hw]:.1f} G at {hw[0]}x{hw[1]}" for hw in sizes) + ".", *("- " + n for n in notes)]
     return lines
@@ -511,27 +361,11 @@ def bench_eval(cfg, device, repeat, hw=(1024, 2048)):
     return lines
 
 
-# BENCHMARKS.md from this line on is measured by hand (whole training runs): a benchmark run keeps it.
-HAND_MEASURED = "<!-- measured by hand, kept by benchmark.py -->"
-
-
-def write_report(path, text):
-    """Write the report to `path`, keeping the part of the file there from the HAND_MEASURED line on."""
-    kept = ""
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = f.read()
-        if HAND_MEASURED in old:
-            kept = "\n" + old[old.index(HAND_MEASURED):]
-    with open(path, "w") as f:
-        f.write(text + kept)
-
-
 def report_path(out, sections):
-    """Where the report goes: --out if given ('' for nowhere), else BENCHMARKS.md for a full run only."""
+    """Where the report goes: --out if given ('' for nowhere), else benchmarks/<machine_class()>.md if a full run."""
     if out is not None:
         return out
-    return "BENCHMARKS.md" if set(sections) == set(SECTIONS) else ""
+    return os.path.join("benchmarks", f"{machine_class()}.md") if set(sections) == set(SECTIONS) else ""
 
 
 def main(argv=None):
@@ -539,9 +373,8 @@ def main(argv=None):
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
     parser.add_argument("--train-batch", type=int, default=8, help="images per training step (reference: 8 per GPU)")
-    parser.add_argument("--out", default=None, help="report file ('' to only print); default: BENCHMARKS.md for a "
-                                                    "full run, none with --only (a partial run would replace the "
-                                                    "whole report with its sections)")
+    parser.add_argument("--out", default=None, help="report file ('' to only print); default: benchmarks/<machine "
+                                                    "class>.md for a full run, none with --only")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
@@ -551,37 +384,35 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    cfg = get_config("cityscapes")
+    cfg, repeat, batch = get_config("cityscapes"), args.repeat, args.train_batch
     torch.manual_seed(0)
     report = ["# Benchmarks", "", f"Machine: {machine()}.", "",
-              f"Command: `python benchmark.py --only {','.join(sections)} --repeat {args.repeat}`.", ""]
+              f"Command: `python benchmark.py --only {','.join(sections)} --repeat {repeat}`.", ""]
     for section in sections:
         print(f"[{section}] ...", flush=True)
         if section == "data":
             with tempfile.TemporaryDirectory() as root:
                 generate(root, n_train=4, n_val=0, size=(1024, 2048), seed=0, progress=False)
-                lines = bench_data(cfg, root, args.repeat)
-        elif section == "loss":
-            lines = bench_loss(get_config("camvid"), device, args.repeat)
-        elif section == "boosters":
-            lines = bench_boosters(get_config("camvid_v2"), device, args.train_batch, args.repeat)
+                lines = bench_data(cfg, root, repeat)
         elif section == "train":
-            lines = bench_train(cfg, device, args.train_batch, max(1, args.repeat - 1))
+            lines = bench_train(cfg, device, batch, max(1, repeat - 1))
         elif section == "presets":
-            lines = bench_presets(device, args.train_batch, max(1, args.repeat - 1))
+            lines = bench_presets(device, batch, max(1, repeat - 1))
         elif section == "latency":  # both architectures at the Cityscapes sizes
             lines = [line for preset in ("cityscapes", "cityscapes_v2") for line in
-                     (*bench_latency(get_config(preset), device, args.repeat, [(512, 1024), (1024, 2048)]), "")][:-1]
+                     (*bench_latency(get_config(preset), device, repeat, [(512, 1024), (1024, 2048)]), "")][:-1]
         else:
-            lines = bench_eval(cfg, device, args.repeat)
+            lines = bench_eval(cfg, device, repeat)
         block = [f"## {section}", "", *lines, ""]
         print("\n".join(block), flush=True)
         report += block
     if out:
-        write_report(out, "\n".join(report))
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            f.write("\n".join(report))
         print(f"wrote {out}")
     else:
-        print("report not written: BENCHMARKS.md is written by a full run only; pass --out FILE to write this one")
+        print("report not written: the default file is written by a full run only; pass --out FILE to write this one")
     return 0
 
 

@@ -1,6 +1,6 @@
 """benchmark.py's sections on tiny inputs: each runs and gives a table whose figures are positive numbers.
 
-(Speed itself is never asserted here: BENCHMARKS.md holds the measured figures.)
+(Speed itself is never asserted here: benchmarks/ holds the measured figures.)
 """
 
 import json
@@ -15,9 +15,7 @@ import torch
 
 import benchmark
 import precision
-from bisenetv2 import UpsampleConvBNReLU
 from configs import get_config
-from loss import OhemCrossEntropy
 from model import build_model
 from synthetic import generate
 
@@ -41,61 +39,10 @@ def test_data_section(tmp_path):
     cfg = get_config("cityscapes", ["crop_size=48,48"])
     lines = benchmark.bench_data(cfg, str(tmp_path), repeat=1)
     rows, numbers = table_numbers(lines)
-    assert len(rows) == 6 and numbers and all(n > 0 for n in numbers)
+    assert len(rows) == 5 and numbers and all(n > 0 for n in numbers)
     # a 48x48 sample: 3 + 1 bytes a pixel as uint8 image and labels, 12 + 8 as float32 and int64
     assert lines[-1] == ("Bytes a sample takes through the loader's shared and pinned memory: 0.01 MB as uint8 image "
                          "and labels, 0.05 MB as float32 image and int64 labels (5.0x).")
-
-
-@pytest.mark.parametrize("confident", [False, True])  # many hard pixels; fewer than n_min (the top-n_min branch)
-def test_the_loss_baseline_gives_the_loss_of_the_loss_module(confident):
-    generator = torch.Generator().manual_seed(0)
-    target = torch.randint(0, 5, (2, 16, 24), generator=generator)
-    target[:, :2] = 255
-    logits = torch.randn(2, 5, 16, 24, generator=generator) * 3
-    if confident:
-        logits = logits + 12.0 * torch.nn.functional.one_hot(target.clamp(max=4), 5).permute(0, 3, 1, 2)
-    ours = OhemCrossEntropy(0.7, 1 / 16)
-    baseline = benchmark.ohem_gather_baseline(logits, target, ours.thresh_loss, ours.min_frac)
-    assert baseline.item() == pytest.approx(ours(logits, target).item(), rel=1e-6)
-
-
-def test_loss_section_times_ours_against_the_baseline():
-    rows, numbers = table_numbers(benchmark.bench_loss(get_config("synthetic", ["crop_size=32,48"]),
-                                                       torch.device("cpu"), repeat=1, batch=2))
-    assert [row.split(" | ")[0].strip("| ") for row in rows] == [
-        "masked mean over the map (`loss.OhemCrossEntropy`)", "gather of the valid, then the hard pixels (baseline)"]
-    assert rows[1].endswith("| 1.00x |") and len(numbers) == 4 and all(n > 0 for n in numbers)
-
-
-@both_bf16_branches
-def test_boosters_section_times_each_expansion_both_ways_and_the_whole_step(monkeypatch, native):
-    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
-    forward = UpsampleConvBNReLU.forward
-    lines = benchmark.bench_boosters(get_config("camvid_v2", ["crop_size=32,64"]), torch.device("cpu"), batch=2,
-                                     repeat=1)
-    rows, numbers = table_numbers(lines)
-    precisions = ["fp32", "bf16"] if native else ["fp32"]
-    assert [(row.split(" | ")[0].strip("| "), row.split(" | ")[3]) for row in rows] == [
-        (name, p) for name in ("aux2", "aux3", "aux4", "aux5_4") for p in precisions]
-    # the output sizes: twice the feature's (1/4, 1/8, 1/16, 1/32 of 32x64)
-    assert [row.split(" | ")[2] for row in rows[::len(precisions)]] == ["16x32", "8x16", "4x8", "2x4"]
-    assert all(n > 0 for n in numbers)
-    step = re.fullmatch(r"Whole training step .*: ([\d.]+) images/s, ([\d.]+) with the baseline expansions: "
-                        r"([\d.]+)x\.", lines[-1])
-    assert step and all(float(n) > 0 for n in step.groups())
-    assert UpsampleConvBNReLU.forward is forward  # the baseline's patch is undone
-
-
-def test_the_boosters_baseline_is_upsampling_then_the_conv_block():
-    torch.manual_seed(0)
-    expand = UpsampleConvBNReLU(3, 4).eval()
-    x = torch.randn(1, 3, 5, 6)
-    block = expand[1]
-    expected = block.relu(block.bn(block.conv(torch.nn.functional.interpolate(x, scale_factor=2))))
-    torch.testing.assert_close(expand.upsampled(x), expected, rtol=0, atol=0)
-    with benchmark.boosters_upsampling_first():
-        torch.testing.assert_close(expand(x), expected, rtol=0, atol=0)
 
 
 def in_child(expression, native_bf16=None):
@@ -275,21 +222,40 @@ def test_timed_on_cuda_reads_events_around_the_call_and_converts_milliseconds(mo
     assert 0.02 <= seconds < 0.2
 
 
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512-BF16", "AMX"])
 @pytest.mark.parametrize("argv, written", [
-    ([], "BENCHMARKS.md"),  # a full run writes the report
+    ([], "benchmarks/{isa}.md"),  # a full run writes the report of its machine class
     (["--only", "eval"], None),  # a partial run only prints: it would replace the whole report with one section
     (["--only", "eval", "--out", "eval.md"], "eval.md"),  # unless a file is named
 ])
-def test_only_a_full_run_writes_benchmarks_md(monkeypatch, tmp_path, capsys, argv, written):
+def test_only_a_full_run_writes_the_report_of_its_machine_class(monkeypatch, tmp_path, capsys, isa, argv, written):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "machine_class", lambda: isa)
     for section in benchmark.SECTIONS:
         monkeypatch.setattr(benchmark, f"bench_{section}", lambda *args, section=section, **kw: [f"{section} table"])
     monkeypatch.setattr(benchmark, "generate", lambda *args, **kw: None)
     assert benchmark.main(argv) == 0
-    assert os.listdir(tmp_path) == ([written] if written else [])
+    files = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, names in os.walk(tmp_path) for f in names)
+    assert files == ([written.format(isa=isa)] if written else [])
     if written:
-        text = (tmp_path / written).read_text()
+        text = (tmp_path / written.format(isa=isa)).read_text()
         sections = benchmark.SECTIONS if not argv else ("eval",)
         assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == list(sections)
     else:
         assert "pass --out FILE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("capability, flags, isa", [
+    ("AVX2", AVX2_FLAGS, "AVX2"), ("AVX512", AVX512_FLAGS | {"avx512_bf16"}, "AVX512-BF16"),
+    ("AVX512", AVX512_FLAGS | {"avx512_bf16", "amx_tile", "amx_bf16"}, "AMX")])
+def test_the_machine_class_is_the_cpus_isa_without_a_gpu(monkeypatch, capability, flags, isa):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(benchmark, "cpu_info", lambda: ("Test CPU", flags))
+    assert benchmark.machine_class() == isa
+
+
+def test_the_machine_class_is_the_gpus_name_where_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert benchmark.machine_class() == "NVIDIA-H100-80GB-HBM3"

@@ -97,7 +97,7 @@ def test_the_ablation_preset_is_camvid_on_a_schedule_for_21_runs_in_8_hours():
     changed = {k for k in study if study[k] != camvid[k]}
     assert changed <= {"max_iter", "warmup_iters", "ckpt_every", "eval_every", "run_name", "amp"}
     assert study["amp"] == "none"  # one arithmetic on every CPU the study is resumed on
-    # the camvid run: 2700 iterations in 104 min on 2 CPU cores (BENCHMARKS.md); validation 15 s each
+    # the camvid run: 2700 iterations in 104 min on 2 CPU cores (benchmarks/measured.md); validation 15 s each
     seconds_per_run = study["max_iter"] * 104 * 60 / 2700 + 15 * study["max_iter"] / max(study["eval_every"], 1)
     assert 21 * seconds_per_run <= 8 * 3600
 
