@@ -7,13 +7,16 @@ turns a checkpoint path (plus --config and overrides) into (model, cfg) for eval
 
 import dataclasses
 import io
+import json
 import os
+import re
 import sys
 
 import torch
 
-from configs import CITYSCAPES_MEAN, CITYSCAPES_STD, IMAGENET_MEAN, IMAGENET_STD, MODEL_KEYS, get_config
+from configs import CITYSCAPES_MEAN, CITYSCAPES_STD, IMAGENET_MEAN, IMAGENET_STD, MODEL_KEYS, format_config, get_config
 from model import build_model, load_failure, state_dict_problems
+from optimizer import load_optimizer_state
 
 # Settings a model was trained with that no weight records: a checkpoint loads whatever their value, and its
 # predictions change with them (upsample is the one architecture switch that shapes no parameter).
@@ -257,3 +260,104 @@ def _config_hint(model, ckpt_config, shapes=True):
     if not differ:
         return ""
     return ". The checkpoint's config differs in: " + ", ".join(differ)
+
+
+NO_BEST = {"iter": None, "miou": None}  # no validation yet: the best {"iter", "miou"} so far
+
+
+TEMP_FILE = re.compile(r".+\.tmp\d+(\.png)?$")  # write_atomically's and plots.save's temporary names
+
+
+def load_training_state(path):
+    ckpt = read_checkpoint(path)
+    missing = [k for k in ("optimizer", "scaler", "iteration", "config", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); "
+                              "resume takes a run's last.pth, not the final weights")
+    return ckpt
+
+
+def rng_state(device):
+    """The random states a resumed run restores: the CPU generator, and this process's GPU's."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def training_state(raw_model, optimizer, scaler, iteration, cfg, device, best):
+    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "iteration": iteration, "config": cfg.to_dict(), "rng": rng_state(device), "best": dict(best)}
+
+
+def restore(ckpt_path, raw_model, optimizer, scaler, device, ckpt=None):
+    """Load a training checkpoint (`ckpt`: its contents where they have been read already) into the built model,
+    optimizer and scaler; returns (its iteration, the best validation so far: {"iter", "miou"}).
+
+    The optimizer keeps the settings of the current config (overrides given on resume apply). A disabled scaler
+    saves {}: then an fp16 run starts a fresh scaler (and a scaler that is disabled now ignores a saved state).
+    """
+    ckpt = load_checkpoint(raw_model, ckpt_path, ckpt)
+    load_optimizer_state(optimizer, ckpt["optimizer"])
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)
+    return ckpt["iteration"], ckpt.get("best", NO_BEST)
+
+
+def make_run_dir(cfg):
+    """Create and return runs/NAME, or the resumed checkpoint's folder; a used folder is never overwritten (NAME-1,
+    -2...). A folder holding only config.json is a run that failed at start: it is used again."""
+    run_dir = base = os.path.join(cfg.out_dir, cfg.run_name)
+    n = 0
+    while not cfg.resume and os.path.isdir(run_dir) and os.listdir(run_dir) not in ([], ["config.json"]):
+        n += 1
+        run_dir = f"{base}-{n}"
+    run_dir = os.path.dirname(os.path.abspath(cfg.resume)) if cfg.resume else run_dir
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
+    return run_dir
+
+
+def remove_stale_temp_files(run_dir):
+    """Temporary files left by a run killed while writing (kill -9, power loss): nothing else removes them."""
+    if not os.path.isdir(run_dir):
+        return []
+    stale = [os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir)) if TEMP_FILE.fullmatch(n)]
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def trim_log(path, iteration):
+    """Drop the records after `iteration` from the JSON-lines log at `path`: a resumed run logs them again."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:  # in iteration order: one process appends them
+            try:
+                if json.loads(line)["iter"] > iteration:
+                    break
+            except (ValueError, TypeError, KeyError):  # a line cut short by a crash, or edited by hand: the end
+                break
+            kept.append(line)
+    write_atomically(path, lambda f: f.write("".join(kept).encode()))
+
+
+def prepare_run_dir(run_dir, cfg, start):
+    """The run folder as a (resumed) run starts it: temporary files of a run killed while writing removed, the config
+    written, and the log records after the resumed iteration `start` dropped (they are logged again)."""
+    for path in remove_stale_temp_files(run_dir):
+        print(f"removed {path}, left by a run killed while writing it")
+    write_atomically(os.path.join(run_dir, "config.json"), lambda f: f.write(format_config(cfg).encode()))
+    if start:
+        trim_log(os.path.join(run_dir, "log.jsonl"), start)

@@ -13,6 +13,7 @@ strings, and comma-separated tuples (`scales=0.5,1.0,1.5`, or `scales=[0.5,1.0,1
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -163,7 +164,7 @@ _SYNTHETIC = dict(
     max_iter=300,
     lr=2e-2,
     warmup_iters=30,
-    channels_last="true",  # 1.34x the images/s of the default layout on 2 CPU cores (BENCHMARKS.md, presets)
+    channels_last="true",  # 1.34x the images/s of the default layout on 2 CPU cores (benchmarks/AVX2.md, presets)
     workers=2,
     log_every=10,
     ckpt_every=100,
@@ -525,6 +526,53 @@ def _stored_value(key, value, default):
 def format_config(cfg):
     """JSON with one key per line (what config.json holds and what a run prints at start)."""
     return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in cfg.to_dict().items()) + "\n}"
+
+
+def per_rank_batch(cfg, world):
+    """The micro-batch each process runs at a time (batch_size / (world x grad_accum)); a ConfigError when the global
+    batch does not split into micro-batches of >= 2."""
+    parts = world * cfg.grad_accum
+    if cfg.batch_size % parts:
+        split = f"{world} processes" + (f" x {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else "")
+        raise ConfigError(f"batch_size={cfg.batch_size} does not split over {split}; use a multiple of {parts}")
+    per_rank = cfg.batch_size // parts
+    if per_rank < 2:
+        raise ConfigError(f"batch_size={cfg.batch_size} gives {per_rank} image per process and micro-batch; BiSeNet "
+                          "needs at least 2 (BatchNorm after global pooling has one value per channel otherwise)")
+    return per_rank
+
+
+def check_weight_files(cfg):
+    """The weight file a new run reads exists: init_from=PATH, else pretrained=PATH (build_training reads one of
+    them); a resumed run reads neither."""
+    if cfg.resume:
+        return
+    for key in ("init_from",) if cfg.init_from else ("pretrained",):
+        path = getattr(cfg, key)
+        if path not in ("", "none", "torchvision") and not os.path.isfile(path):
+            raise ConfigError(f"bad value for {key}: {path} is not a file")
+
+
+def describe(cfg):
+    """What the run trains, on what, and where it writes: a few lines instead of the whole config (config.json)."""
+    what = {"bisenetv1": "BiSeNetV1 (ResNet18)", "bisenetv2": "BiSeNetV2"}[cfg.arch]
+    start = "from scratch" if cfg.pretrained == "none" else f"from ImageNet weights ({cfg.pretrained})"
+    if cfg.init_from:
+        start = f"from {cfg.init_from}"
+    if cfg.resume:
+        start = f"resuming {cfg.resume}"
+    lines = [f"train {what} {start}: {cfg.max_iter} iterations, batch {cfg.batch_size}, crop "
+             f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, lr {cfg.lr:g} (run {cfg.run_name})",
+             f"data: {cfg.dataset} at {cfg.data_root}, {cfg.num_classes} classes; every setting goes to the run "
+             "folder's config.json"]
+    return "\n".join(lines)
+
+
+def show_config(cfg):
+    """train.py --show: every setting (as config.json holds them), then the ones the preset and overrides change."""
+    defaults = Config().to_dict()
+    changed = [f"  {k}={json.dumps(v)}" for k, v in cfg.to_dict().items() if v != defaults[k]]
+    return f"{format_config(cfg)}\nchanged from the defaults ({len(changed)}):\n" + "\n".join(changed)
 
 
 def add_config_args(parser):

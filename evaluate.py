@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -30,10 +31,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import plots
-from checkpoint import CheckpointError, load_for_inference, write_atomically
-from cityscapes import IGNORE, DatasetError, read_image
+from checkpoint import CheckpointError, load_for_inference, save_checkpoint, write_atomically
 from configs import ConfigError, add_config_args, format_config
-from datasets import FONT, MIN_ROW, build_dataset, class_table, legend, loader_workers
+from datasets import FONT, IGNORE, MIN_ROW, DatasetError, build_dataset, class_table, legend, loader_workers, read_image
 from distributed import Distributed, LaunchError, timeout_message
 from model import inference_model
 from runtime import BackendError, BackendModel, load_model, model_path
@@ -309,6 +309,46 @@ def results_name(cfg, ckpt, results):
         return f"eval_{cfg.val_split}_{results['mode']}.json"
     stem = os.path.splitext(os.path.basename(model_path(cfg, ckpt)))[0]
     return f"eval_{cfg.val_split}_{results['mode']}_{cfg.backend}_{stem}.json"
+
+
+class Validator:
+    """Validation during training (eval_every): the val split scored with evaluate.py's evaluate(), a record per
+    validation in log.jsonl, model_best.pth for the best mIoU so far, and the run's pictures redrawn."""
+
+    def __init__(self, cfg, proc, run_dir, best, dataset):
+        self.cfg, self.proc, self.run_dir, self.best, self.dataset = cfg, proc, run_dir, dict(best), dataset
+        self.best_path = os.path.join(run_dir, "model_best.pth")
+
+    def __call__(self, raw_model, iteration, log_path):
+        """Validate; returns the evaluate() results. The model is left in training mode."""
+        self.proc.sync_buffers(raw_model)  # BatchNorm statistics as one model, under torchrun
+        t0 = time.perf_counter()
+        results = evaluate(raw_model, self.dataset, self.cfg, self.proc)
+        raw_model.train()
+        miou = results["miou"]
+        record = {"iter": iteration, "val_miou": miou, "val_pixel_accuracy": results["pixel_accuracy"],
+                  "val_iou": results["iou"], "val_seconds": time.perf_counter() - t0, "time": time.time()}
+        improved = miou is not None and (self.best["miou"] is None or miou > self.best["miou"])
+        if improved:
+            self.best = {"iter": iteration, "miou": miou}
+        if self.proc.main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if improved:
+                save_checkpoint(self.best_path, {"model": raw_model.state_dict(), "config": self.cfg.to_dict(),
+                                                 "iteration": iteration, "miou": miou})
+            best = "" if self.best["miou"] is None else f"; best {100 * self.best['miou']:.2f} at {self.best['iter']}"
+            tqdm.write(f"iteration {iteration}: val mIoU {100 * (miou or 0):.2f} "
+                       f"({record['val_seconds']:.0f} s){best}")
+            draw_pictures(self.run_dir, results)
+        return results
+
+
+def draw_pictures(run_dir, results=None):
+    """curves.png from log.jsonl and, given evaluation results, confusion.png (skipped without matplotlib)."""
+    plots.plot_curves(os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "curves.png"))
+    if results is not None:
+        plots.plot_confusion(results, os.path.join(run_dir, "confusion.png"))
 
 
 def main(argv=None):

@@ -11,7 +11,6 @@ Distributed training is detected from torchrun's RANK variable; rank 0 prints an
 import argparse
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -22,55 +21,39 @@ from tqdm import tqdm
 
 import plots
 from checkpoint import (
+    NO_BEST,
     CheckpointError,
-    load_checkpoint,
     load_fitting,
-    read_checkpoint,
+    load_training_state,
+    make_run_dir,
+    prepare_run_dir,
+    restore,
     save_checkpoint,
-    write_atomically,
+    training_state,
 )
-from cityscapes import IGNORE, DatasetError
-from configs import Config, ConfigError, add_config_args, format_config, get_config, parse_value
-from datasets import InfiniteSampler, build_dataset, class_table, loader_workers, scan_labels
+from configs import (
+    Config,
+    ConfigError,
+    add_config_args,
+    check_weight_files,
+    describe,
+    get_config,
+    parse_value,
+    per_rank_batch,
+    show_config,
+)
+from datasets import IGNORE, DatasetError, InfiniteSampler, build_dataset, class_table, loader_workers, scan_labels
 from distributed import Distributed, LaunchError, Stopped, StopRequest, launched_rank, timeout_message
-from evaluate import eval_dataset, evaluate, format_results, write_results
+from evaluate import Validator, draw_pictures, eval_dataset, evaluate, format_results, write_results
 from loss import build_loss
 from model import PretrainedError, build_model
-from optimizer import build_optimizer, load_optimizer_state, lr_at, set_lr
+from optimizer import build_optimizer, lr_at, set_lr
 from precision import training_precision, use_channels_last
 from transform import TrainTransform, normalize
 
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradients of a step are not finite: the run stops before the update."""
-
-
-NO_BEST = {"iter": None, "miou": None}  # no validation yet: the best {"iter", "miou"} so far
-
-
-def per_rank_batch(cfg, world):
-    """The micro-batch each process runs at a time (batch_size / (world x grad_accum)); a ConfigError when the global
-    batch does not split into micro-batches of >= 2."""
-    parts = world * cfg.grad_accum
-    if cfg.batch_size % parts:
-        split = f"{world} processes" + (f" x {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else "")
-        raise ConfigError(f"batch_size={cfg.batch_size} does not split over {split}; use a multiple of {parts}")
-    per_rank = cfg.batch_size // parts
-    if per_rank < 2:
-        raise ConfigError(f"batch_size={cfg.batch_size} gives {per_rank} image per process and micro-batch; BiSeNet "
-                          "needs at least 2 (BatchNorm after global pooling has one value per channel otherwise)")
-    return per_rank
-
-
-def check_weight_files(cfg):
-    """The weight file a new run reads exists: init_from=PATH, else pretrained=PATH (build_training reads one of
-    them); a resumed run reads neither."""
-    if cfg.resume:
-        return
-    for key in ("init_from",) if cfg.init_from else ("pretrained",):
-        path = getattr(cfg, key)
-        if path not in ("", "none", "torchvision") and not os.path.isfile(path):
-            raise ConfigError(f"bad value for {key}: {path} is not a file")
 
 
 def train_loader(cfg, proc, start_iter):
@@ -85,92 +68,37 @@ def train_loader(cfg, proc, start_iter):
     return dataset, loader
 
 
-def trim_log(path, iteration):
-    """Drop the records after `iteration` from the JSON-lines log at `path`: a resumed run logs them again."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:  # in iteration order: one process appends them
-            try:
-                if json.loads(line)["iter"] > iteration:
-                    break
-            except (ValueError, TypeError, KeyError):  # a line cut short by a crash, or edited by hand: the end
-                break
-            kept.append(line)
-    write_atomically(path, lambda f: f.write("".join(kept).encode()))
-
-
-def resolve_run_dir(cfg):
-    """runs/NAME, or the resumed checkpoint's folder; a used folder is never overwritten (NAME-1, -2...). A folder
-    holding only config.json is a run that failed at start: it is used again."""
-    if cfg.resume:
-        return os.path.dirname(os.path.abspath(cfg.resume))
-    base = os.path.join(cfg.out_dir, cfg.run_name)
-    run_dir, n = base, 0
-    while os.path.isdir(run_dir) and os.listdir(run_dir) not in ([], ["config.json"]):
-        n += 1
-        run_dir = f"{base}-{n}"
-    return run_dir
-
-
-def resume_path(args):
-    """The resume= override's path, or "" (the last one given wins, as for every override)."""
-    resume = [o.split("=", 1)[1] for o in args.overrides if o.startswith("resume=")]
-    return resume[-1] if resume else ""
+def override(args, key):
+    """The value of the last `key`=value override, or None (the last one given wins, as for every override)."""
+    values = [o.split("=", 1)[1] for o in args.overrides if o.startswith(f"{key}=")]
+    return values[-1] if values else None
 
 
 def read_config(args, ckpt=None, notes=None):
-    """The config from --config and overrides; a resumed run starts from the config it was started with, stored in
-    its checkpoint (`ckpt`: the resume= file's contents where they have been read already). `notes`: see
-    configs.get_config."""
-    path = resume_path(args)
-    if path:
-        ckpt = load_training_state(path) if ckpt is None else ckpt
-        cfg = get_config(ckpt["config"].get("run_name", "cityscapes"), args.overrides, base=ckpt["config"],
-                         notes=notes)
-        if ckpt["iteration"] >= cfg.max_iter:
-            raise ConfigError(f"{path} holds iteration {ckpt['iteration']}: max_iter={cfg.max_iter} leaves "
-                              f"nothing to train; to train longer pass max_iter above {ckpt['iteration']}")
-        return cfg
-    return get_config(args.config or "cityscapes", args.overrides, notes=notes)
+    """The config from --config and overrides; a resumed run's starts from the one stored in its checkpoint (`ckpt`:
+    the resume= file's contents where read already). `notes`: see configs.get_config."""
+    path = override(args, "resume")
+    if not path:
+        return get_config(args.config or "cityscapes", args.overrides, notes=notes)
+    ckpt = ckpt or load_training_state(path)
+    cfg = get_config(ckpt["config"].get("run_name", "cityscapes"), args.overrides, base=ckpt["config"], notes=notes)
+    if ckpt["iteration"] >= cfg.max_iter:
+        raise ConfigError(f"{path} holds iteration {ckpt['iteration']}: max_iter={cfg.max_iter} leaves "
+                          f"nothing to train; to train longer pass max_iter above {ckpt['iteration']}")
+    return cfg
 
 
 def read_resume(args, rank):
-    """(the resume= checkpoint's contents or None, the process group's timeout). Only rank 0 reads the file (machines
-    with node-local disks have it on the first machine alone) and sends it to the others once the process group
-    exists (train); they take the timeout from a dist_timeout= override, else its default: the checkpoint's config
-    cannot set it for them."""
-    path = resume_path(args)
-    if not path:
-        return None, read_config(args).dist_timeout
-    if rank == 0:
-        ckpt = load_training_state(path)
-        return ckpt, read_config(args, ckpt).dist_timeout
-    timeouts = [o.split("=", 1)[1] for o in args.overrides if o.startswith("dist_timeout=")]
-    return None, parse_value("dist_timeout", timeouts[-1], Config.dist_timeout) if timeouts else Config.dist_timeout
-
-
-TEMP_FILE = re.compile(r".+\.tmp\d+(\.png)?$")  # write_atomically's and plots.save's temporary names
-
-
-def remove_stale_temp_files(run_dir):
-    """Temporary files left by a run killed while writing (kill -9, power loss): nothing else removes them."""
-    if not os.path.isdir(run_dir):
-        return []
-    stale = [os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir)) if TEMP_FILE.fullmatch(n)]
-    for path in stale:
-        os.remove(path)
-    return stale
-
-
-def load_training_state(path):
-    ckpt = read_checkpoint(path)
-    missing = [k for k in ("optimizer", "scaler", "iteration", "config", "rng") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); "
-                              "resume takes a run's last.pth, not the final weights")
-    return ckpt
+    """(the resume= checkpoint's contents or None, the process group's timeout). Only rank 0 reads the file (node-local
+    disks may hold it on the first machine alone) and sends it to the others (train); they take the timeout from a
+    dist_timeout= override or its default: the checkpoint's config cannot set it for them."""
+    path = override(args, "resume")
+    if path and rank:
+        timeout = override(args, "dist_timeout")
+        default = Config.dist_timeout
+        return None, default if timeout is None else parse_value("dist_timeout", timeout, default)
+    ckpt = load_training_state(path) if path else None
+    return ckpt, read_config(args, ckpt).dist_timeout
 
 
 def resolve_class_weights(cfg, proc):
@@ -202,9 +130,8 @@ def init_from(model, cfg, proc):
 def build_training(cfg, proc, channels_last=False):
     """(model to train: DDP-wrapped when distributed, the raw model inside it, optimizer, loss)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    # A resumed or fine-tuned run takes its weights from a checkpoint: no ImageNet file needed. Otherwise the first
-    # process of each machine fetches the file into the torch hub cache, which the others then read instead of racing
-    # on it.
+    # A resumed or fine-tuned run needs no ImageNet file; otherwise each machine's first process downloads it to the
+    # cache that the others then read, instead of racing on it.
     with proc.local_main_first():
         model = build_model(cfg, pretrained=not cfg.resume and not cfg.init_from)
     if cfg.init_from and not cfg.resume:
@@ -219,49 +146,13 @@ def build_training(cfg, proc, channels_last=False):
     if proc.enabled:
         ids = [proc.device.index] if proc.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return model, raw_model, optimizer, build_loss(cfg, resolve_class_weights(cfg, proc)).to(proc.device)
-
-
-def rng_state(device):
-    """The random states a resumed run restores: the CPU generator, and this process's GPU's."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def training_state(raw_model, optimizer, scaler, iteration, cfg, device, best):
-    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "iteration": iteration, "config": cfg.to_dict(), "rng": rng_state(device), "best": dict(best)}
-
-
-def restore(ckpt_path, raw_model, optimizer, scaler, device, ckpt=None):
-    """Load a training checkpoint (`ckpt`: its contents where they have been read already) into the built model,
-    optimizer and scaler; returns (its iteration, the best validation so far: {"iter", "miou"}).
-
-    The optimizer keeps the settings of the current config (overrides given on resume apply). A disabled scaler
-    saves {}: then an fp16 run starts a fresh scaler (and a scaler that is disabled now ignores a saved state).
-    """
-    ckpt = load_checkpoint(raw_model, ckpt_path, ckpt)
-    load_optimizer_state(optimizer, ckpt["optimizer"])
-    if ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], device)
-    return ckpt["iteration"], ckpt.get("best", NO_BEST)
+    return model, raw_model, optimizer, build_loss(cfg, resolve_class_weights(cfg, proc),
+                                                   raw_model.AUX_MODULES).to(proc.device)
 
 
 def finite_flags(loss, params, check_grads):
-    """[loss is finite, gradients are finite] as 0/1 floats, to all-reduce in one call.
-
-    With fp16's GradScaler the gradients are not checked: inf there is expected, and the scaler skips that step.
-    Otherwise the norm of all gradients together (fused kernels, no sync) is finite exactly when every one is.
-    """
+    """[loss is finite, gradients are finite] as 0/1 floats, to all-reduce in one call. fp16's GradScaler checks the
+    gradients itself; otherwise the norm of all of them (fused kernels, no sync) is finite exactly when each one is."""
     grads_finite = torch.ones((), device=loss.device)
     if check_grads:
         # max_norm=inf: the norm only, the gradients are left as they are (scaled by exactly 1)
@@ -271,15 +162,13 @@ def finite_flags(loss, params, check_grads):
 
 
 class Log:
-    """Sums of the optimized loss and of each head's loss over the last log_every iterations (kept on the device:
-    no sync per step), written as one JSON line at each flush. `formula` says how the loss is made of the heads."""
+    """The losses summed over log_every iterations on the device (no sync per step), one JSON line a flush."""
 
     def __init__(self, path, enabled, batch_size, formula):
         self.path, self.enabled, self.batch_size, self.formula = path, enabled, batch_size, formula
         self.names, self.sums, self.count, self.skipped, self.t0 = None, None, 0, 0, time.perf_counter()
 
     def add(self, loss, parts, skipped=False):
-        """One step's losses; `skipped`: fp16's GradScaler skipped its update (the same on every rank)."""
         if self.names is None:
             self.names = list(parts)
         values = torch.stack([loss.detach().float(), *(parts[n].float() for n in self.names)])
@@ -304,8 +193,7 @@ class Log:
 
 
 def non_finite_message(flags, world, it, lr, last_path, cfg, saved, skipped_in_a_row=0):
-    """What stopped the run, and what last.pth holds: `saved` is (its iteration, the loss logged last up to then);
-    `skipped_in_a_row`: fp16's consecutive steps skipped by the GradScaler, where that is what stopped it."""
+    """What stopped the run, and what last.pth holds: `saved` is (its iteration, the loss logged last by then)."""
     if skipped_in_a_row:
         problem = (f"{skipped_in_a_row} steps in a row had non-finite values under fp16 (max_skipped_steps="
                    f"{cfg.max_skipped_steps}; the GradScaler skipped each and lowered its scale)")
@@ -321,87 +209,18 @@ def non_finite_message(flags, world, it, lr, last_path, cfg, saved, skipped_in_a
             f"the labels (num_classes={cfg.num_classes}, ignored label {IGNORE}), then resume or restart.")
 
 
-class Validator:
-    """Validation during training (eval_every): the val split scored with evaluate.py's evaluate(), a record per
-    validation in log.jsonl, model_best.pth for the best mIoU so far, and the run's pictures redrawn."""
-
-    def __init__(self, cfg, proc, run_dir, best, dataset):
-        self.cfg, self.proc, self.run_dir, self.best, self.dataset = cfg, proc, run_dir, dict(best), dataset
-        self.best_path = os.path.join(run_dir, "model_best.pth")
-
-    def __call__(self, raw_model, iteration, log_path):
-        """Validate; returns the evaluate() results. The model is left in training mode."""
-        self.proc.sync_buffers(raw_model)  # BatchNorm statistics as one model, under torchrun
-        t0 = time.perf_counter()
-        results = evaluate(raw_model, self.dataset, self.cfg, self.proc)
-        raw_model.train()
-        miou = results["miou"]
-        record = {"iter": iteration, "val_miou": miou, "val_pixel_accuracy": results["pixel_accuracy"],
-                  "val_iou": results["iou"], "val_seconds": time.perf_counter() - t0, "time": time.time()}
-        improved = miou is not None and (self.best["miou"] is None or miou > self.best["miou"])
-        if improved:
-            self.best = {"iter": iteration, "miou": miou}
-        if self.proc.main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if improved:
-                save_checkpoint(self.best_path, {"model": raw_model.state_dict(), "config": self.cfg.to_dict(),
-                                                 "iteration": iteration, "miou": miou})
-            best = "" if self.best["miou"] is None else f"; best {100 * self.best['miou']:.2f} at {self.best['iter']}"
-            tqdm.write(f"iteration {iteration}: val mIoU {100 * (miou or 0):.2f} "
-                       f"({record['val_seconds']:.0f} s){best}")
-            draw_pictures(self.run_dir, results)
-        return results
-
-
-def draw_pictures(run_dir, results=None):
-    """curves.png from log.jsonl and, given evaluation results, confusion.png (skipped without matplotlib)."""
-    plots.plot_curves(os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "curves.png"))
-    if results is not None:
-        plots.plot_confusion(results, os.path.join(run_dir, "confusion.png"))
-
-
-def show_config(cfg):
-    """train.py --show: every setting (as config.json holds them), then the ones the preset and overrides change."""
-    defaults = Config().to_dict()
-    changed = [f"  {k}={json.dumps(v)}" for k, v in cfg.to_dict().items() if v != defaults[k]]
-    return f"{format_config(cfg)}\nchanged from the defaults ({len(changed)}):\n" + "\n".join(changed)
-
-
-def startup_summary(cfg):
-    """What the run trains, on what, and where it writes: a few lines instead of the whole config (config.json)."""
-    what = {"bisenetv1": "BiSeNetV1 (ResNet18)", "bisenetv2": "BiSeNetV2"}[cfg.arch]
-    start = "from scratch" if cfg.pretrained == "none" else f"from ImageNet weights ({cfg.pretrained})"
-    if cfg.init_from:
-        start = f"from {cfg.init_from}"
-    if cfg.resume:
-        start = f"resuming {cfg.resume}"
-    lines = [f"train {what} {start}: {cfg.max_iter} iterations, batch {cfg.batch_size}, crop "
-             f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, lr {cfg.lr:g} (run {cfg.run_name})",
-             f"data: {cfg.dataset} at {cfg.data_root}, {cfg.num_classes} classes; every setting goes to the run "
-             "folder's config.json"]
-    note = plots.missing_note()
-    if note:
-        lines.append(note)
-    return "\n".join(lines)
-
-
 def train(cfg, proc, ckpt=None, stop=None):
     """Train; returns (the raw model, its run directory, the last validation's results or None). `ckpt`: the resume=
     file's contents where rank 0 has read them already (read_resume); the other ranks receive them from it. `stop`:
     the entered StopRequest of main, which also covers the final evaluation (None: signals are not caught)."""
     if proc.main:  # first of all, so that a run failing early still shows what it was asked to do
-        print(startup_summary(cfg), flush=True)
+        print("\n".join(filter(None, [describe(cfg), plots.missing_note()])), flush=True)
     # the checks that need the number of processes or the file system, before building anything
     micro = per_rank_batch(cfg, proc.world)
     check_weight_files(cfg)
     val_set = eval_dataset(cfg)  # a missing or empty val split (a wrong data_root) fails now, leaving no run folder
-    run_dir = proc.broadcast(resolve_run_dir(cfg) if proc.main else None)
-    if proc.main:  # before anything is built: a run directory that cannot be written is a one-line error now
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-        except OSError as err:
-            raise OSError(err.errno, f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
+    # before anything is built: a run directory that cannot be written is a one-line error now
+    run_dir = proc.broadcast(make_run_dir(cfg) if proc.main else None)
     dtype, autocast, scaler = training_precision(cfg.amp, proc.device)  # fp32 where the hardware lacks it: warned below
     channels_last = use_channels_last(cfg.channels_last, proc.device, dtype)
     model, raw_model, optimizer, criterion = build_training(cfg, proc, channels_last)
@@ -417,24 +236,14 @@ def train(cfg, proc, ckpt=None, stop=None):
     last_path, log_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "log.jsonl")
     formula = criterion.formula(cfg.aux_heads)
     if proc.main:
-        # the run folder changes only now, everything checked: a refused resume leaves its config.json as it was
-        for path in remove_stale_temp_files(run_dir):
-            print(f"removed {path}, left by a run killed while writing it")
-        write_atomically(os.path.join(run_dir, "config.json"), lambda f: f.write(format_config(cfg).encode()))
-        if start:
-            trim_log(log_path, start)  # the records after the checkpoint are logged again
-        best_file = ", model_best.pth" if cfg.eval_every else ""
-        print(f"run directory: {run_dir}  (config.json, log.jsonl, last.pth, model_final.pth{best_file}, curves.png, "
-              "confusion.png)")
+        prepare_run_dir(run_dir, cfg, start)  # only now, everything checked: a refused resume leaves it as it was
         accum = f" x {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else ""
-        print(f"device: {proc.device}, processes: {proc.world}, batch per process: {micro}{accum}, "
-              f"amp: {str(dtype or 'none (fp32)').replace('torch.', '')}, channels_last: {channels_last}")
+        print(f"run directory: {run_dir}" + (f", resuming from {cfg.resume} at iteration {start}" if start else "")
+              + f"\ndevice: {proc.device}, processes: {proc.world}, batch per process: {micro}{accum}, amp: "
+              f"{str(dtype or 'none (fp32)').replace('torch.', '')}, channels_last: {channels_last}\nloss = {formula}, "
+              "each head's OHEM cross-entropy (log.jsonl: loss is this total, loss_<head> each head's)")
         if cfg.amp == "bf16" and dtype is None:
             print(f"warning: amp=bf16 but {proc.device} has no native bf16: training in fp32", file=sys.stderr)
-        print(f"loss = {formula}, each head's OHEM cross-entropy: the logged loss is this weighted total, the value "
-              "optimized; loss_<head> are the heads' own")
-        if start:
-            print(f"resuming from {cfg.resume} at iteration {start}")
     log = Log(log_path, proc.main, cfg.batch_size, formula)
     model.train()
     bar = tqdm(range(start, cfg.max_iter), initial=start, total=cfg.max_iter, disable=not proc.main,
@@ -500,15 +309,11 @@ def train(cfg, proc, ckpt=None, stop=None):
 
 def train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc, lr, stop_requested=False,
                channels_last=False):
-    """One optimizer step as training takes it (benchmark.py times this function): the lr set, the gradients of
-    cfg.grad_accum micro-batches from `data` (accumulate_gradients), the step's one sync, and the update.
+    """One optimizer step (benchmark.py times this function); returns (loss, each head's, flags, skipped).
 
-    The sync all-reduces [loss finite, gradients finite, asked to stop] of every rank, so that every rank learns
-    whether any rank went non-finite or was asked to stop (SIGTERM, SIGINT) and all stop after the same iteration.
-    Without a GradScaler the update is made only where the first two flags equal the number of processes. With
-    fp16's GradScaler the scaler decides, as in the reference recipe: it skips a step whose gradients hold inf or NaN
-    (a non-finite loss gives such gradients; DDP's all-reduce gives every rank the same) and lowers its scale.
-    Returns (the loss, each head's loss, the flags summed over ranks, whether the scaler skipped the update).
+    Its one sync all-reduces [loss finite, gradients finite, asked to stop], so that every rank stops after the same
+    iteration. Without a GradScaler the update is made only where every rank is finite; with fp16's the scaler
+    decides, as in the reference recipe: it skips a step with inf or NaN gradients and lowers its scale (`skipped`).
     """
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
@@ -529,11 +334,9 @@ def train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc, l
 
 
 def accumulate_gradients(model, criterion, data, cfg, proc, autocast, scaler, channels_last=False):
-    """Forward and backward of cfg.grad_accum micro-batches from `data`, their gradients summed as one step's:
-    each micro-batch's loss is divided by grad_accum, so the step equals one over the whole batch where the loss is
-    a mean over equal micro-batches (OHEM selects per micro-batch, as it does per GPU under torchrun). DDP averages
-    the gradients at the last micro-batch only. Returns (the step's loss, each head's), means over micro-batches.
-    The loader's uint8 batch is copied to the device as it is and normalized there (transform.normalize)."""
+    """Forward and backward of cfg.grad_accum micro-batches, each loss divided by grad_accum: one step over the whole
+    batch (OHEM selects per micro-batch, as per GPU under torchrun); DDP syncs at the last one only. The uint8 batch
+    is normalized on the device. Returns (the step's loss, each head's), means over micro-batches."""
     total, heads = 0, {}
     for k in range(cfg.grad_accum):
         images, labels = next(data)
@@ -562,33 +365,42 @@ def final_evaluation(cfg, proc, model, run_dir, results=None):
     return results
 
 
+def failure(exc, proc, timeout):
+    """The exit status of an exception that ends the run, its one line printed; None for a bug (a traceback)."""
+    if isinstance(exc, Stopped):
+        line, code = str(exc), 128 + exc.signum  # the shell's code for that signal: 143 SIGTERM, 130 SIGINT
+    elif isinstance(exc, KeyboardInterrupt):  # before training started, or a second Ctrl-C (StopRequest)
+        line, code = "interrupted (Ctrl-C): nothing saved since the last checkpoint", 130
+    elif isinstance(exc, (ConfigError, NonFiniteError, LaunchError, CheckpointError, DatasetError, PretrainedError,
+                          OSError)):
+        line = f"error: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+        code = 1 if isinstance(exc, NonFiniteError) else 2
+    elif (message := timeout_message(exc, proc, timeout)) is not None:
+        line, code = f"error: {message}; the run directory's last.pth holds the last checkpoint to resume from", 1
+    else:
+        return None
+    # a config, a non-finite step and a stop are the same on every rank: said once; a file or a disk may be one
+    # machine's own problem: every rank says it
+    if launched_rank() == 0 or not isinstance(exc, (ConfigError, NonFiniteError, Stopped)):
+        print(line, file=sys.stderr)
+    return code
+
+
 def main(argv=None):
     parser = add_config_args(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawTextHelpFormatter))
     parser.add_argument("--show", action="store_true", help="print the resolved config and what it changes from the "
                                                                "defaults, then exit")
     args = parser.parse_args(argv)
-    if args.show:
-        try:
-            cfg = read_config(args)
-        except (ConfigError, CheckpointError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(show_config(cfg))
-        return 0
+    proc, timeout = None, Config.dist_timeout
     try:
+        if args.show:
+            print(show_config(read_config(args)))
+            return 0
         # before the process group, whose timeout is a setting; with resume=, rank 0 alone reads the checkpoint
         ckpt, timeout = read_resume(args, launched_rank())
         proc = Distributed(timeout)
-    except ConfigError as exc:
-        if launched_rank() == 0:  # the same on every rank: said once
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (LaunchError, CheckpointError) as exc:  # CheckpointError: rank 0's resume= file
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    with proc, StopRequest() as stop:
-        try:
+        with proc, StopRequest() as stop:
             notes = []
             cfg = proc.broadcast(read_config(args, ckpt, notes) if proc.main else None)
             for note in notes:
@@ -598,28 +410,12 @@ def main(argv=None):
             model, run_dir, results = train(cfg, proc, ckpt, stop)
             del ckpt
             final_evaluation(cfg, proc, model, run_dir, results)  # a signal now stops at once (saved_final)
-        except (ConfigError, NonFiniteError, Stopped) as exc:
-            # The same on every rank (one config; an all-reduced check): said once.
-            if proc.main:
-                print(f"{'' if isinstance(exc, Stopped) else 'error: '}{exc}", file=sys.stderr)
-            if isinstance(exc, Stopped):
-                return 128 + exc.signum  # the shell's code for a process ended by that signal: 143 SIGTERM, 130 SIGINT
-            return 2 if isinstance(exc, ConfigError) else 1
-        except (CheckpointError, DatasetError, PretrainedError, OSError) as exc:
-            # Possibly one machine's own problem (a file missing there, a full disk): every rank says it.
-            print(f"error: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}", file=sys.stderr)
-            return 2
-        except RuntimeError as exc:
-            message = timeout_message(exc, proc, cfg.dist_timeout)
-            if message is None:
-                raise
-            print(f"error: {message}; the run directory's last.pth holds the last checkpoint to resume from",
-                  file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:  # before training started, or a second Ctrl-C (StopRequest): stopped at once
-            print("interrupted (Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
-            return 130
-    return 0
+        return 0
+    except (Exception, KeyboardInterrupt) as exc:
+        code = failure(exc, proc, timeout)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

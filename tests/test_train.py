@@ -12,6 +12,7 @@ import torch
 from conftest import copy_run, start_training, tiny_args
 
 import checkpoint
+import configs
 import precision
 import synthetic
 import train
@@ -198,15 +199,15 @@ def test_rng_state_is_this_process_gpus_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: f"state of {device}")
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
     gpu1 = torch.device("cuda", 1)
-    state = train.rng_state(gpu1)
+    state = checkpoint.rng_state(gpu1)
     assert state["cuda"] == "state of cuda:1" and torch.equal(state["torch"], torch.get_rng_state())
     monkeypatch.setattr(torch, "set_rng_state", lambda state: None)
-    train.set_rng_state(state, gpu1)
+    checkpoint.set_rng_state(state, gpu1)
     assert calls == [("state of cuda:1", gpu1)]
     # On the CPU nothing of CUDA is saved or restored, even where a GPU exists.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert set(train.rng_state(torch.device("cpu"))) == {"torch"}
-    train.set_rng_state(state, torch.device("cpu"))
+    assert set(checkpoint.rng_state(torch.device("cpu"))) == {"torch"}
+    checkpoint.set_rng_state(state, torch.device("cpu"))
     assert len(calls) == 1
 
 
@@ -230,7 +231,7 @@ def test_trim_log_keeps_the_records_up_to_the_checkpoint(tmp_path):
     path = tmp_path / "log.jsonl"
     lines = [json.dumps({"iter": i, "loss": 1.0 / i}) + "\n" for i in (10, 20, 30, 40)]
     path.write_text("".join(lines) + '{"iter": 50, "lo')  # the crash cut the last line short
-    train.trim_log(str(path), 20)
+    checkpoint.trim_log(str(path), 20)
     assert path.read_text() == "".join(lines[:2])
     assert os.listdir(tmp_path) == ["log.jsonl"]
 
@@ -408,7 +409,7 @@ def test_the_synthetic_preset_learns_end_to_end(tmp_path, capsys):
     """The README's first command on a smaller problem: generate (24 + 8 images of 128x256), train the synthetic preset
     90 iterations on 128x128 crops, evaluate. About 30 s in bf16 and 50 s in fp32 on 2 CPU cores, where it reached
     mIoU 17.9 and 17.4 and pixel accuracy 66.8% and 65.9%; the untrained model scores 0.3. The full quick start
-    (300 iterations, 21.7 in bf16 and 22.5 in fp32) is measured by hand (BENCHMARKS.md, README)."""
+    (300 iterations, 21.7 in bf16 and 22.5 in fp32) is measured by hand (benchmarks/measured.md, README)."""
     data = tmp_path / "data"
     assert synthetic.main(["--root", str(data), "--train", "24", "--val", "8", "--size", "128", "256", "--quiet"]) \
         is None
@@ -693,10 +694,10 @@ def test_grad_accum_counts_optimizer_steps(tiny_root, tmp_path):
 
 def test_a_batch_that_does_not_split_into_micro_batches_is_a_config_error():
     with pytest.raises(train.ConfigError, match="does not split over 1 processes x 3 micro-batches"):
-        train.per_rank_batch(get_config("synthetic", ["batch_size=8", "grad_accum=3"]), 1)
+        configs.per_rank_batch(get_config("synthetic", ["batch_size=8", "grad_accum=3"]), 1)
     with pytest.raises(train.ConfigError, match="gives 1 image per process and micro-batch"):
-        train.per_rank_batch(get_config("synthetic", ["batch_size=8", "grad_accum=4"]), 2)
-    assert train.per_rank_batch(get_config("cityscapes_1gpu_accum"), 1) == 8  # the reference batch 16 in two
+        configs.per_rank_batch(get_config("synthetic", ["batch_size=8", "grad_accum=4"]), 2)
+    assert configs.per_rank_batch(get_config("cityscapes_1gpu_accum"), 1) == 8  # the reference batch 16 in two
 
 
 # ---- stopping and resuming ----
@@ -1006,7 +1007,7 @@ def test_a_pickle_given_as_pretrained_weights_is_one_line_without_torchs_advice(
 def test_trim_log_stops_at_a_line_edited_by_hand(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"iter": 1}\n{"iter": 2}\nnull\n{"iter": 3}\n')
-    train.trim_log(str(path), 5)
+    checkpoint.trim_log(str(path), 5)
     assert path.read_text() == '{"iter": 1}\n{"iter": 2}\n'
 
 
