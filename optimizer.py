@@ -1,72 +1,50 @@
 """SGD with per-group learning-rate multipliers, and the warmup + poly learning-rate schedule.
 
-Parameters fall in four groups: the backbone-side ("base") and the head-side ("head", lr x head_lr_mult)
-parameters, each split into those with weight decay and those without (normalization layers and biases).
-Each group carries "lr_mult", so the schedule sets one base lr and every group follows it.
+Four groups: backbone-side ("base") and head-side ("head", lr x head_lr_mult) parameters, each with and without weight
+decay. Each group carries "lr_mult", so the schedule sets one base lr and every group follows it.
 """
 
 import torch
 from torch import nn
 
-# Layers whose affine parameters only rescale and shift: decaying them towards 0 fights the normalization.
-# _NormBase covers BatchNorm1d/2d/3d, SyncBatchNorm and the InstanceNorms.
+# Their affine parameters only rescale and shift: decaying them towards 0 fights the normalization. _NormBase covers
+# BatchNorm1d/2d/3d, SyncBatchNorm and the InstanceNorms.
 NO_DECAY_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def _is_head(name, head_prefixes):
-    # Whole dotted components: "head" must not claim "header.weight".
-    return any(name == p or name.startswith(p + ".") for p in head_prefixes)
-
-
-def _group_name(is_head, no_decay):
-    return ("head" if is_head else "base") + ("_no_decay" if no_decay else "")
-
-
 def param_groups(model, head_prefixes=(), weight_decay=5e-4, head_lr_mult=10.0):
-    """Optimizer parameter groups: base / base_no_decay / head / head_no_decay; empty ones are dropped.
+    """Optimizer parameter groups base / base_no_decay / head / head_no_decay, empty ones dropped; each a dict of
+    "params", "weight_decay", "lr_mult" and "name", and each trainable parameter in exactly one.
 
-    A parameter is in a head group when its name starts with one of `head_prefixes` (module names,
-    e.g. "ffm", "head"); it gets no weight decay when it belongs to a normalization layer or is a bias.
-    Every trainable parameter is in exactly one group. Each group dict has "params", "weight_decay",
-    "lr_mult" and "name". Call it on the raw model, not on a DistributedDataParallel wrapper
-    (whose parameter names start with "module.").
+    Head: the parameter's name starts with one of `head_prefixes` (module names such as "ffm") as whole dotted
+    components ("head" does not claim "header.weight"). No decay: a normalization layer's or a bias. Call it on the
+    raw model, not a DistributedDataParallel wrapper (whose parameter names start with "module.").
     """
-    groups = {}
-    for is_head in (False, True):
-        for no_decay in (False, True):
-            name = _group_name(is_head, no_decay)
-            groups[name] = {
-                "params": [],
-                "weight_decay": 0.0 if no_decay else weight_decay,
-                "lr_mult": head_lr_mult if is_head else 1.0,
-                "name": name,
-            }
+    groups = {part + suffix: {"params": [], "weight_decay": 0.0 if suffix else weight_decay,
+                              "lr_mult": head_lr_mult if part == "head" else 1.0, "name": part + suffix}
+              for part in ("base", "head") for suffix in ("", "_no_decay")}
     seen = set()  # a parameter shared by two modules must still be optimized once
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            full_name = f"{module_name}.{param_name}" if module_name else param_name
-            no_decay = isinstance(module, NO_DECAY_MODULES) or param_name == "bias"
-            groups[_group_name(_is_head(full_name, head_prefixes), no_decay)]["params"].append(param)
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                head = any(name == p or name.startswith(p + ".") for p in head_prefixes)
+                no_decay = isinstance(module, NO_DECAY_MODULES) or param_name == "bias"
+                groups[("head" if head else "base") + ("_no_decay" if no_decay else "")]["params"].append(param)
     return [g for g in groups.values() if g["params"]]
 
 
 def build_optimizer(model, cfg):
     """SGD over `param_groups`, the heads being the modules named in the model's HEAD_MODULES."""
     groups = param_groups(model, getattr(model, "HEAD_MODULES", ()), cfg.weight_decay, cfg.head_lr_mult)
-    for group in groups:
-        group["lr"] = cfg.lr * group["lr_mult"]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.SGD([dict(g, lr=cfg.lr * g["lr_mult"]) for g in groups], lr=cfg.lr, momentum=cfg.momentum)
 
 
 def load_optimizer_state(optimizer, state):
     """Load a saved optimizer `state` (momentum buffers) but keep each group's settings (weight_decay, momentum,
-    lr_mult) as `optimizer` was built, so that config changes made on resume take effect.
-
-    torch's load_state_dict alone would bring back the saved settings, silently ignoring such overrides.
-    """
+    lr_mult) as `optimizer` was built: torch's load_state_dict alone would bring back the saved ones, silently
+    ignoring config changes made on resume."""
     built = {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups}
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
@@ -74,13 +52,9 @@ def load_optimizer_state(optimizer, state):
 
 
 def lr_at(it, cfg):
-    """The base learning rate at iteration `it` (0-based): a warmup ramp, then poly decay to 0.
-
-    Warmup (it < warmup_iters) rises from lr * warmup_start to lr, geometrically ("exp") or linearly;
-    then lr * (1 - (it - warmup_iters) / (max_iter - warmup_iters)) ** poly_power, which is lr at
-    it = warmup_iters and 0 at it = max_iter. Reads lr, max_iter, warmup_iters, warmup, warmup_start
-    and poly_power from `cfg`.
-    """
+    """The base learning rate at iteration `it` (0-based): a warmup (it < warmup_iters) from lr * warmup_start to lr,
+    geometric ("exp") or linear; then lr * (1 - (it - warmup_iters) / (max_iter - warmup_iters)) ** poly_power, which
+    is lr at it = warmup_iters and 0 at it = max_iter."""
     base, warmup_iters = cfg.lr, cfg.warmup_iters
     if it < warmup_iters:
         frac = it / warmup_iters

@@ -3,9 +3,8 @@
     python plots.py runs/NAME                  # (re)draw curves.png (log.jsonl) and confusion.png (eval.json)
     python plots.py runs/NAME/eval_val_ss.json # draw eval_val_ss_confusion.png beside it
 
-train.py redraws both in the run directory at each validation and at the end; evaluate.py draws the confusion
-picture next to its JSON. matplotlib is optional (pip install -r requirements-plot.txt): without it the pictures
-are skipped with one warning.
+train.py and evaluate.py draw them too. matplotlib is optional (requirements-plot.txt): without it they are skipped
+with one warning.
 """
 
 import argparse
@@ -76,29 +75,26 @@ def plot_curves(log_path, out_path):
     """curves.png: the optimized loss and each head's, lr, throughput, and val mIoU (where the run validated).
     Returns out_path, or None where there is nothing to draw or no matplotlib."""
     train, val = read_log(log_path)
-    plt = pyplot() if train else None
-    if plt is None:
+    if not train or (plt := pyplot()) is None:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     its = [r["iter"] for r in train]
     marker = "o" if len(its) <= 10 else None  # a few logged points (one alone draws no line) are seen as dots
     loss_ax, lr_ax, speed_ax, miou_ax = axes.ravel()
-    loss_ax.plot(its, [r["loss"] for r in train], label=f"loss = {train[-1].get('loss_sums', 'total')}", lw=2,
-                 marker=marker)
-    for key in sorted(k for k in train[-1] if k.startswith("loss_") and k != "loss_sums"):
-        loss_ax.plot(its, [r.get(key) for r in train], label=key, lw=1, marker=marker)
+    for key in ["loss"] + sorted(k for k in train[-1] if k.startswith("loss_") and k != "loss_sums"):
+        label = f"loss = {train[-1].get('loss_sums', 'total')}" if key == "loss" else key
+        loss_ax.plot(its, [r.get(key) for r in train], label=label, lw=2 if key == "loss" else 1, marker=marker)
     loss_ax.set(title="training loss", xlabel="iteration", yscale="log")
     loss_ax.legend()
     lr_ax.plot(its, [r["lr"] for r in train], marker=marker)
     lr_ax.set(title="learning rate (base group)", xlabel="iteration")
     speed_ax.plot(its, [r["images_per_s"] for r in train], marker=marker)
-    speed_ax.set(title="throughput", xlabel="iteration", ylabel="images/s")
-    speed_ax.set_ylim(bottom=0)
+    speed_ax.set(title="throughput", xlabel="iteration", ylabel="images/s", ylim=(0, None))
     if val:
         miou = [100 * r["val_miou"] if r["val_miou"] is not None else np.nan for r in val]
         miou_ax.plot([r["iter"] for r in val], miou, marker="o")
-        best = int(np.nanargmax(miou)) if not np.isnan(miou).all() else None
-        if best is not None:  # the label extends toward the middle of the plot, never past its edge
+        if not np.isnan(miou).all():  # the label extends toward the middle of the plot, never past its edge
+            best = int(np.nanargmax(miou))
             right_half = 2 * best >= len(val) - 1 and len(val) > 1
             miou_ax.annotate(f"best {miou[best]:.1f} @ {val[best]['iter']}", (val[best]["iter"], miou[best]),
                              textcoords="offset points", xytext=(-6 if right_half else 6, -14),
@@ -121,16 +117,11 @@ def plot_curves(log_path, out_path):
 def plot_confusion(results, out_path):
     """The row-normalized confusion matrix of evaluate() results (rows: truth, columns: prediction), class names on
     both axes and each class's IoU beside its row. Returns out_path, or None without labels or matplotlib."""
-    if not results.get("confusion"):
+    if not results.get("confusion") or (plt := pyplot()) is None:
         return None
-    plt = pyplot()
-    if plt is None:
-        return None
-    confusion = np.asarray(results["confusion"], np.float64)
-    names = list(results["iou"])
-    rows = confusion.sum(1, keepdims=True)
+    confusion, names = np.asarray(results["confusion"], np.float64), list(results["iou"])
+    rows, n = confusion.sum(1, keepdims=True), len(names)
     normalized = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
-    n = len(names)
     size = max(6.0, 0.45 * n + 3)
     longest = max(len(name) for name in names) + 11  # " (IoU 62.5)"
     extra = max(0.0, 0.09 * (longest - 16))  # room for long class names, which would be cut at the edge
@@ -140,17 +131,13 @@ def plot_confusion(results, out_path):
     ious = ["n/a" if v is None else f"{100 * v:.1f}" for v in results["iou"].values()]
     ax.set_xticks(range(n), names, rotation=90)
     ax.set_yticks(range(n), [f"{name} (IoU {iou})" for name, iou in zip(names, ious, strict=True)])
-    if n <= 25:
-        for i in range(n):
-            for j in range(n):
-                if normalized[i, j] >= 0.005:
-                    ax.text(j, i, f"{100 * normalized[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if normalized[i, j] > 0.5 else "black")
-    miou = results.get("miou")
-    run = (results.get("config") or {}).get("run_name")
-    scorer = results.get("scored_by", "torch")
+    for i, j in zip(*np.nonzero(normalized >= 0.005), strict=True) if n <= 25 else ():
+        ax.text(j, i, f"{100 * normalized[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                color="white" if normalized[i, j] > 0.5 else "black")
+    miou, run = results.get("miou"), (results.get("config") or {}).get("run_name")
+    scorer = results.get("scored_by", "torch")  # an exported file's matrix says which one it is
     what = f"{run + ', ' if run else ''}{results['split']} split, {results['mode']}"
-    what += f", {scorer}" if scorer != "torch" else ""  # an exported file's matrix says which one it is
+    what += f", {scorer}" if scorer != "torch" else ""
     ax.set(xlabel="predicted", ylabel="true", title=f"{what}: mIoU {100 * miou:.2f}" if miou is not None else what)
     fig.tight_layout()
     save(fig, plt, out_path)
@@ -186,8 +173,7 @@ def main(argv=None):
         print(f"error: nothing drawn for {args.path}: it holds no training records or no labelled results",
               file=sys.stderr)
         return 1
-    for out in written:
-        print(f"wrote {out}")
+    print("\n".join(f"wrote {out}" for out in written))
     return 0
 
 

@@ -1,9 +1,6 @@
-"""The precision policy in one place: which autocast dtype a setting gets on a device, and what training adds to it
-(the GradScaler of fp16).
-
-amp / eval_amp = "none" is fp32. "fp16" is CUDA only (the CPU has no fast fp16). "bf16" runs where it is native: an
-NVIDIA GPU of compute capability 8.0 or newer, an AMD GPU, or a CPU with AVX512-BF16 or AMX; elsewhere it falls back
-to fp32 (oneDNN and older GPUs emulate bf16, slower than fp32).
+"""The precision policy in one place: the autocast dtype an amp / eval_amp setting gets on a device, and the
+GradScaler training adds for fp16. "none" is fp32, "fp16" is CUDA only (the CPU has no fast fp16), "bf16" runs where
+it is native and falls back to fp32 elsewhere.
 """
 
 import warnings
@@ -13,9 +10,9 @@ import torch
 
 
 def native_bf16(device):
-    """Whether bf16 runs natively: an NVIDIA GPU of compute capability 8.0 or newer (Ampere on; older ones emulate
-    bf16, though torch.cuda.is_bf16_supported() says yes) or an AMD GPU, or a CPU with AVX512-BF16 or AMX (elsewhere
-    oneDNN emulates bf16, several times slower than fp32)."""
+    """Whether bf16 runs natively: an AMD GPU, an NVIDIA GPU of compute capability 8.0 or newer (older ones emulate
+    bf16, though torch.cuda.is_bf16_supported() says yes), or a CPU with AVX512-BF16 or AMX (elsewhere oneDNN
+    emulates bf16, several times slower than fp32)."""
     if device.type == "cuda":
         if torch.version.hip:
             return torch.cuda.is_bf16_supported()
@@ -45,16 +42,13 @@ def training_precision(amp, device):
     dtype = autocast_dtype(amp, device, warn=False)
     if dtype is None:
         return None, nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
-    return dtype, torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type,
-                                                                                 enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return dtype, torch.autocast(device.type, dtype=dtype), scaler
 
 
 def use_channels_last(setting, device, dtype):
-    """Whether training runs weights and input in channels_last memory format: channels_last="true" / "false" as
-    given; "auto" on CUDA under fp16 or bf16 autocast (`dtype`), where NHWC is the tensor cores' native layout
-    (PyTorch's performance guide), and off elsewhere."""
-    if setting == "auto":
-        return device.type == "cuda" and dtype is not None
-    return setting == "true"
+    """Whether training runs in channels_last memory format: "true" / "false" as given; "auto" on CUDA under fp16 or
+    bf16 autocast (`dtype`), where NHWC is the tensor cores' native layout (PyTorch's performance guide)."""
+    return device.type == "cuda" and dtype is not None if setting == "auto" else setting == "true"
 
 

@@ -1,11 +1,6 @@
-"""Exported models (export.py's ONNX and OpenVINO IR files) run on the CPU, callable like the PyTorch model.
-
-evaluate.py and demo.py run one with backend=openvino or backend=onnxruntime (and backend_model=FILE, default
-model.xml / model.onnx next to the checkpoint, what export.py writes there): `load_model` gives a BackendModel,
-which takes a float32 (N, 3, H, W) tensor and returns float32 logits (N, C, H, W), so that every evaluation mode
-works unchanged. export.py checks its files with the same runners.
-
-onnx, onnxruntime, openvino and nncf are optional: requirements-deploy.txt installs them.
+"""Exported models (export.py's ONNX and OpenVINO files) run on the CPU, called like the PyTorch model, so that
+evaluate.py and demo.py work unchanged with backend=openvino or onnxruntime; export.py checks its files with the same
+runners. onnx, onnxruntime, openvino and nncf are optional: requirements-deploy.txt installs them.
 """
 
 import importlib
@@ -15,15 +10,9 @@ import warnings
 import numpy as np
 import torch
 
-# What each optional package is needed for, for the message when it is missing.
-PURPOSES = {
-    "onnx": "export ONNX files",
-    "onnxruntime": "run ONNX files",
-    "openvino": "export and run OpenVINO IR files",
-    "nncf": "quantize OpenVINO files to INT8",
-}
-# The file export.py writes next to the checkpoint, per backend (backend_model="" picks it).
-DEFAULT_FILES = {"openvino": "model.xml", "onnxruntime": "model.onnx"}
+PURPOSES = {"onnx": "export ONNX files", "onnxruntime": "run ONNX files",  # for the message when one is missing
+            "openvino": "export and run OpenVINO IR files", "nncf": "quantize OpenVINO files to INT8"}
+DEFAULT_FILES = {"openvino": "model.xml", "onnxruntime": "model.onnx"}  # export.py's files beside the checkpoint
 
 
 class BackendError(RuntimeError):
@@ -35,26 +24,19 @@ def require(name):
     try:
         return importlib.import_module(name)
     except ImportError as err:
-        raise BackendError(
-            f"the {name} package is needed to {PURPOSES.get(name, 'deploy models')} but is not installed; "
-            "pip install -r requirements-deploy.txt"
-        ) from err
+        raise BackendError(f"the {name} package is needed to {PURPOSES.get(name, 'deploy models')} but is not "
+                           "installed; pip install -r requirements-deploy.txt") from err
 
 
-def threads():
-    """The runtimes' thread count: PyTorch's, which follows OMP_NUM_THREADS. torchrun sets that to 1 per process,
-    and ONNX Runtime and OpenVINO, which ignore it, would otherwise each take every core: N processes, N times the
-    cores. In a plain process it is the number of physical cores, what both pick by themselves."""
-    return torch.get_num_threads()
-
+# Both runners take PyTorch's thread count, which follows OMP_NUM_THREADS: torchrun sets that to 1 per process, and
+# ONNX Runtime and OpenVINO, which ignore it, would otherwise each take every core (N processes, N times the cores).
 
 def onnxruntime_runner(path):
-    """A function float32 array (N, 3, H, W) -> the file's output array, running the ONNX file `path` with
-    onnxruntime on the CPU, on as many threads as PyTorch uses (see `threads`). Its `shapes` attribute: the input's
-    and the output's dimensions as the file declares them (None where a dimension is dynamic)."""
+    """A function float32 array (N, 3, H, W) -> the output array of the ONNX file `path`, run by onnxruntime on the
+    CPU. Its `shapes`: the input's and the output's dimensions as the file declares them (None where dynamic)."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads()
+    options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     output = session.get_outputs()[0].name
 
@@ -67,14 +49,12 @@ def onnxruntime_runner(path):
 
 
 def openvino_runner(path, precision="f32"):
-    """The same for an OpenVINO IR (.xml) or ONNX file, compiled for the CPU in f32: by default OpenVINO may compute
-    in bf16 on CPUs that have it, which is not what an fp32 file promises (an INT8 file keeps its int8 layers).
-    precision="bf16" asks for bf16 instead (the benchmark's row; CPUs without native bf16 stay in f32). Threads: as
-    many as PyTorch uses (see `threads`)."""
+    """The same for an OpenVINO IR (.xml) or ONNX file, compiled for the CPU in f32 (OpenVINO's default is bf16 where
+    the CPU has it, not what an fp32 file promises; INT8 layers stay INT8) or, for the benchmark, in bf16."""
     ov = require("openvino")
     hint = {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]
     compiled = ov.Core().compile_model(path, "CPU", {ov.properties.hint.inference_precision: hint,
-                                                     ov.properties.inference_num_threads: threads()})
+                                                     ov.properties.inference_num_threads: torch.get_num_threads()})
     request = compiled.create_infer_request()
 
     def run(image):
@@ -97,8 +77,7 @@ class BackendModel:
             raise BackendError(f"{backend} model not found: {path}; write it with python export.py --ckpt CKPT"
                                + (" --openvino" if backend == "openvino" else "") + " or set backend_model=FILE")
         self.path, self.backend = path, backend
-        # precision: OpenVINO's inference precision hint (openvino_runner); ONNX Runtime computes in f32
-        try:
+        try:  # precision: OpenVINO's inference precision hint; ONNX Runtime computes in f32
             self.run = openvino_runner(path, precision) if backend == "openvino" else onnxruntime_runner(path)
         except Exception as err:  # the runtimes' own errors: a corrupt file, an IR without its .bin, the wrong format
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
@@ -108,8 +87,7 @@ class BackendModel:
         input_shape, output_shape = self.run.shapes
         check_shapes(path, input_shape, output_shape, num_classes)
         if num_classes is not None and output_shape[1] is None:  # a file that leaves its class count open: ask it
-            probe = self.run(np.zeros((1, 3, 64, 64), np.float32))
-            check_shapes(path, input_shape, list(probe.shape), num_classes)
+            check_shapes(path, input_shape, self.run(np.zeros((1, 3, 64, 64), np.float32)).shape, num_classes)
 
     def __call__(self, image):
         logits = self.run(image.detach().to("cpu", torch.float32).contiguous().numpy())
@@ -119,8 +97,7 @@ class BackendModel:
 
 
 def check_shapes(path, input_shape, output_shape, num_classes=None):
-    """An exported logits file fits the config: image input (N, 3, H, W), logits output (N, num_classes, H, W).
-    Checked before any image runs, so that a file of another model never gives a number (BackendError)."""
+    """Raise BackendError unless the file maps images (N, 3, H, W) to logits (N, num_classes, H, W)."""
     if len(input_shape) != 4 or input_shape[1] not in (3, None):
         raise BackendError(f"{path} takes input of shape {_dims(input_shape)}; expected images (N, 3, H, W)")
     if len(output_shape) != 4:
@@ -135,11 +112,6 @@ def _dims(shape):
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
-def model_path(cfg, ckpt):
-    """cfg.backend_model, or export.py's default file for cfg.backend next to the checkpoint `ckpt`."""
-    return cfg.backend_model or os.path.join(os.path.dirname(os.path.abspath(ckpt)), DEFAULT_FILES[cfg.backend])
-
-
 def load_model(cfg, ckpt, model):
     """What evaluate.py and demo.py run: the PyTorch `model` for backend=torch, else a BackendModel of the file."""
     if cfg.backend == "torch":
@@ -148,3 +120,7 @@ def load_model(cfg, ckpt, model):
         warnings.warn(f"eval_amp={cfg.eval_amp} applies to backend=torch only; the {cfg.backend} file runs in the "
                       "precision it was exported in (export.py --int8 for INT8)", stacklevel=2)
     return BackendModel(model_path(cfg, ckpt), cfg.backend, num_classes=cfg.num_classes)
+
+
+def model_path(cfg, ckpt):
+    return cfg.backend_model or os.path.join(os.path.dirname(os.path.abspath(ckpt)), DEFAULT_FILES[cfg.backend])

@@ -1,10 +1,9 @@
-"""Synthetic street scenes written in the exact Cityscapes layout and label encoding.
+"""Synthetic street scenes in the exact Cityscapes layout and label encoding: the real data needs a login.
 
-The real data set needs a login; this one runs the whole pipeline anywhere. A pinhole camera looks down a street of
-facades, trees, walls, fences, poles with signs and lights, vehicles, pedestrians and riders, plus the ids Cityscapes
-ignores (ego vehicle, rectification border, out of roi, static, dynamic, parking, unlabeled). Classes share colors on
-purpose (greys of road, parking, sidewalk, wall, facade, car and pole; greens of trees and grass) and light, texture
-and noise vary, so shape, place and context must label a pixel. Each image depends only on (seed, split, index).
+A pinhole camera looks down a street of facades, trees, walls, fences, poles with signs and lights, vehicles,
+pedestrians and riders, plus the ids Cityscapes ignores. Classes share colors on purpose (greys of road, sidewalk,
+wall, facade, car and pole; greens of trees and grass), so shape, place and context must label a pixel. Each image
+depends only on (seed, split, index).
 
     python synthetic.py --root data/synthetic --train 48 --val 16 --size 256 512 --seed 0
 """
@@ -104,7 +103,7 @@ class Scene:
         offset, up = (np.asarray(points, np.float64)[..., axis] for axis in (0, 1))
         return self.project(x, up, z + offset) if along else self.project(x + offset, up, z)
 
-    def ground(self, x0, x1, z0, z1):
+    def ground(self, x0, x1, z0, z1):  # a rectangle (or rectangles) on the road plane -> pixels
         corners = rect(x0, z0, x1, z1)
         return self.project(corners[..., 0], 0.0, corners[..., 1])
 
@@ -377,21 +376,16 @@ def marker_text(n_train, n_val, size, seed):
             f"version: {GENERATOR_VERSION}\nseed: {seed}\ntrain: {n_train}\nval: {n_val}\nsize: {size[0]}x{size[1]}\n")
 
 
-def check(root, n_train, n_val, size, seed):
-    """Refuse bad settings, and a non-empty folder this generator did not make: it may hold the real data."""
+def generate(root, n_train=48, n_val=16, size=(256, 512), seed=0, progress=True) -> None:
+    """Write n_train + n_val scenes of `size` (H, W) under `root` as Cityscapes' leftImg8bit and gtFine labelIds.
+    SYNTHETIC.partial marks the folder as ours while writing; SYNTHETIC, written last, records the settings."""
+    root, size = Path(root), tuple(map(int, size))
     if seed < 0 or min(n_train, n_val) < 0 or len(size) != 2 or min(size) < 16:
         raise ValueError(f"need seed, train, val >= 0 and a size H, W >= 16; got {seed}, {n_train}, {n_val}, {size}")
+    # Refuse a non-empty folder this generator did not make: it may hold the real data (.tmp: an interrupted write).
     names = {path.name for path in root.iterdir()} if root.is_dir() else set()
-    if names and not {name.split(".tmp")[0] for name in names} & {MARKER, PARTIAL_MARKER}:  # .tmp: interrupted
+    if names and not {name.split(".tmp")[0] for name in names} & {MARKER, PARTIAL_MARKER}:
         raise FileExistsError(f"{root} is not empty and has no {MARKER} file: it may hold real data; not writing there")
-
-
-def generate(root, n_train=48, n_val=16, size=(256, 512), seed=0, progress=True) -> None:
-    """Write n_train + n_val scenes of `size` (H, W) under `root`: leftImg8bit/{split}/{city}/{city}_{seq}_{frame}
-    _leftImg8bit.png and gtFine/..._gtFine_labelIds.png. SYNTHETIC.partial marks the folder as ours while writing;
-    SYNTHETIC, written last, records the settings of a complete data set."""
-    root, size = Path(root), tuple(map(int, size))
-    check(root, n_train, n_val, size, seed)
     root.mkdir(parents=True, exist_ok=True)
     write_atomically(str(root / PARTIAL_MARKER), lambda f: f.write(b"synthetic.py is writing this folder\n"))
     for stale in set(root.glob(f"{MARKER}*")) - {root / PARTIAL_MARKER}:  # the old marker, temporary files

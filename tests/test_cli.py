@@ -12,7 +12,7 @@ def interrupt(*args, **kwargs):
     ("evaluate", "load_for_inference", ["--ckpt", "model.pth"]),
     ("demo", "list_inputs", ["--ckpt", "model.pth", "image.png"]),
     ("export", "load_for_inference", ["--ckpt", "model.pth"]),
-    ("check_data", "check_split", ["--config", "synthetic"]),
+    ("check_data", "dataset_samples", ["--config", "synthetic"]),
     ("train", "train", ["--config", "synthetic"]),
     ("synthetic", "generate", []),
 ])
