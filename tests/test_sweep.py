@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+import checkpoint
 import evaluate
 import plots
 import sweep
@@ -29,10 +30,13 @@ def test_mean_and_sample_std_by_hand():
 
 
 @pytest.mark.parametrize("p, df, expected", [
-    (0.975, 2, 4.303),  # the textbook table (two-sided 95%)
+    (0.975, 1, 12.706),  # the textbook table (two-sided 95%)
+    (0.975, 2, 4.303),
     (0.975, 3, 3.182),
     (0.975, 4, 2.776),
     (0.975, 10, 2.228),
+    (0.975, 30, 2.042),
+    (0.975, 1000, 1.962),
     (0.95, 10, 1.812),
     (0.995, 5, 4.032),
     (0.975, math.inf, 1.960),  # the normal
@@ -515,7 +519,7 @@ def test_a_full_disk_under_the_summary_is_one_line(hand_sweep, capsys, monkeypat
     def full(path, write):
         raise OSError(28, f"cannot write {path}: No space left on device")
 
-    monkeypatch.setattr(sweep, "write_atomically", full)
+    monkeypatch.setattr(checkpoint, "write_atomically", full)
     assert sweep.main(["--config", "camvid", f"out_dir={tmp_path}", "--summary-only"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write {root}/summary.md: No space left on device; the runs' own files are "
