@@ -39,6 +39,7 @@ from model import inference_model
 from runtime import BackendError, BackendModel, load_model, model_path
 from transform import EvalTransform, normalize
 
+_WARNED = set()  # the eval JSONs read_results has warned about
 MODES = {  # mode: (sliding crops, multi-scale and flip)
     "ss": (False, False),
     "ssc": (True, False),
@@ -300,6 +301,28 @@ def write_results(results, path):
     atomically (checkpoint.write_atomically): a full disk leaves the earlier file whole, and the error names it."""
     text = json.dumps(results, indent=1, allow_nan=False)
     write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def read_results(path):
+    """An eval JSON's results where it holds a score, else None (missing, cut short by a kill, or unscored); one whose
+    figures are not evaluate.py's (a string, NaN, outside 0..1: edited by hand) is left out with a warning."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(results, dict) or results.get("miou") is None:
+        return None
+    iou = results.get("iou")
+    figures = [results["miou"], *(iou.values() if isinstance(iou, dict) else ["no iou"])]  # None: a class not scored
+    if isinstance(results.get("mode"), str) and all(v is None or type(v) in (int, float) and 0 <= v <= 1
+                                                    for v in figures):
+        return results
+    if path not in _WARNED:
+        _WARNED.add(path)
+        print(f"warning: {path} does not hold evaluate.py's results (miou {results['miou']!r}): left out; "
+              "delete it to score the run again", file=sys.stderr)
+    return None
 
 
 def results_name(cfg, ckpt, results):

@@ -179,3 +179,52 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def sweep_summary(plt, summary):
+    """A column per split. Top: a bar per variant at its mean mIoU (from 0) with its interval (drawn within 0-100; the
+    table has the numbers), a dot per seed, the baseline's mean dashed. Below, where there is a baseline: each
+    difference to it with its Welch interval, red where the interval is below 0, green above, grey across it."""
+    variants, level, n = summary["variants"], round(100 * summary["confidence"]), len(summary["variants"])
+    splits = [s for s in ("val", "test") if any(e[s] for e in variants)]
+    compared = any(e[s] and e[s]["vs_baseline"] for e in variants for s in splits)
+    fig, axes = plt.subplots(1 + compared, len(splits), figsize=(len(splits) * max(6.0, 1.0 * n + 2),
+                                                                 5 + 4 * compared), squeeze=False)
+    for column, split in enumerate(splits):
+        entries = [(x, e[split]) for x, e in enumerate(variants) if e[split]]
+        ax, means = axes[0][column], [100 * s["mean"] for _, s in entries]
+        ends = [(max(0.0, 100 * s["mean_interval"][0]), min(100.0, 100 * s["mean_interval"][1]))
+                if s["mean_interval"] else (m, m) for m, (_, s) in zip(means, entries, strict=True)]
+        ax.bar([x for x, _ in entries], means, yerr=[[m - lo for m, (lo, _) in zip(means, ends, strict=True)],
+                                                     [hi - m for m, (_, hi) in zip(means, ends, strict=True)]],
+               capsize=5, color="#9ecae1", edgecolor="#3182bd", zorder=1)
+        for x, s in entries:
+            k = len(s["miou"])
+            ax.scatter([x + (0.0 if k == 1 else -0.2 + 0.4 * i / (k - 1)) for i in range(k)],
+                       [100 * v for v in s["miou"]], color="black", s=16, zorder=3)
+        base = next((e[split] for e in variants if e["variant"] == summary["baseline"]), None)
+        if base and compared:
+            ax.axhline(100 * base["mean"], color="#3182bd", linestyle="--", linewidth=1, zorder=2,
+                       label=f"{summary['baseline']} mean")
+            ax.legend(loc="upper right")  # above the bars: the axis leaves them the top quarter
+        top = min(100.0, max(100 * v for _, s in entries for v in [*s["miou"], *(s["mean_interval"] or ())]))
+        ax.set_ylim(0, max(1.35 * top, 1.0))  # never 0 to 0, where every seed scored 0
+        ax.set(title=f"{split}: mean mIoU\n{level}% interval of the mean (t), a dot per seed", ylabel="mIoU (%)")
+        if compared:
+            ax = axes[1][column]
+            ax.axhline(0, color="black", linewidth=1, zorder=1)
+            for x, vs in ((x, s["vs_baseline"]) for x, s in entries if s["vs_baseline"]):
+                diff, interval = 100 * vs["diff"], vs["low"] is not None  # none where a side has 1 seed
+                color = "#7f7f7f" if not interval or vs["low"] <= 0 <= vs["high"] else \
+                    "#d62728" if vs["high"] < 0 else "#2ca02c"
+                ax.errorbar([x], [diff], yerr=[[diff - 100 * vs["low"]], [100 * vs["high"] - diff]] if interval
+                            else None, fmt="o", color=color, capsize=5, zorder=3)
+            ax.set(title=f"{split}: difference to {summary['baseline']}\n{level}% interval (Welch); red/green: 0 "
+                   "outside",
+                   ylabel="mIoU difference (points)")
+        for ax in axes[:, column]:
+            ax.set_xticks(range(n), [e["variant"] for e in variants], rotation=30, ha="right")
+            ax.set_xlim(-0.6, n - 0.4)
+            ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -16,12 +16,10 @@ t), difference to baseline with its 95% interval (Welch's t), IoU per class. Cho
 import argparse
 import importlib.util
 import json
-import math
 import os
 import re
 import shlex
 import signal
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -33,18 +31,16 @@ import train
 from configs import MODEL_KEYS, PRESETS, ConfigError, add_config_args, get_config, upgrade_stored
 from datasets import DatasetError, build_dataset
 from distributed import Distributed
+from evaluate import read_results
+from stats import BASELINE, CONFIDENCE, format_summary, mean, split_summary
 
-BASELINE = "baseline"
-CONFIDENCE = 0.95
 RUN_FOLDER = re.compile(r"(?P<variant>.+)_seed(?P<seed>\d+)")
 # Keys that may differ between a run and the sweep's record of it without changing its result.
 UNSCORED_KEYS = ("seed", "run_name", "out_dir", "resume", "workers", "eval_workers", "log_every", "dist_timeout")
 # What a run writes before its first last.pth: a folder holding only these is started again from scratch.
 UNSAVED_FILES = ("config.json", "log.jsonl", "curves.png", "confusion.png", "model_best.pth")
 DOING = {"new": "training", "resume": "resuming", "finish": "finishing", "evaluate": "evaluating"}
-mean = statistics.mean  # ValueError (StatisticsError) for no values
-sample_std = statistics.stdev  # n - 1 in the denominator; ValueError for fewer than 2 values
-_WARNED = set()  # the eval JSONs read_results has warned about
+
 
 
 class SweepError(ValueError):
@@ -57,53 +53,6 @@ class Terminated(BaseException):
 
 def raise_terminated(signum, frame):
     raise Terminated
-
-
-# ---- statistics: Student's t written out, as scipy is no dependency and a table misses Welch's fractional df ----
-
-def t_upper_tail(t, df):
-    """P(T > t), t >= 0: I_x(df / 2, 1 / 2) / 2 at x = df / (df + t^2), the regularized incomplete beta by its series of
-    positive terms (DLMF 8.17.8) where x <= 1/2, else by I_x(a, b) = 1 - I_(1-x)(b, a); float precision to df 100."""
-    if math.isinf(df):
-        return 0.5 * math.erfc(t / math.sqrt(2))
-    x = df / (df + t * t)
-    a, b, y = (df / 2, 0.5, x) if x <= 0.5 else (0.5, df / 2, 1 - x)
-    total, term, n = 0.0, 1.0, 0
-    while term > 1e-17 * total:
-        total, term, n = total + term, term * (a + b + n) / (a + 1 + n) * y, n + 1
-    beta = total * math.exp(a * math.log(y) + b * math.log1p(-y) + math.lgamma(a + b) - math.lgamma(a)
-                            - math.lgamma(b)) / a
-    return 0.5 * (beta if x <= 0.5 else 1 - beta)
-
-
-def t_quantile(p, df):
-    """The t with P(T <= t) = p, by bisection on the upper tail."""
-    if not 0 < p < 1 or not df > 0:
-        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0 (got p={p}, df={df})")
-    if p <= 0.5:
-        return 0.0 if p == 0.5 else -t_quantile(1 - p, df)
-    low, high = 0.0, 1.0
-    while t_upper_tail(high, df) > 1 - p:
-        low, high = high, 2 * high
-    while low < (middle := (low + high) / 2) < high:
-        low, high = (middle, high) if t_upper_tail(middle, df) > 1 - p else (low, middle)
-    return middle
-
-
-def mean_interval(values, confidence=CONFIDENCE):
-    """(low, high): the `confidence` interval of the mean, mean -+ t(n - 1) s / sqrt(n)."""
-    half = t_quantile(1 - (1 - confidence) / 2, len(values) - 1) * sample_std(values) / math.sqrt(len(values))
-    return mean(values) - half, mean(values) + half
-
-
-def welch_interval(a, b, confidence=CONFIDENCE):
-    """(mean(a) - mean(b), low, high, df) by Welch's t, df by Welch-Satterthwaite (inf where neither has spread)."""
-    ua, ub, diff = sample_std(a) ** 2 / len(a), sample_std(b) ** 2 / len(b), mean(a) - mean(b)
-    if ua + ub == 0:
-        return diff, diff, diff, math.inf
-    df = (ua + ub) ** 2 / (ua ** 2 / (len(a) - 1) + ub ** 2 / (len(b) - 1))
-    half = t_quantile(1 - (1 - confidence) / 2, df) * math.sqrt(ua + ub)
-    return diff, diff - half, diff + half, df
 
 
 # ---- variants and runs ----
@@ -199,28 +148,6 @@ class Run:
 
     def test_results(self):
         return read_results(self.path(f"eval_test_{self.cfg.eval_mode}.json"))  # evaluate.py's name for them
-
-
-def read_results(path):
-    """An eval JSON's results where it holds a score, else None (missing, cut short by a kill, or unscored); one whose
-    figures are not evaluate.py's (a string, NaN, outside 0..1: edited by hand) is left out with a warning."""
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(results, dict) or results.get("miou") is None:
-        return None
-    iou = results.get("iou")
-    figures = [results["miou"], *(iou.values() if isinstance(iou, dict) else ["no iou"])]  # None: a class not scored
-    if isinstance(results.get("mode"), str) and all(v is None or type(v) in (int, float) and 0 <= v <= 1
-                                                    for v in figures):
-        return results
-    if path not in _WARNED:
-        _WARNED.add(path)
-        print(f"warning: {path} does not hold evaluate.py's results (miou {results['miou']!r}): left out; "
-              "delete it to score the run again", file=sys.stderr)
-    return None
 
 
 def check_existing(run):
@@ -402,26 +329,6 @@ def collect(sweep_dir):
     return {variant: sorted(found, key=lambda r: r[0]) for variant, found in runs.items()}
 
 
-def split_summary(scored, baseline, confidence):
-    """The figures of one split: scored = [(seed, results)]; baseline: the baseline's (None for itself)."""
-    if not scored:
-        return None
-    mious = [r["miou"] for _, r in scored]
-    iou = {n: [r["iou"][n] for _, r in scored if r["iou"].get(n) is not None] for n in scored[0][1]["iou"]}
-    summary = {"seeds": [s for s, _ in scored], "miou": mious, "mean": mean(mious), "std": None,
-               "min": min(mious), "max": max(mious), "mean_interval": None, "vs_baseline": None,
-               "class_iou": {n: mean(v) if v else None for n, v in iou.items()}}  # None: never scored
-    if len(mious) > 1:
-        summary.update(std=sample_std(mious), mean_interval=list(mean_interval(mious, confidence)))
-    if baseline:
-        base = [r["miou"] for _, r in baseline]
-        vs = summary["vs_baseline"] = {"diff": mean(mious) - mean(base), "low": None, "high": None, "df": None}
-        if len(mious) > 1 and len(base) > 1:
-            _, low, high, df = welch_interval(mious, base, confidence)
-            vs.update(low=low, high=high, df=None if math.isinf(df) else df)
-    return summary
-
-
 def summarize(runs, order=(), confidence=CONFIDENCE):
     """The summary of collect()'s runs: variants in `order`, then the baseline, then the others by name."""
     order = [*order, BASELINE]
@@ -442,93 +349,6 @@ def summarize(runs, order=(), confidence=CONFIDENCE):
             "unit": "fractions, as in the eval JSONs (x 100: %)", "variants": variants}
 
 
-def percent(value, signed=False, interval=None):
-    """value x 100 with 2 decimals ("" for None), then the interval (low, high) in brackets where there is one."""
-    text = "" if value is None else f"{100 * value:{'+' if signed else ''}.2f}"
-    return text + (f" [{percent(interval[0], signed)}, {percent(interval[1], signed)}]" if interval else "")
-
-
-def format_summary(summary, sweep_dir):
-    variants, level = summary["variants"], round(100 * summary["confidence"])
-    lines = [f"# Sweep {sweep_dir}", "",
-             f"mIoU in %, from the runs' eval JSONs (val: eval.json; test: eval_test_MODE.json). The {level}% interval "
-             "of the mean is Student's t with n - 1 degrees of freedom; vs baseline is the difference of the means "
-             f"with its {level}% interval by Welch's t (df: Welch-Satterthwaite). Choose on val; test is reported "
-             "beside.", ""]
-    lines += [f"No {BASELINE} runs: no differences.", ""] if summary["baseline"] is None else \
-        ["| variant | differs from baseline |", "|---|---|",
-         *(f"| {e['variant']} | {' '.join(e['differs']) or '-'} |" for e in variants), ""]
-    if few := sorted({e["variant"] for e in variants for s in ("val", "test") if e[s] and len(e[s]["miou"]) == 2}):
-        lines += [f"Warning: {', '.join(few)} {'has' if len(few) == 1 else 'have'} 2 seeds: the {level}% interval of "
-                  "a mean of 2 reaches 12.7 standard errors either side (t with 1 degree of freedom), against 4.3 "
-                  "with 3 seeds; run 3 or more seeds (--seeds 0,1,2) to read the differences.", ""]
-    for split in ("val", "test"):
-        if not (entries := [(e["variant"], e[split]) for e in variants if e[split]]):
-            continue
-        lines += [f"## {split} mIoU", "", f"| variant | seeds: mIoU | mean [{level}% interval] | std | min-max | vs "
-                  f"{BASELINE} [{level}% interval] | df |", "|---|---|---|---|---|---|---|"]
-        for name, s in entries:
-            vs = s["vs_baseline"] or {"diff": None, "low": None, "df": None}
-            seeds = ", ".join(f"{seed}: {percent(m)}" for seed, m in zip(s["seeds"], s["miou"], strict=True))
-            lines.append(f"| {name} | {seeds} | {percent(s['mean'], interval=s['mean_interval'])} | "
-                         f"{percent(s['std'])} | {percent(s['min'])}-{percent(s['max'])} | "
-                         f"{percent(vs['diff'], True, vs['low'] is not None and (vs['low'], vs['high']))} | "
-                         f"{'' if vs['df'] is None else format(vs['df'], '.1f')} |")
-        classes = list(entries[0][1]["class_iou"])
-        lines += ["", f"## {split} IoU per class (mean over seeds)", "", f"| variant | {' | '.join(classes)} |",
-                  "|---|" + "---|" * len(classes), *(f"| {name} | " + " | ".join(
-                      percent(s["class_iou"].get(c)) for c in classes) + " |" for name, s in entries), ""]
-    return "\n".join(lines)
-
-
-def summary_figure(plt, summary):
-    """A column per split. Top: a bar per variant at its mean mIoU (from 0) with its interval (drawn within 0-100; the
-    table has the numbers), a dot per seed, the baseline's mean dashed. Below, where there is a baseline: each
-    difference to it with its Welch interval, red where the interval is below 0, green above, grey across it."""
-    variants, level, n = summary["variants"], round(100 * summary["confidence"]), len(summary["variants"])
-    splits = [s for s in ("val", "test") if any(e[s] for e in variants)]
-    compared = any(e[s] and e[s]["vs_baseline"] for e in variants for s in splits)
-    fig, axes = plt.subplots(1 + compared, len(splits), figsize=(len(splits) * max(6.0, 1.0 * n + 2),
-                                                                 5 + 4 * compared), squeeze=False)
-    for column, split in enumerate(splits):
-        entries = [(x, e[split]) for x, e in enumerate(variants) if e[split]]
-        ax, means = axes[0][column], [100 * s["mean"] for _, s in entries]
-        ends = [(max(0.0, 100 * s["mean_interval"][0]), min(100.0, 100 * s["mean_interval"][1]))
-                if s["mean_interval"] else (m, m) for m, (_, s) in zip(means, entries, strict=True)]
-        ax.bar([x for x, _ in entries], means, yerr=[[m - lo for m, (lo, _) in zip(means, ends, strict=True)],
-                                                     [hi - m for m, (_, hi) in zip(means, ends, strict=True)]],
-               capsize=5, color="#9ecae1", edgecolor="#3182bd", zorder=1)
-        for x, s in entries:
-            k = len(s["miou"])
-            ax.scatter([x + (0.0 if k == 1 else -0.2 + 0.4 * i / (k - 1)) for i in range(k)],
-                       [100 * v for v in s["miou"]], color="black", s=16, zorder=3)
-        base = next((e[split] for e in variants if e["variant"] == BASELINE), None)
-        if base and compared:
-            ax.axhline(100 * base["mean"], color="#3182bd", linestyle="--", linewidth=1, zorder=2,
-                       label=f"{BASELINE} mean")
-            ax.legend(loc="upper right")  # above the bars: the axis leaves them the top quarter
-        top = min(100.0, max(100 * v for _, s in entries for v in [*s["miou"], *(s["mean_interval"] or ())]))
-        ax.set_ylim(0, max(1.35 * top, 1.0))  # never 0 to 0, where every seed scored 0
-        ax.set(title=f"{split}: mean mIoU\n{level}% interval of the mean (t), a dot per seed", ylabel="mIoU (%)")
-        if compared:
-            ax = axes[1][column]
-            ax.axhline(0, color="black", linewidth=1, zorder=1)
-            for x, vs in ((x, s["vs_baseline"]) for x, s in entries if s["vs_baseline"]):
-                diff, interval = 100 * vs["diff"], vs["low"] is not None  # none where a side has 1 seed
-                color = "#7f7f7f" if not interval or vs["low"] <= 0 <= vs["high"] else \
-                    "#d62728" if vs["high"] < 0 else "#2ca02c"
-                ax.errorbar([x], [diff], yerr=[[diff - 100 * vs["low"]], [100 * vs["high"] - diff]] if interval
-                            else None, fmt="o", color=color, capsize=5, zorder=3)
-            ax.set(title=f"{split}: difference to {BASELINE}\n{level}% interval (Welch); red/green: 0 outside",
-                   ylabel="mIoU difference (points)")
-        for ax in axes[:, column]:
-            ax.set_xticks(range(n), [e["variant"] for e in variants], rotation=30, ha="right")
-            ax.set_xlim(-0.6, n - 0.4)
-            ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
 def write_summary(sweep_dir, order=(), quiet=False):
     """summary.md, summary.json and summary.png from the eval JSONs in sweep_dir; prints it (`quiet`: where it is)."""
     if not (runs := collect(sweep_dir)):
@@ -541,7 +361,7 @@ def write_summary(sweep_dir, order=(), quiet=False):
     png = "no summary.png: matplotlib is not installed (pip install -r requirements-plot.txt)"
     if importlib.util.find_spec("matplotlib") is not None:
         plt = plots.pyplot()
-        plots.save(summary_figure(plt, summary), plt, os.path.join(sweep_dir, "summary.png"))
+        plots.save(plots.sweep_summary(plt, summary), plt, os.path.join(sweep_dir, "summary.png"))
         png = "summary.png"
     if not quiet:
         print(text)

@@ -13,6 +13,7 @@ import torch
 import checkpoint
 import evaluate
 import plots
+import stats
 import sweep
 import train
 from configs import PRESETS, get_config
@@ -23,10 +24,10 @@ from configs import PRESETS, get_config
 def test_mean_and_sample_std_by_hand():
     values = [2, 4, 4, 4, 5, 5, 7, 9]
     # mean 40 / 8 = 5; squared deviations 9 1 1 1 0 0 4 16 = 32; sample variance 32 / 7 = 4.571429
-    assert sweep.mean(values) == 5
-    assert sweep.sample_std(values) == pytest.approx(math.sqrt(32 / 7), rel=1e-12)
+    assert stats.mean(values) == 5
+    assert stats.sample_std(values) == pytest.approx(math.sqrt(32 / 7), rel=1e-12)
     with pytest.raises(ValueError):
-        sweep.sample_std([1.0])
+        stats.sample_std([1.0])
 
 
 @pytest.mark.parametrize("p, df, expected", [
@@ -42,19 +43,19 @@ def test_mean_and_sample_std_by_hand():
     (0.975, math.inf, 1.960),  # the normal
 ])
 def test_t_quantile_matches_the_textbook_table(p, df, expected):
-    assert sweep.t_quantile(p, df) == pytest.approx(expected, abs=5e-4)
-    assert sweep.t_quantile(1 - p, df) == pytest.approx(-expected, abs=5e-4)
+    assert stats.t_quantile(p, df) == pytest.approx(expected, abs=5e-4)
+    assert stats.t_quantile(1 - p, df) == pytest.approx(-expected, abs=5e-4)
 
 
 def test_t_quantile_matches_the_closed_forms():
     for p in (0.6, 0.9, 0.975, 0.999):
         # df = 1 (Cauchy): t = tan(pi (p - 1/2)); df = 2: t = (2p - 1) sqrt(2 / (4 p (1 - p)))
-        assert sweep.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-10)
-        assert sweep.t_quantile(p, 2) == pytest.approx((2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p))), rel=1e-10)
-    assert sweep.t_quantile(0.5, 7) == 0
+        assert stats.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-10)
+        assert stats.t_quantile(p, 2) == pytest.approx((2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p))), rel=1e-10)
+    assert stats.t_quantile(0.5, 7) == 0
     # a fractional df (Welch's) lies between its neighbours: t(2) = 4.303 > t(2.5) > t(3) = 3.182; scipy's
     # stats.t.ppf(0.975, 2.5) = 3.574655 (computed outside the tests: scipy is no dependency)
-    assert sweep.t_quantile(0.975, 2.5) == pytest.approx(3.574655, abs=1e-6)
+    assert stats.t_quantile(0.975, 2.5) == pytest.approx(3.574655, abs=1e-6)
 
 
 def test_welch_interval_by_hand():
@@ -62,20 +63,20 @@ def test_welch_interval_by_hand():
     # squared standard errors: 4 / 3 = 1.333333 and (2/3) / 4 = 0.166667; se = sqrt(1.5) = 1.224745
     # df = 1.5^2 / (1.333333^2 / 2 + 0.166667^2 / 3) = 2.25 / (0.888889 + 0.009259) = 2.505155
     # t(0.975, 2.505155) = 3.569398 (scipy.stats.t.ppf, outside the tests); half width 3.569398 x 1.224745 = 4.371602
-    diff, low, high, df = sweep.welch_interval([61, 63, 65], [59, 60, 61, 60])
+    diff, low, high, df = stats.welch_interval([61, 63, 65], [59, 60, 61, 60])
     assert diff == pytest.approx(3)
     assert df == pytest.approx(2.25 / (16 / 9 / 2 + 1 / 36 / 3), rel=1e-12) == pytest.approx(2.505155, abs=1e-6)
     assert (low, high) == pytest.approx((3 - 4.371602, 3 + 4.371602), abs=1e-6)
     # equal spreads: 1 2 3 against 4 5 6, variances 1 and 1, se = sqrt(1/3 + 1/3) = 0.816497,
     # df = (2/3)^2 / (2 (1/3)^2 / 2) = 4, t(0.975, 4) = 2.776445: -3 -+ 2.266958
-    assert sweep.welch_interval([1, 2, 3], [4, 5, 6]) == pytest.approx((-3, -5.266958, -0.733042, 4), abs=1e-6)
+    assert stats.welch_interval([1, 2, 3], [4, 5, 6]) == pytest.approx((-3, -5.266958, -0.733042, 4), abs=1e-6)
     # b without spread: df = n_a - 1 = 1, se = sqrt(2 / 2) = 1, t(0.975, 1) = tan(0.475 pi) = 12.706205
-    assert sweep.welch_interval([1, 3], [5, 5, 5]) == pytest.approx((-3, -15.706205, 9.706205, 1), abs=1e-6)
+    assert stats.welch_interval([1, 3], [5, 5, 5]) == pytest.approx((-3, -15.706205, 9.706205, 1), abs=1e-6)
 
 
 def test_interval_of_the_mean_by_hand():
     # 60 62 64: mean 62, s = 2, t(0.975, 2) = 4.302653: 62 -+ 4.302653 x 2 / sqrt(3) = 62 -+ 4.968275
-    assert sweep.mean_interval([60, 62, 64]) == pytest.approx((57.031725, 66.968275), abs=1e-6)
+    assert stats.mean_interval([60, 62, 64]) == pytest.approx((57.031725, 66.968275), abs=1e-6)
 
 
 # ---- variants ----
@@ -200,7 +201,7 @@ def test_the_summary_picture_draws_the_means_from_zero_and_the_differences_with_
     _, root = hand_sweep
     summary = sweep.summarize(sweep.collect(root))
     plt = plots.pyplot()
-    fig = sweep.summary_figure(plt, summary)
+    fig = plots.sweep_summary(plt, summary)
     try:
         (val_means, test_means), (val_diffs, test_diffs) = fig.axes[:2], fig.axes[2:]
         # val: baseline 0.60 0.62 0.64, ablation 0.56 0.58 0.60 (the numbers of the summary test above)
@@ -231,12 +232,12 @@ def test_a_difference_whose_interval_leaves_out_zero_is_drawn_red_below_and_gree
     def split(m, vs):
         return {"seeds": [0, 1], "miou": [m - 0.01, m + 0.01], "mean": m, "mean_interval": [m - 0.1, m + 0.1],
                 "vs_baseline": vs}
-    summary = {"confidence": 0.95, "variants": [
+    summary = {"confidence": 0.95, "baseline": "baseline", "variants": [
         {"variant": "baseline", "val": split(0.5, None), "test": None},
         {"variant": "arm=false", "val": split(0.5, {"diff": (low + high) / 2, "low": low, "high": high}),
          "test": None}]}
     plt = plots.pyplot()
-    fig = sweep.summary_figure(plt, summary)
+    fig = plots.sweep_summary(plt, summary)
     try:
         [(_, y, got_low, got_high, got_colour)] = errorbars(fig.axes[1])
         assert (y, got_low, got_high, got_colour) == pytest.approx((50 * (low + high), 100 * low, 100 * high, colour))
@@ -247,11 +248,11 @@ def test_a_difference_whose_interval_leaves_out_zero_is_drawn_red_below_and_gree
 def test_a_sweep_whose_seeds_all_scored_zero_draws_without_a_warning():
     pytest.importorskip("matplotlib")
     zero = {"seeds": [0, 1], "miou": [0.0, 0.0], "mean": 0.0, "mean_interval": [0.0, 0.0], "vs_baseline": None}
-    summary = {"confidence": 0.95, "variants": [{"variant": "baseline", "val": zero, "test": None}]}
+    summary = {"confidence": 0.95, "baseline": "baseline", "variants": [{"variant": "baseline", "val": zero, "test": None}]}
     plt = plots.pyplot()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib warns about a 0-to-0 axis
-        fig = sweep.summary_figure(plt, summary)
+        fig = plots.sweep_summary(plt, summary)
     try:
         assert fig.axes[0].get_ylim() == (0, 1)
     finally:
@@ -542,14 +543,14 @@ def test_two_seeds_are_warned_of_and_no_interval_is_drawn_outside_0_to_100(tmp_p
     for seed, miou in ((0, 0.02), (1, 0.10)):  # mean 6, 95% interval of 2 seeds [-44.8, +56.8]
         write_eval(f"{root}/baseline_seed{seed}", miou, {"road": miou})
     summary = sweep.summarize(sweep.collect(root))
-    text = sweep.format_summary(summary, root)
+    text = stats.format_summary(summary, root)
     assert "Warning: baseline has 2 seeds: the 95% interval of a mean of 2 reaches 12.7 standard errors either side" \
            in text
     low, high = summary["variants"][0]["val"]["mean_interval"]
     assert low < 0 < high < 1  # the number stays in the table and the JSON
     pytest.importorskip("matplotlib")
     plt = plots.pyplot()
-    fig = sweep.summary_figure(plt, summary)
+    fig = plots.sweep_summary(plt, summary)
     try:
         [bars] = [c for c in fig.axes[0].containers if getattr(c, "errorbar", None) is not None]
         [segment] = bars.errorbar.lines[2][0].get_segments()
@@ -598,7 +599,7 @@ def test_the_summary_picture_keeps_its_titles_inside_and_its_legend_off_the_bars
     pytest.importorskip("matplotlib")
     _, root = hand_sweep
     plt = plots.pyplot()
-    fig = sweep.summary_figure(plt, sweep.summarize(sweep.collect(root)))
+    fig = plots.sweep_summary(plt, sweep.summarize(sweep.collect(root)))
     try:
         fig.canvas.draw()
         box = fig.bbox
