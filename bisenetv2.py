@@ -153,7 +153,7 @@ class UpsampleConvBNReLU(nn.Sequential):
     window of the input, with taps that are sums of the kernel's rows and columns (`_TAPS`): 16 multiply-adds per
     input pixel and channel pair instead of 4 x 9, and no upsampled copy. The result is the same up to float rounding
     (tests/test_bisenetv2.py checks it against the two modules run one after the other). Measured on a 2-core CPU
-    (benchmark.py's boosters section, BENCHMARKS.md), it is faster up to twice the input's channels (aux2, aux3,
+    (benchmarks/measured.md), it is faster up to twice the input's channels (aux2, aux3,
     aux4: 2.6-4.5x, 1.4-3.0x, 1.1-1.7x) and not for aux5_4's 128 -> 1024 (0.7-1.0x), which therefore upsamples first;
     on a GPU it upsamples first (use_transposed).
     """
@@ -210,10 +210,9 @@ class SegmentHead(nn.Module):
 
 
 class BiSeNetV2(nn.Module):
-    # The optimizer gives parameters whose names start with these a higher lr (cfg.head_lr_mult).
-    HEAD_MODULES = ("head", "aux2", "aux3", "aux4", "aux5_4")
-    # The boosters (training only): the checkpoint loader leaves their weights out for a model built without them,
-    # and the loss names its terms after them.
+    HEAD_MODULES = ("head", "aux2", "aux3", "aux4", "aux5_4")  # parameters the optimizer gives cfg.head_lr_mult
+    # the boosters (training only), by the names of their outputs: a checkpoint's are left out for a model built
+    # without them
     AUX_MODULES = ("aux2", "aux3", "aux4", "aux5_4")
     CLASSIFIER = "head.conv_out.1"  # the conv whose output channels are the classes
 
@@ -242,17 +241,13 @@ class BiSeNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        """Training: a tuple (main, aux2, aux3, aux4, aux5_4) of logits at input size, or (main,) without boosters.
-
-        Evaluation: the main logits only. In training mode the CE block's BatchNorm after global pooling needs more
-        than one image per batch.
-        """
+        """Training: {"out": main, "aux2": ..., "aux3": ..., "aux4": ..., "aux5_4": ...} logits at input size (only
+        "out" without boosters). Evaluation: the main logits alone. In training mode the CE block's BatchNorm after
+        global pooling needs more than one image per batch."""
         size = x.shape[2:]
-        feat2, feat3, feat4, feat5_4, semantic = self.segment(x)
+        *features, semantic = self.segment(x)
         main = self.head(self.bga(self.detail(x), semantic), size)
         if not self.training:
             return main
-        if self.aux2 is None:
-            return (main,)
-        boosters = zip((self.aux2, self.aux3, self.aux4, self.aux5_4), (feat2, feat3, feat4, feat5_4), strict=True)
-        return (main, *(head(feat, size) for head, feat in boosters))
+        boosters = zip(self.AUX_MODULES, features, strict=True) if self.aux2 is not None else ()
+        return {"out": main, **{name: getattr(self, name)(feat, size) for name, feat in boosters}}

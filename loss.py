@@ -1,9 +1,7 @@
-"""Training losses: OHEM cross-entropy and the sum over the main and auxiliary heads.
+"""Training losses: OHEM cross-entropy and the sum over the model's heads, main + aux_weight * (sum of the aux heads).
 
-The logged training loss is the weighted total over heads, main + aux_weight * (aux8 + aux16) for BiSeNet and
-main + aux_weight * (aux2 + aux3 + aux4 + aux5_4) for BiSeNetV2's boosters: the value optimized, not the main head's
-loss alone. With the default aux_weight of 1 it starts near 3x (V2: 5x) a single head's cross-entropy. Each head's own
-loss is logged beside it.
+The logged training loss is that total, the value optimized: with aux_weight 1 it starts near 3x (BiSeNetV2's four
+boosters: 5x) a single head's cross-entropy. Each head's own loss is logged beside it.
 """
 
 import math
@@ -12,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cityscapes import IGNORE
-from model import ARCHITECTURES
+from datasets import IGNORE
 
 
 def ohem_mask(losses, valid, thresh_loss, n_min):
@@ -79,45 +76,35 @@ class OhemCrossEntropy(nn.Module):
 
 
 class BiSeNetLoss(nn.Module):
-    """`criterion` applied to each head's logits: total = main + aux_weight * sum(aux).
+    """`criterion` on each head's logits: total = main + aux_weight * sum(aux).
 
-    `outputs` is the model's training output (main, *aux) with the aux heads named `aux_names` (BiSeNet:
-    aux8, aux16; BiSeNetV2: aux2, aux3, aux4, aux5_4), or the main logits alone (a model without aux heads).
-    Returns (total, parts): parts maps "main" and each aux name to detached per-head losses, for logging beside
-    the total; `formula` says how the total is formed from them.
+    `outputs` is the model's training output, {"out": main logits, AUX_NAME: logits, ...}, or the main logits alone.
+    Returns (total, parts): parts maps "main" and each aux head's name to its detached loss, logged beside the total.
+    `aux_names` (the model's AUX_MODULES) only name the heads in `formula`.
     """
 
-    def __init__(self, criterion, aux_weight=1.0, aux_names=("aux8", "aux16")):
+    def __init__(self, criterion, aux_weight=1.0, aux_names=()):
         super().__init__()
-        self.criterion = criterion
-        self.aux_weight = aux_weight
-        self.aux_names = tuple(aux_names)
-
-    def _aux_name(self, i):
-        return self.aux_names[i] if i < len(self.aux_names) else f"aux{i}"
+        self.criterion, self.aux_weight, self.aux_names = criterion, aux_weight, tuple(aux_names)
 
     def formula(self, aux_heads=True):
         """The total in terms of the heads' names: "main+aux8+aux16", "main+0.4*(aux8+aux16)", or "main"."""
-        if not aux_heads:
-            return "main"
         aux = "+".join(self.aux_names)
+        if not aux_heads or not aux:
+            return "main"
         return f"main+{aux}" if self.aux_weight == 1 else f"main+{self.aux_weight:g}*({aux})"
 
     def forward(self, outputs, target):
-        if torch.is_tensor(outputs):
-            outputs = (outputs,)
-        main, *aux = outputs
-        total = self.criterion(main, target)
-        parts = {"main": total.detach()}
-        for i, logits in enumerate(aux):
+        total, parts = 0, {}
+        for name, logits in ({"out": outputs} if torch.is_tensor(outputs) else outputs).items():
             loss = self.criterion(logits, target)
-            parts[self._aux_name(i)] = loss.detach()
-            total = total + self.aux_weight * loss
+            parts["main" if name == "out" else name] = loss.detach()
+            total = total + (loss if name == "out" else self.aux_weight * loss)
         return total, parts
 
 
-def build_loss(cfg, class_weights=None):
-    """The training loss of cfg.arch's model, its aux heads named as the model names them; `class_weights`
-    (num_classes numbers) or None, as train.resolve_class_weights gives."""
+def build_loss(cfg, class_weights=None, aux_names=()):
+    """The training loss; `class_weights`: num_classes numbers or None (train.resolve_class_weights), `aux_names`: the
+    model's AUX_MODULES, for `formula`."""
     criterion = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac, weight=class_weights)
-    return BiSeNetLoss(criterion, cfg.aux_weight, ARCHITECTURES[cfg.arch].AUX_MODULES)
+    return BiSeNetLoss(criterion, cfg.aux_weight, aux_names)

@@ -78,34 +78,18 @@ class SegHead(nn.Module):
 
 
 class BiSeNet(nn.Module):
-    # The optimizer gives parameters whose names start with these a higher lr (cfg.head_lr_mult).
-    HEAD_MODULES = ("ffm", "head", "aux8", "aux16")
-    # The auxiliary heads (training only): the checkpoint loader leaves their weights out for a model built without
-    # them, and the loss names its terms after them.
+    HEAD_MODULES = ("ffm", "head", "aux8", "aux16")  # parameters the optimizer gives cfg.head_lr_mult
+    # the auxiliary heads (training only), by the names of their outputs: a checkpoint's are left out for a model
+    # built without them
     AUX_MODULES = ("aux8", "aux16")
     CLASSIFIER = "head.cls"  # the conv whose output channels are the classes
 
-    def __init__(
-        self,
-        num_classes=19,
-        spatial_path="conv",
-        arm=True,
-        global_pool=True,
-        fusion="ffm",
-        upsample="nearest",
-        aux_heads=True,
-    ):
+    def __init__(self, num_classes=19, spatial_path="conv", arm=True, global_pool=True, fusion="ffm",
+                 upsample="nearest", aux_heads=True):
         super().__init__()
         # the switches that shape the parameter set (configs.MODEL_KEYS), to explain checkpoint mismatches
-        self.arch = dict(
-            arch="bisenetv1",
-            num_classes=num_classes,
-            spatial_path=spatial_path,
-            arm=arm,
-            global_pool=global_pool,
-            fusion=fusion,
-            aux_heads=aux_heads,
-        )
+        self.arch = dict(arch="bisenetv1", num_classes=num_classes, spatial_path=spatial_path, arm=arm,
+                         global_pool=global_pool, fusion=fusion, aux_heads=aux_heads)
         self.upsample = upsample
 
         self.backbone = ResNet18()
@@ -137,11 +121,9 @@ class BiSeNet(nn.Module):
                         nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        """Training: a tuple (main, aux8, aux16) of logits at input size, or (main,) without aux heads.
-
-        Evaluation: the main logits only (the aux heads are not run). Note that in training mode BatchNorm after
-        global pooling (ARM, GP) needs more than one image per batch.
-        """
+        """Training: {"out": main, "aux8": ..., "aux16": ...} logits at input size (only "out" without aux heads).
+        Evaluation: the main logits alone. In training mode BatchNorm after global pooling (ARM, GP) needs more than
+        one image per batch."""
         size = x.shape[2:]
         feat8, feat16, feat32 = self.backbone(x)
         feat16_up, feat8_up = self._context(feat8, feat16, feat32)
@@ -149,8 +131,8 @@ class BiSeNet(nn.Module):
         if not self.training:
             return main
         if self.aux8 is None:
-            return (main,)
-        return main, self.aux8(feat8_up, size), self.aux16(feat16_up, size)
+            return {"out": main}
+        return {"out": main, "aux8": self.aux8(feat8_up, size), "aux16": self.aux16(feat16_up, size)}
 
     def _context(self, feat8, feat16, feat32):
         """Context path: returns (feat16_up, feat8_up), 128 channels at the 1/16 and 1/8 feature sizes."""
@@ -183,12 +165,9 @@ class PretrainedError(RuntimeError):
 
 
 def load_pretrained(backbone, source):
-    """Load ImageNet weights into `backbone` from `source` (the config's `pretrained`).
-
-    "none" trains from scratch on purpose; "torchvision" uses torchvision's IMAGENET1K_V1 file (from the torch hub
-    cache, downloading it if missing); anything else is the path of a resnet18 state dict. Returns the file the
-    weights came from (None for "none"), for the training log. Never continues silently without weights.
-    """
+    """Load ImageNet weights into `backbone` from `source` (cfg.pretrained): "none" (from scratch on purpose),
+    "torchvision" (its IMAGENET1K_V1 file, downloaded once to the torch hub cache) or a resnet18 state dict's path.
+    Returns the file read (None for "none"), for the training log; PretrainedError rather than no weights."""
     if source == "none":
         return None
     state, path = _torchvision_weights() if source == "torchvision" else (_read_state_dict(source), source)
@@ -198,8 +177,7 @@ def load_pretrained(backbone, source):
 
 
 def _torchvision_weights():
-    """torchvision's ResNet18 ImageNet weights (ResNet18_Weights.IMAGENET1K_V1) through its weights API: from the torch
-    hub cache, downloaded there once (hash checked), read weights-only."""
+    """(state dict, file) of torchvision's ResNet18_Weights.IMAGENET1K_V1, hash checked, read weights-only."""
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     try:
@@ -270,15 +248,8 @@ def build_model(cfg, pretrained=True):
     (e.g. before load_checkpoint). BiSeNetV2 trains from scratch: configs rejects a pretrained value for it."""
     if cfg.arch == "bisenetv2":
         return BiSeNetV2(num_classes=cfg.num_classes, aux_heads=cfg.aux_heads)
-    model = BiSeNet(
-        num_classes=cfg.num_classes,
-        spatial_path=cfg.spatial_path,
-        arm=cfg.arm,
-        global_pool=cfg.global_pool,
-        fusion=cfg.fusion,
-        upsample=cfg.upsample,
-        aux_heads=cfg.aux_heads,
-    )
+    model = BiSeNet(cfg.num_classes, cfg.spatial_path, cfg.arm, cfg.global_pool, cfg.fusion, cfg.upsample,
+                    cfg.aux_heads)
     if pretrained:
         load_pretrained(model.backbone, cfg.pretrained)
     return model
@@ -340,9 +311,8 @@ def _bn_affine(bn):
 
 
 def _conv_bias(conv):
-    if conv.bias is None:
-        return torch.zeros(conv.out_channels, dtype=torch.float64)
-    return conv.bias.to("cpu", torch.float64)
+    bias = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias
+    return bias.to("cpu", torch.float64)
 
 
 def _set_conv(conv, weight, bias):
@@ -366,12 +336,9 @@ class InferenceModel(nn.Module):
 
 
 def inference_model(model, amp="none", device=None):
-    """The fastest eval-mode copy of `model` for prediction: BatchNorm folded (fold_batchnorm), channels_last, and
-    with amp="bf16" / "fp16" autocast where the hardware has it (autocast_dtype), on `device` (default: the model's).
-
-    In fp32, outputs equal the eval-mode model's up to float rounding; `model` itself is not touched and does not
-    move. BENCHMARKS.md has what each step buys.
-    """
+    """The fastest eval-mode copy of `model` for prediction, on `device` (default: the model's): BatchNorm folded,
+    channels_last, amp="bf16" / "fp16" autocast where the hardware has it. In fp32 its outputs are the eval-mode
+    model's up to float rounding; `model` is left as it was. BENCHMARKS.md has what each step buys."""
     device = next(model.parameters()).device if device is None else torch.device(device)
     return InferenceModel(fold_batchnorm(model).to(device), autocast_dtype(amp, device)).eval()
 

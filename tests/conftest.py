@@ -111,6 +111,18 @@ def copy_run(run_dir, out):
     return shutil.copytree(run_dir, out / "synthetic")
 
 
+# The official Cityscapes colors by train id (cityscapesScripts labels.py, written out); black for ignore and beyond.
+PALETTE = np.zeros((256, 3), np.uint8)
+PALETTE[:19] = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+                (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+                (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+
+
+def colorize(train_ids):
+    """RGB uint8 picture of a Cityscapes train-id map in the official colors."""
+    return PALETTE[np.asarray(train_ids).astype(np.uint8)]
+
+
 def write_frame(root, split, city, index, image, label_ids=None):
     """Write one frame in the Cityscapes layout; image is RGB uint8, label_ids uint8 labelIds (or None)."""
     stem = f"{city}_{index:06d}_000019"

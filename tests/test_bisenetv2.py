@@ -144,11 +144,11 @@ def test_any_input_size_gives_logits_of_that_size(v2, size):
     with torch.no_grad():
         outputs = v2.train()(torch.randn(2, 3, *size))  # BN after the CE block's pooling needs 2 images in training
         logits = v2.eval()(torch.randn(1, 3, *size))
-    assert isinstance(outputs, tuple) and len(outputs) == 5
-    assert all(o.shape == (2, 19, *size) for o in outputs)
+    assert list(outputs) == ["out", *BOOSTERS]
+    assert all(o.shape == (2, 19, *size) for o in outputs.values())
     assert isinstance(logits, torch.Tensor) and logits.shape == (1, 19, *size)
     with torch.no_grad():
-        assert make_v2(aux_heads=False, num_classes=4).train()(torch.randn(2, 3, *size))[0].shape == (2, 4, *size)
+        assert make_v2(aux_heads=False, num_classes=4).train()(torch.randn(2, 3, *size))["out"].shape == (2, 4, *size)
 
 
 def test_where_the_size_divides_upsampling_is_their_fixed_factors(v2):
@@ -394,14 +394,14 @@ def test_v2_presets():
 
 def test_the_loss_names_the_boosters_and_sums_the_five_outputs(v2):
     cfg = get_config("cityscapes_v2", ["aux_weight=0.4"])
-    criterion = build_loss(cfg)
+    criterion = build_loss(cfg, None, v2.AUX_MODULES)
     assert criterion.formula() == "main+0.4*(aux2+aux3+aux4+aux5_4)"
-    assert build_loss(get_config("cityscapes_v2")).formula() == "main+aux2+aux3+aux4+aux5_4"
+    assert build_loss(get_config("cityscapes_v2"), None, v2.AUX_MODULES).formula() == "main+aux2+aux3+aux4+aux5_4"
     torch.manual_seed(0)
-    outputs = tuple(torch.randn(2, 19, 8, 12) for _ in range(5))
+    outputs = {name: torch.randn(2, 19, 8, 12) for name in ("out", *BOOSTERS)}
     target = torch.randint(0, 19, (2, 8, 12))
     total, parts = criterion(outputs, target)
-    each = [criterion.criterion(o, target).item() for o in outputs]  # each output's OHEM loss on its own
+    each = [criterion.criterion(o, target).item() for o in outputs.values()]  # each output's OHEM loss on its own
     assert list(parts) == ["main", *BOOSTERS]
     assert [p.item() for p in parts.values()] == pytest.approx(each, rel=1e-6)
     assert total.item() == pytest.approx(each[0] + 0.4 * sum(each[1:]), rel=1e-6)

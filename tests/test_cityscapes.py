@@ -4,50 +4,42 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import write_frame
+from conftest import PALETTE, write_frame
 
-import cityscapes
-from cityscapes import Cityscapes, DatasetError
+from configs import get_config
+from datasets import DatasetError, build_dataset, cityscapes_table
 
 # labelId -> trainId, written out from the official cityscapesScripts table; every other id is ignored.
 OFFICIAL = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
             27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-OFFICIAL_COLORS = {0: (128, 64, 128), 1: (244, 35, 232), 2: (70, 70, 70), 3: (102, 102, 156), 4: (190, 153, 153),
-                   5: (153, 153, 153), 6: (250, 170, 30), 7: (220, 220, 0), 8: (107, 142, 35), 9: (152, 251, 152),
-                   10: (70, 130, 180), 11: (220, 20, 60), 12: (255, 0, 0), 13: (0, 0, 142), 14: (0, 0, 70),
-                   15: (0, 60, 100), 16: (0, 80, 100), 17: (0, 0, 230), 18: (119, 11, 32)}
 OFFICIAL_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                   "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
                   "bicycle")
 
 
-def test_every_label_id_maps_as_the_official_table():
-    ids = list(range(34)) + [-1, 255]
-    expected = [OFFICIAL.get(i, 255) for i in ids]
-    assert cityscapes.to_train_ids(np.array(ids)).tolist() == expected
-    # uint8 input (what a PNG gives) goes through the same table; -1 cannot occur there.
-    assert cityscapes.to_train_ids(np.array(ids[:34] + [255], np.uint8)).tolist() == expected[:34] + [255]
+def Cityscapes(root, split, *overrides):
+    return build_dataset(get_config("cityscapes", [f"data_root={root}", *overrides]), split)
 
 
-def test_values_that_are_no_label_id_are_ignored_not_wrapped():
-    # 263 = 256 + 7 and -249 = -256 + 7 would land on road (labelId 7) if the map wrapped modulo 256
-    assert cityscapes.to_train_ids(np.array([263, -249, 256, -2, 1000, 7])).tolist() == [255] * 5 + [0]
+def test_every_label_value_maps_as_the_official_table():
+    # every value a uint8 PNG can hold (the license plate's id, -1, cannot occur there)
+    values = np.arange(256, dtype=np.uint8)
+    assert cityscapes_table().to_class_ids(values, "x.png").tolist() == [OFFICIAL.get(i, 255) for i in range(256)]
 
 
 def test_train_ids_map_back_to_label_ids_and_names():
-    train_ids = np.arange(19)
-    assert cityscapes.to_label_ids(train_ids).tolist() == [k for k, _ in sorted(OFFICIAL.items(), key=lambda t: t[1])]
-    assert cityscapes.to_train_ids(cityscapes.to_label_ids(train_ids)).tolist() == train_ids.tolist()
-    assert cityscapes.NUM_CLASSES == 19
-    assert cityscapes.CLASS_NAMES == OFFICIAL_NAMES
+    table, train_ids = cityscapes_table(), np.arange(19)
+    assert table.to_values(train_ids).tolist() == [k for k, _ in sorted(OFFICIAL.items(), key=lambda t: t[1])]
+    assert table.to_class_ids(table.to_values(train_ids), "x.png").tolist() == train_ids.tolist()
+    assert table.names == OFFICIAL_NAMES
 
 
 def test_colorize_uses_the_official_colors_and_black_for_ignore():
     train_ids = np.array([list(range(10)), list(range(10, 19)) + [255]], np.uint8)
-    rgb = cityscapes.colorize(train_ids)
+    rgb = cityscapes_table().colorize(train_ids)
     assert rgb.shape == (2, 10, 3) and rgb.dtype == np.uint8
     for (r, c), tid in np.ndenumerate(train_ids):
-        assert tuple(rgb[r, c]) == OFFICIAL_COLORS.get(int(tid), (0, 0, 0))
+        assert tuple(rgb[r, c]) == tuple(PALETTE[tid])
 
 
 def test_each_image_is_paired_with_its_own_label(tmp_path):
@@ -153,9 +145,9 @@ def test_labels_beyond_num_classes_are_refused_naming_the_file(tmp_path):
     label = np.full((8, 8), 7, np.uint8)  # road, train id 0
     label[0, 0] = 26  # car, train id 13
     _, lbl = write_frame(root, "val", "lindau", 0, np.zeros((8, 8, 3), np.uint8), label)
-    assert Cityscapes(root, "val", num_classes=14)[0][1].max() == 13
-    with pytest.raises(DatasetError, match="train ids up to 13 .* num_classes=5; expected num_classes=19") as err:
-        Cityscapes(root, "val", num_classes=5)[0]
+    assert Cityscapes(root, "val", "num_classes=14")[0][1].max() == 13
+    with pytest.raises(DatasetError, match=r"values outside the class table: 26 \(1 px\).*check num_classes") as err:
+        Cityscapes(root, "val", "num_classes=5")[0]
     assert lbl in str(err.value)
 
 

@@ -12,9 +12,8 @@ from conftest import FOLDER_OVERRIDES, write_folder_pair
 
 import check_data
 import datasets
-from cityscapes import DatasetError
 from configs import ConfigError, get_config
-from datasets import FolderDataset, build_dataset, class_table, folder_table
+from datasets import DatasetError, SegmentationDataset, build_dataset, class_table, folder_table
 
 
 def folder_cfg(root, *extra):
@@ -23,7 +22,7 @@ def folder_cfg(root, *extra):
 
 def test_pairs_by_file_name_whatever_the_image_format(tiny_folder):
     dataset = build_dataset(folder_cfg(tiny_folder), "train")
-    assert isinstance(dataset, FolderDataset) and len(dataset) == 4
+    assert isinstance(dataset, SegmentationDataset) and len(dataset) == 4
     names = [os.path.basename(p) for pair in dataset.samples for p in pair]
     assert names == ["frame00.png", "frame00.png", "frame01.jpg", "frame01.png", "frame02.png", "frame02.png",
                      "frame03.jpg", "frame03.png"]

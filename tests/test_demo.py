@@ -5,12 +5,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import PALETTE, colorize
 
 import datasets
 import demo
 import export
 from checkpoint import load_for_inference
-from cityscapes import PALETTE, colorize
 from configs import get_config
 from datasets import class_table
 from model import build_model, fold_batchnorm

@@ -135,9 +135,9 @@ def test_ohem_low_precision_logits_computed_in_float32(dtype):
 
 def test_bisenet_loss_sums_heads_with_weight():
     target = random_batch(5)[1]
-    outputs = tuple(random_batch(seed)[0] for seed in (6, 7, 8))
+    outputs = {name: random_batch(seed)[0] for name, seed in (("out", 6), ("aux8", 7), ("aux16", 8))}
     ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
-    main, aux8, aux16 = (ce(o, target).item() for o in outputs)
+    main, aux8, aux16 = (ce(o, target).item() for o in outputs.values())
     total, parts = BiSeNetLoss(ce, aux_weight=0.4)(outputs, target)
     assert total.item() == pytest.approx(main + 0.4 * (aux8 + aux16), rel=1e-6)
     assert set(parts) == {"main", "aux8", "aux16"}
@@ -147,9 +147,10 @@ def test_bisenet_loss_sums_heads_with_weight():
 
 def test_bisenet_loss_formula_names_the_weight():
     ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
-    assert BiSeNetLoss(ce, aux_weight=0.4).formula() == "main+0.4*(aux8+aux16)"
-    assert BiSeNetLoss(ce, aux_weight=1.0).formula() == "main+aux8+aux16"
-    assert BiSeNetLoss(ce, aux_weight=0.4).formula(aux_heads=False) == "main"
+    assert BiSeNetLoss(ce, 0.4, ("aux8", "aux16")).formula() == "main+0.4*(aux8+aux16)"
+    assert BiSeNetLoss(ce, 1.0, ("aux8", "aux16")).formula() == "main+aux8+aux16"
+    assert BiSeNetLoss(ce, 0.4, ("aux8", "aux16")).formula(aux_heads=False) == "main"
+    assert BiSeNetLoss(ce, 0.4).formula() == "main"
 
 
 def test_bisenet_loss_accepts_main_logits_alone():

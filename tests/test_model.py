@@ -38,8 +38,8 @@ def test_output_shapes_train_and_eval(default_model, size):
         outputs = default_model(torch.randn(2, 3, *size))  # BN after global pooling needs 2 images in training
         default_model.eval()
         logits = default_model(torch.randn(1, 3, *size))
-    assert isinstance(outputs, tuple) and len(outputs) == 3
-    assert all(o.shape == (2, 19, *size) for o in outputs)
+    assert list(outputs) == ["out", "aux8", "aux16"]
+    assert all(o.shape == (2, 19, *size) for o in outputs.values())
     assert isinstance(logits, torch.Tensor) and logits.shape == (1, 19, *size)
 
 
@@ -48,7 +48,7 @@ def test_bilinear_upsample_and_no_aux_heads_shapes():
     with torch.no_grad():
         outputs = model.train()(torch.randn(2, 3, 67, 93))
         logits = model.eval()(torch.randn(1, 3, 67, 93))
-    assert len(outputs) == 1 and outputs[0].shape == (2, 7, 67, 93)
+    assert list(outputs) == ["out"] and outputs["out"].shape == (2, 7, 67, 93)
     assert logits.shape == (1, 7, 67, 93)
 
 
@@ -65,7 +65,7 @@ def test_backbone_feature_shapes():
 def test_every_parameter_gets_a_gradient(name):
     model = make_model(name).train()
     outputs = model(torch.randn(2, 3, 67, 93))
-    assert len(outputs) == 3 and all(o.shape == (2, 19, 67, 93) for o in outputs)
+    assert len(outputs) == 3 and all(o.shape == (2, 19, 67, 93) for o in outputs.values())
     labels = torch.randint(0, 19, (2, 67, 93))
     labels[:, :10] = 255  # ignored rows, as in real labels
     loss, parts = build_loss(get_config(name))(outputs, labels)  # the training loss: OHEM summed over the heads
@@ -161,7 +161,7 @@ def test_parameter_count_matches_hand_computation(default_model):
 
 
 def test_flops_match_recipe(default_model):
-    # 236.7 GFLOPs at 1024x2048 (BENCHMARKS.md); every conv scales with the pixel count, so 1/16 of it at 256x512
+    # 236.7 GFLOPs at 1024x2048 (benchmarks/AVX2.md); every conv scales with the pixel count, so 1/16 of it at 256x512
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         default_model.eval()(torch.randn(1, 3, 256, 512))
     assert counter.get_total_flops() == pytest.approx(236.7e9 / 16, rel=0.02)

@@ -9,7 +9,8 @@ import pytest
 
 import checkpoint
 import synthetic
-from cityscapes import Cityscapes
+from configs import get_config
+from datasets import build_dataset
 
 # labelId -> trainId, written out from the official cityscapesScripts table; every other id is ignored.
 TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
@@ -89,7 +90,7 @@ def test_most_train_classes_and_the_ignored_ids_appear(dataset):
 
 
 def test_the_cityscapes_loader_reads_it_with_the_ignore_index(dataset):
-    val = Cityscapes(str(dataset), "val")
+    val = build_dataset(get_config("synthetic", [f"data_root={dataset}"]), "val")
     assert len(val) == 4
     labels = np.stack([val[i][1] for i in range(len(val))])
     assert set(np.unique(labels).tolist()) - {255} <= set(TRAIN_IDS.values())
