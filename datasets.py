@@ -391,6 +391,23 @@ def scan_labels(samples, table, num_classes, progress=True, desc="labels", check
 
 # ---- data loader worker processes (training and evaluation) ----
 
+
+def class_weights(cfg):
+    """The loss's class weights: None, the configured numbers, or (class_weights=median) the median-frequency
+    weights of the training split's labels."""
+    if not cfg.class_weights:
+        return None
+    if tuple(cfg.class_weights) != ("median",):
+        return [float(w) for w in cfg.class_weights]
+    scan = scan_labels(build_dataset(cfg, cfg.train_split).samples, class_table(cfg), cfg.num_classes,
+                       desc="class weights", check_images=False)
+    if scan.problems:
+        raise DatasetError(scan.problems[0])
+    weights = scan.median_frequency_weights().tolist()
+    print("class_weights=median: " + ",".join(f"{w:.4f}" for w in weights), flush=True)
+    return weights
+
+
 def loader_workers(workers):
     """The DataLoader arguments for `workers` loader processes. This process's OpenCV goes single-threaded before they
     start: a forked worker inherits that, and one that changed its parent's count would deadlock in OpenCV."""

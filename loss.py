@@ -104,7 +104,7 @@ class BiSeNetLoss(nn.Module):
 
 
 def build_loss(cfg, class_weights=None, aux_names=()):
-    """The training loss; `class_weights`: num_classes numbers or None (train.resolve_class_weights), `aux_names`: the
+    """The training loss; `class_weights`: num_classes numbers or None (datasets.class_weights), `aux_names`: the
     model's AUX_MODULES, for `formula`."""
     criterion = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac, weight=class_weights)
     return BiSeNetLoss(criterion, cfg.aux_weight, aux_names)

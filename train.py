@@ -42,7 +42,7 @@ from configs import (
     per_rank_batch,
     show_config,
 )
-from datasets import IGNORE, DatasetError, InfiniteSampler, build_dataset, class_table, loader_workers, scan_labels
+from datasets import IGNORE, DatasetError, InfiniteSampler, build_dataset, class_weights, loader_workers
 from distributed import Distributed, LaunchError, Stopped, StopRequest, launched_rank, timeout_message
 from evaluate import Validator, draw_pictures, eval_dataset, evaluate, format_results, write_results
 from loss import build_loss
@@ -95,36 +95,9 @@ def read_resume(args, rank):
     path = override(args, "resume")
     if path and rank:
         timeout = override(args, "dist_timeout")
-        default = Config.dist_timeout
-        return None, default if timeout is None else parse_value("dist_timeout", timeout, default)
+        return None, parse_value("dist_timeout", timeout, Config.dist_timeout) if timeout else Config.dist_timeout
     ckpt = load_training_state(path) if path else None
     return ckpt, read_config(args, ckpt).dist_timeout
-
-
-def resolve_class_weights(cfg, proc):
-    """The loss's class weights: None, the configured numbers, or (class_weights=median) the median-frequency
-    weights of the training split's labels, computed by the main process and sent to the others."""
-    if not cfg.class_weights:
-        return None
-    if tuple(cfg.class_weights) != ("median",):
-        return [float(w) for w in cfg.class_weights]
-    weights = None
-    if proc.main:
-        samples = build_dataset(cfg, cfg.train_split).samples
-        scan = scan_labels(samples, class_table(cfg), cfg.num_classes, desc="class weights", check_images=False)
-        if scan.problems:
-            raise DatasetError(scan.problems[0])
-        weights = scan.median_frequency_weights().tolist()
-        print("class_weights=median: " + ",".join(f"{w:.4f}" for w in weights), flush=True)
-    return proc.broadcast(weights)
-
-
-def init_from(model, cfg, proc):
-    """Fine-tuning: the tensors of cfg.init_from that fit; says what was loaded and what was left new."""
-    loaded, skipped = load_fitting(model, cfg.init_from)
-    if proc.main:
-        print(f"init_from {cfg.init_from}: loaded {len(loaded)} tensors; {len(skipped)} re-initialized (shapes differ)"
-              + "".join(f"\n    {name}: checkpoint {old}, model {new}" for name, old, new in skipped))
 
 
 def build_training(cfg, proc, channels_last=False):
@@ -134,8 +107,11 @@ def build_training(cfg, proc, channels_last=False):
     # cache that the others then read, instead of racing on it.
     with proc.local_main_first():
         model = build_model(cfg, pretrained=not cfg.resume and not cfg.init_from)
-    if cfg.init_from and not cfg.resume:
-        init_from(model, cfg, proc)
+    if cfg.init_from and not cfg.resume:  # fine-tuning: the tensors that fit, and what was left new
+        loaded, skipped = load_fitting(model, cfg.init_from)
+        if proc.main:
+            print(f"init_from {cfg.init_from}: loaded {len(loaded)} tensors; {len(skipped)} re-initialized (shapes "
+                  "differ)" + "".join(f"\n    {name}: checkpoint {old}, model {new}" for name, old, new in skipped))
     model = model.to(proc.device)
     if proc.enabled and proc.device.type == "cuda" and cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -146,7 +122,7 @@ def build_training(cfg, proc, channels_last=False):
     if proc.enabled:
         ids = [proc.device.index] if proc.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return model, raw_model, optimizer, build_loss(cfg, resolve_class_weights(cfg, proc),
+    return model, raw_model, optimizer, build_loss(cfg, proc.broadcast(class_weights(cfg) if proc.main else None),
                                                    raw_model.AUX_MODULES).to(proc.device)
 
 

@@ -248,7 +248,8 @@ def test_a_difference_whose_interval_leaves_out_zero_is_drawn_red_below_and_gree
 def test_a_sweep_whose_seeds_all_scored_zero_draws_without_a_warning():
     pytest.importorskip("matplotlib")
     zero = {"seeds": [0, 1], "miou": [0.0, 0.0], "mean": 0.0, "mean_interval": [0.0, 0.0], "vs_baseline": None}
-    summary = {"confidence": 0.95, "baseline": "baseline", "variants": [{"variant": "baseline", "val": zero, "test": None}]}
+    summary = {"confidence": 0.95, "baseline": "baseline",
+               "variants": [{"variant": "baseline", "val": zero, "test": None}]}
     plt = plots.pyplot()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib warns about a 0-to-0 axis
