@@ -1,9 +1,5 @@
-"""Files written safely, and checkpoints read into a model: the one place for both.
-
-write_atomically is how every file the project writes reaches the disk (a crash leaves the old file or the new one);
-load_checkpoint / load_fitting put a checkpoint's weights into a built BiSeNet or BiSeNetV2, and load_for_inference
-turns a checkpoint path (plus --config and overrides) into (model, cfg) for evaluate.py, demo.py and export.py.
-"""
+"""Files written safely (write_atomically: every file the project writes), checkpoints read into a model
+(load_checkpoint, load_fitting, load_for_inference) and the run folder a training run resumes from."""
 
 import dataclasses
 import io
@@ -24,6 +20,8 @@ UNRECORDED_KEYS = ("upsample", "mean", "std")
 # A tensor name only one architecture has: what a bare state dict (no config) was trained as
 ARCH_MARKS = {"bisenetv1": "backbone.", "bisenetv2": "detail."}
 ARCH_NAMES = {"bisenetv1": "BiSeNetV1", "bisenetv2": "BiSeNetV2"}
+NO_BEST = {"iter": None, "miou": None}  # no validation yet: the best {"iter", "miou"} so far
+TEMP_FILE = re.compile(r".+\.tmp\d+(\.png)?$")  # write_atomically's and plots.save's temporary names
 
 
 class CheckpointError(RuntimeError):
@@ -46,18 +44,12 @@ def write_atomically(path, write):
         if isinstance(err, OSError):  # a full disk, a read-only or vanished folder: one line naming the file
             raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
         raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def fsync_dir(path):
-    """Make a rename in folder `path` durable. Windows cannot open a folder (no O_DIRECTORY) and needs none."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if hasattr(os, "O_DIRECTORY"):  # the rename made durable; Windows cannot open a folder and needs none
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(path, state):
@@ -71,26 +63,18 @@ def save_checkpoint(path, state):
 def load_checkpoint(model, path, ckpt=None):
     """Load a checkpoint's weights into a built BiSeNet or BiSeNetV2: the one place that does it.
 
-    Accepts our checkpoints (a dict with "model", optionally "config") or a bare state dict (such as the BiSeNetV2
-    weights CoinCheung/BiSeNet released), with DDP `module.` and torch.compile `_orig_mod.` prefixes stripped. Aux-head
-    weights are skipped for a model built without aux heads.
-    `ckpt`: the file's contents where read_checkpoint(path) has read them already. Returns the checkpoint dict (a bare
-    state dict comes back as {"model": state}). Raises CheckpointError.
+    Takes our checkpoints (a dict with "model", optionally "config") or a bare state dict (such as the BiSeNetV2
+    weights CoinCheung/BiSeNet released); `ckpt`: the file's contents where read_checkpoint(path) has read them.
+    Returns the checkpoint dict (a bare state dict as {"model": state}). Raises CheckpointError.
     """
-    ckpt, state = _read_state(model, path, ckpt)
-    _raise_mismatches(model, state, path, ckpt)
+    ckpt, state = _fitting_state(model, path, ckpt)
     model.load_state_dict(state)
     return ckpt
 
 
 def load_for_inference(path, config=None, overrides=()):
-    """(eval-mode model on the CPU, cfg) of the checkpoint at `path`, which is read once: what evaluate.py, demo.py
-    and export.py run.
-
-    cfg is preset `config` if given, else the config stored in the checkpoint, with the `overrides` (key=value; mode=X
-    stands for eval_mode=X) on top. The model is built without aux heads: prediction runs the main head only. Warns
-    (stderr) where cfg differs from the checkpoint's config in a setting no weight records (UNRECORDED_KEYS).
-    """
+    """(eval-mode model on the CPU without aux heads, cfg) of the checkpoint at `path`, read once: what evaluate.py,
+    demo.py and export.py run. cfg: see inference_config."""
     ckpt = read_checkpoint(path)
     cfg = inference_config(ckpt.get("config"), config, overrides)
     model = build_model(dataclasses.replace(cfg, aux_heads=False), pretrained=False)
@@ -99,8 +83,9 @@ def load_for_inference(path, config=None, overrides=()):
 
 
 def inference_config(ckpt_config, config=None, overrides=()):
-    """The config of load_for_inference; ckpt_config: the checkpoint's stored config dict (None for a bare state
-    dict)."""
+    """Preset `config` if given, else `ckpt_config` (the checkpoint's stored config; None for a bare state dict),
+    with the `overrides` (mode=X stands for eval_mode=X) on top. Warns (stderr) where it differs from the checkpoint's
+    config in a setting no weight records (UNRECORDED_KEYS)."""
     overrides = [("eval_" + o) if o.startswith("mode=") else o for o in overrides]
     if config or ckpt_config is None:
         cfg = get_config(config or "cityscapes", overrides)
@@ -120,20 +105,16 @@ def inference_config(ckpt_config, config=None, overrides=()):
         print(f"warning: {', '.join(differ)}: the checkpoint loads, but its predictions change; to use the values "
               "it was trained with, leave out --config or override them", file=sys.stderr)
     if ckpt_config is None:  # nothing in the file says what its input was normalized with: say what is used
-        print(f"note: a bare state dict records no normalization: scored with mean={_numbers(cfg.mean)} "
-              f"std={_numbers(cfg.std)} ({_normalization_name(cfg)}, from --config {config or 'cityscapes'}); "
-              "override mean= and std= if it was trained with others", file=sys.stderr)
+        print(_normalization_note(cfg, config), file=sys.stderr)
     return cfg
 
 
-def _numbers(values):
-    return ",".join(f"{v:g}" for v in values)
-
-
-def _normalization_name(cfg):
-    """Whose statistics cfg.mean / cfg.std are, for the bare state dict's note."""
+def _normalization_note(cfg, config):
     known = {(IMAGENET_MEAN, IMAGENET_STD): "ImageNet's", (CITYSCAPES_MEAN, CITYSCAPES_STD): "CoinCheung's Cityscapes"}
-    return known.get((tuple(cfg.mean), tuple(cfg.std)), "set in the config")
+    whose = known.get((tuple(cfg.mean), tuple(cfg.std)), "set in the config")
+    mean, std = ",".join(f"{v:g}" for v in cfg.mean), ",".join(f"{v:g}" for v in cfg.std)
+    return (f"note: a bare state dict records no normalization: scored with mean={mean} std={std} ({whose}, from "
+            f"--config {config or 'cityscapes'}); override mean= and std= if it was trained with others")
 
 
 def _plain(value):
@@ -147,8 +128,7 @@ def load_fitting(model, path):
     A checkpoint of another architecture (missing or unexpected tensors: other ablation switches) is still a
     CheckpointError. Returns (loaded names, [(name, checkpoint shape, model shape)] of the tensors left new).
     """
-    ckpt, state = _read_state(model, path)
-    _raise_mismatches(model, state, path, ckpt, shapes=False)
+    _, state = _fitting_state(model, path, shapes=False)
     expected = model.state_dict()
     fitting = {k: v for k, v in state.items() if v.shape == expected[k].shape}
     skipped = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if k not in fitting]
@@ -156,35 +136,34 @@ def load_fitting(model, path):
     return sorted(fitting), skipped
 
 
-def _read_state(model, path, ckpt=None):
-    """(checkpoint, its state dict with wrapper prefixes stripped and, for a model without aux heads, theirs left
-    out)."""
+def _fitting_state(model, path, ckpt=None, shapes=True):
+    """(checkpoint, its state dict) with the DDP `module.` and torch.compile `_orig_mod.` prefixes stripped and, for a
+    model without aux heads, theirs left out; a CheckpointError where it does not fit `model` (with shapes=False, for
+    fine-tuning, only missing and unexpected tensors count)."""
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
     if not model.arch["aux_heads"]:
         state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{m}." for m in model.AUX_MODULES))}
-    return ckpt, state
-
-
-def _raise_mismatches(model, state, path, ckpt, shapes=True):
-    trained, built = checkpoint_arch(state, ckpt.get("config")), model.arch["arch"]
+    # the architecture of the weights: told by a tensor name only it has, else by the stored config
+    trained = next((arch for arch, mark in ARCH_MARKS.items() if any(k.startswith(mark) for k in state)),
+                   _trained_config(ckpt.get("config")).get("arch"))
+    built = model.arch["arch"]
     if trained not in (None, built):
         fix = f"arch={trained}" + (" pretrained=none (the _v2 presets set both)" if trained == "bisenetv2" else "")
         raise CheckpointError(f"checkpoint {path} does not fit this model: it looks like a {ARCH_NAMES[trained]} "
                               f"checkpoint and the model is a {ARCH_NAMES[built]} (arch={built}): set {fix}")
-    problems = _mismatches(model, state, path, shapes)
+    expected, problems = model.state_dict(), []
+    cls = state.get(f"{model.CLASSIFIER}.weight")
+    if shapes and cls is not None and cls.shape[0] != model.arch["num_classes"]:
+        problems.append(f"checkpoint has {cls.shape[0]} classes, config has {model.arch['num_classes']} (num_classes); "
+                        "to fine-tune it on other classes use init_from=PATH")
+    problems += state_dict_problems(expected, state, shapes)
+    if set(expected) != set(state):
+        problems.append(_layout_hint(model, set(expected) - set(state), set(state) - set(expected)))
     if problems:
         hint = _config_hint(model, ckpt.get("config"), shapes)
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems) + hint)
-
-
-def checkpoint_arch(state, config=None):
-    """The architecture (a cfg.arch value) whose weights `state` holds: told by its tensor names, else by its `config`
-    (one from before configs had `arch` is BiSeNetV1); None if neither tells."""
-    for arch, mark in ARCH_MARKS.items():
-        if any(k.startswith(mark) for k in state):
-            return arch
-    return _trained_config(config).get("arch")
+    return ckpt, state
 
 
 def _trained_config(config):
@@ -211,9 +190,8 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path} holds a config that is not a dict of settings ({type(ckpt['config']).__name__}):"
                               " edited or written by another program; load its weights with init_from=PATH")
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
-        raise CheckpointError(
-            f"{path} is not a model checkpoint: expected a dict with a 'model' state dict, or a bare state dict"
-        )
+        raise CheckpointError(f"{path} is not a model checkpoint: expected a dict with a 'model' state dict, or a bare "
+                              "state dict")
     return ckpt
 
 
@@ -222,21 +200,6 @@ def _strip_prefixes(key):
     while key.startswith(("module.", "_orig_mod.")):
         key = key.split(".", 1)[1]
     return key
-
-
-def _mismatches(model, state, path, shapes=True):
-    """What keeps `state` from loading into `model`; with shapes=False (fine-tuning) only missing and unexpected
-    tensors count."""
-    expected = model.state_dict()
-    problems = []
-    cls = state.get(f"{model.CLASSIFIER}.weight")
-    if shapes and cls is not None and cls.shape[0] != model.arch["num_classes"]:
-        problems.append(f"checkpoint has {cls.shape[0]} classes, config has {model.arch['num_classes']} (num_classes); "
-                        "to fine-tune it on other classes use init_from=PATH")
-    problems += state_dict_problems(expected, state, shapes)
-    if set(expected) != set(state):
-        problems.append(_layout_hint(model, set(expected) - set(state), set(state) - set(expected)))
-    return problems
 
 
 def _layout_hint(model, missing, unexpected):
@@ -257,15 +220,7 @@ def _config_hint(model, ckpt_config, shapes=True):
         if k in ckpt_config and k in model.arch and ckpt_config[k] != model.arch[k] and (shapes or k != "num_classes")
         and not (k == "aux_heads" and not model.arch[k])  # built without them on purpose: their weights are skipped
     ]
-    if not differ:
-        return ""
-    return ". The checkpoint's config differs in: " + ", ".join(differ)
-
-
-NO_BEST = {"iter": None, "miou": None}  # no validation yet: the best {"iter", "miou"} so far
-
-
-TEMP_FILE = re.compile(r".+\.tmp\d+(\.png)?$")  # write_atomically's and plots.save's temporary names
+    return ". The checkpoint's config differs in: " + ", ".join(differ) if differ else ""
 
 
 def load_training_state(path):
@@ -327,16 +282,6 @@ def make_run_dir(cfg):
     return run_dir
 
 
-def remove_stale_temp_files(run_dir):
-    """Temporary files left by a run killed while writing (kill -9, power loss): nothing else removes them."""
-    if not os.path.isdir(run_dir):
-        return []
-    stale = [os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir)) if TEMP_FILE.fullmatch(n)]
-    for path in stale:
-        os.remove(path)
-    return stale
-
-
 def trim_log(path, iteration):
     """Drop the records after `iteration` from the JSON-lines log at `path`: a resumed run logs them again."""
     if not os.path.isfile(path):
@@ -356,7 +301,9 @@ def trim_log(path, iteration):
 def prepare_run_dir(run_dir, cfg, start):
     """The run folder as a (resumed) run starts it: temporary files of a run killed while writing removed, the config
     written, and the log records after the resumed iteration `start` dropped (they are logged again)."""
-    for path in remove_stale_temp_files(run_dir):
+    stale = [os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir)) if TEMP_FILE.fullmatch(n)]
+    for path in stale:  # kill -9 or a power loss while writing: nothing else removes them
+        os.remove(path)
         print(f"removed {path}, left by a run killed while writing it")
     write_atomically(os.path.join(run_dir, "config.json"), lambda f: f.write(format_config(cfg).encode()))
     if start:

