@@ -1,17 +1,11 @@
-"""Measure the pipeline and write benchmarks/<machine class>.md.
+"""Measure the pipeline and write benchmarks/<machine class>.md (benchmarks/README.md says what each report holds).
 
     python benchmark.py                                   # every section, written to benchmarks/<class>.md
     python benchmark.py --only data,latency               # some (see SECTIONS): printed
     python benchmark.py --only eval --out eval_bench.md   # some, written to the file given
 
-The class is the CPU's (AVX2, AVX512, AVX512-BF16, AMX: it decides the precision rows), or the GPU's name. Sections:
-data (training pipeline samples/s per loader worker on 1024x2048 frames), train (training images/s at the reference
-crop, per precision), presets (the same at the CPU presets' crops: fp32, channels_last, bf16, torch.compile), latency
-(inference ms/image at 512x1024 and 1024x2048 per execution variant and exported ONNX Runtime / OpenVINO file),
-eval (seconds per image of each evaluation mode, in PyTorch and OpenVINO). Each figure is the median of --repeat
-timed runs after a warm-up run, on the GPU where there is one; exported files run on the CPU. Rows whose package
-(requirements-deploy.txt) is missing are left out with a note. Only a full run writes the default file, so that a
-partial run does not replace a report with its sections. Figures measured by hand: benchmarks/measured.md.
+Each figure is the median of --repeat timed runs after a warm-up run, on the GPU where there is one; exported files
+run on the CPU. Rows whose package (requirements-deploy.txt) is missing are left out with a note.
 """
 
 import argparse
@@ -93,8 +87,7 @@ def cpu_isa(capability, flags):
 
 
 def machine_class():
-    """The name of this machine's report: the GPU's name (runs of other characters than letters, digits, '.' and '-'
-    as one '-') where there is a GPU, else the CPU's class (cpu_isa)."""
+    """The name of this machine's report: the GPU's name, made a file name, where there is a GPU, else cpu_isa's."""
     if torch.cuda.is_available():
         return re.sub(r"[^\w.-]+", "-", torch.cuda.get_device_name(0)).strip("-")
     return cpu_isa(torch.backends.cpu.get_cpu_capability(), cpu_info()[1])
@@ -110,8 +103,6 @@ def machine():
             f"torch {torch.__version__}, OpenCV {cv2.__version__}, Python {platform.python_version()}")
 
 
-# ---- data ----
-
 def bench_data(cfg, root, repeat):
     tf = TrainTransform.from_config(cfg)
     data_cfg = dataclasses.replace(cfg, data_root=root)
@@ -122,8 +113,12 @@ def bench_data(cfg, root, repeat):
     def per_sample(fn):
         return timed(lambda: [fn(i) for i in range(n)], torch.device("cpu"), repeat) / n
 
+    def as_float(i):  # the baseline: workers shipped the image normalized to float32 and the labels as int64
+        image, label = dataset[(i, (0, i))]
+        return normalize(image[None], cfg.mean, cfg.std)[0], label.long()
+
     t_full = per_sample(lambda i: dataset[(i, (0, i))])
-    t_float = per_sample(lambda i: as_float_sample(dataset[(i, (0, i))], cfg))
+    t_float = per_sample(as_float)
     t_geometry = per_sample(lambda i: tf.geometry(*raw[i], rng))
     rows = [
         ("full sample: PNG decode + label map + augmentation, shipped as uint8 (ours)", t_full,
@@ -144,25 +139,15 @@ def bench_data(cfg, root, repeat):
     return lines
 
 
-def as_float_sample(sample, cfg):
-    """The baseline's worker output: the image normalized to float32 (3, H, W) and the labels as int64, as workers
-    shipped them before normalization moved to the device."""
-    image, label = sample
-    return normalize(image[None], cfg.mean, cfg.std)[0], label.long()
-
-
-# ---- training ----
-
 def precision_variants(cfg, device):
-    """(name, cfg, amp, compile) for each precision train.py can use on `device`: fp32, and the autocast of
-    amp=fp16 / amp=bf16 where precision.py grants it (CUDA; bf16 on CPUs with native bf16), in the memory format
-    channels_last=auto gives them; on CUDA, fp16 and bf16 also in the other format, to measure what auto chooses."""
+    """(name, cfg, amp, compile) for each precision train.py can use on `device`: fp32, and amp=fp16 / bf16 where
+    precision.py grants it; on CUDA, fp16 and bf16 also in the format channels_last=auto does not choose."""
     variants = [("fp32", cfg, "none", False)]
     for amp in ("fp16", "bf16"):
         if training_precision(amp, device)[0] is not None:
             variants.append((f"{amp} autocast (`amp={amp}`)", cfg, amp, False))
             if device.type == "cuda":
-                other = get_config(base=cfg.to_dict(), overrides=["channels_last=false"])
+                other = dataclasses.replace(cfg, channels_last="false")
                 variants.append((f"{amp} autocast, contiguous NCHW (`channels_last=false`)", other, amp, False))
     return variants
 
@@ -170,8 +155,7 @@ def precision_variants(cfg, device):
 def cpu_variants(cfg, device):
     """The choices that may speed up training on a CPU, each added to fp32 on its own: channels_last, bf16 with it
     (CPUs with native bf16), torch.compile with it."""
-    plain = get_config(base=cfg.to_dict(), overrides=["channels_last=false"])
-    last = get_config(base=cfg.to_dict(), overrides=["channels_last=true"])
+    plain, last = dataclasses.replace(cfg, channels_last="false"), dataclasses.replace(cfg, channels_last="true")
     variants = [("fp32", plain, "none", False), ("fp32, channels_last", last, "none", False)]
     if training_precision("bf16", device)[0] is not None:
         variants.append(("bf16 autocast, channels_last", last, "bf16", False))
@@ -180,9 +164,8 @@ def cpu_variants(cfg, device):
 
 
 def bench_train(cfg, device, batch, repeat, variants=precision_variants):
-    """Images/s of train.train_step (forward, OHEM loss on every head, backward, the step's sync, SGD update) for each
-    (name, cfg, amp, compile) of variants(cfg, device), built as train.py builds it (channels_last weights and
-    input where the variant's cfg asks; torch.compile of the training model where it says so)."""
+    """Images/s of train.train_step for each (name, cfg, amp, compile) of variants(cfg, device), built as train.py
+    builds it."""
     h, w = cfg.crop_size
     # a batch as the loader ships it, uint8 images (N, H, W, 3) and labels: train_step normalizes it on the device
     batches = itertools.repeat((torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device),
@@ -223,33 +206,24 @@ def bench_presets(device, batch, repeat, presets=("synthetic", "camvid", "camvid
     return lines[:-1]
 
 
-# ---- inference latency ----
-
-def compiled(module):
-    """torch.compile (inductor) of an inference module with frozen weights; None where it cannot compile here."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True  # weights as constants: lets inductor prepack them for oneDNN / cuDNN
-    fn = torch.compile(module)
-    try:
-        with torch.inference_mode():
-            fn(torch.zeros(1, 3, 64, 128, device=next(module.parameters()).device))
-    except Exception as error:  # no C++ compiler, unsupported platform...: report, do not stop the benchmark
-        print(f"torch.compile unavailable: {type(error).__name__}: {str(error)[:200]}")
-        return None
-    return fn
-
-
 def latency_variants(model, device, compile=True):
     """(name, callable(x) -> logits, note) triples: each execution variant of the same eval model, each step adding
     one thing to the one before (ONNX Runtime and bf16 are separate roads)."""
     fast = inference_model(model)  # folded + channels_last: what evaluate.py and demo.py run
     variants = [("fp32 eager", model, ""), ("fp32 folded BN", fold_batchnorm(model), ""),
                 ("fp32 folded BN + channels_last (`inference_model`)", fast, "")]
-    fn = compiled(fast) if compile else None
-    if fn is not None:
-        variants.append(("fp32 folded + channels_last + torch.compile", fn,
-                         "first call per input size compiles: 10-15 s on 2 CPU cores"))
+    if compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights as constants: lets inductor prepack them for oneDNN / cuDNN
+        fn = torch.compile(fast)
+        try:
+            with torch.inference_mode():
+                fn(torch.zeros(1, 3, 64, 128, device=device))
+            variants.append(("fp32 folded + channels_last + torch.compile", fn,
+                             "first call per input size compiles: 10-15 s on 2 CPU cores"))
+        except Exception as error:  # no C++ compiler, unsupported platform...: report, do not stop the benchmark
+            print(f"torch.compile unavailable: {type(error).__name__}: {str(error)[:200]}")
     for amp in ("bf16", "fp16") if device.type == "cuda" else ("bf16",) if precision.native_bf16(device) else ():
         variants.append((f"{amp} autocast folded + channels_last (`eval_amp={amp}`)", inference_model(model, amp), ""))
     return variants
@@ -286,32 +260,28 @@ def exported_models(model, directory, hw, calibration=8):
 
 
 def bench_latency(cfg, device, repeat, sizes, compile=True):
-    model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
-    model = model.to(device).eval()
+    model = build_model(dataclasses.replace(cfg, aux_heads=False), pretrained=False).to(device).eval()
     flops = {hw: count_gflops(model, hw) for hw in sizes}
     lines = [f"{type(model).__name__} (`arch={cfg.arch}`) inference, batch 1, eval mode (main head), random weights:",
              "",
              "| variant | " + " | ".join(f"{h}x{w} ms" for h, w in sizes) + " | " +
              " | ".join(f"{h}x{w} GFLOP/s" for h, w in sizes) + " | speed vs fp32 eager |",
              "|---|" + "---|" * (2 * len(sizes) + 1)]
-    base = None
-    variants = [(*variant, device) for variant in latency_variants(model, device, compile)]
-    notes = [f"{name}: {note}" for name, _, note, _ in variants if note]
+    variants = latency_variants(model, device, compile)
+    notes = [f"{name}: {note}" for name, _, note in variants if note]
     if device.type == "cpu" and not precision.native_bf16(device):
         notes.append("bf16 autocast: not run; this CPU has no AVX512-BF16 or AMX, so oneDNN emulates bf16 "
                      "(many times slower than fp32)")
     with tempfile.TemporaryDirectory() as directory:
         exported, exported_notes = exported_models(model, directory, sizes[0])
-        # exported files run on the CPU whatever the device of the other rows
-        variants += [(name, fn, "", torch.device("cpu")) for name, fn in exported]
         notes += exported_notes + (["exported files run on the CPU; speed is against fp32 eager on the GPU"]
                                    if exported and device.type == "cuda" else [])
-        for name, fn, _, where in variants:
-            times = []
-            for hw in sizes:
-                x = torch.randn(1, 3, *hw, device=where)
-                with torch.inference_mode():
-                    times.append(timed(lambda fn=fn, x=x: fn(x), where, repeat))
+        rows = [(name, fn, device) for name, fn, _ in variants] + [(*row, torch.device("cpu")) for row in exported]
+        base = None
+        for name, fn, where in rows:
+            with torch.inference_mode():  # on a random image of each size
+                times = [timed(functools.partial(fn, torch.randn(1, 3, *hw, device=where)), where, repeat)
+                         for hw in sizes]
             base = base or times
             speed = " / ".join(f"{b / t:.2f}x" for b, t in zip(base, times, strict=True))
             rates = [flops[hw] / t for hw, t in zip(sizes, times, strict=True)]  # 2 digits below 10: tiny test inputs
@@ -322,14 +292,8 @@ def bench_latency(cfg, device, repeat, sizes, compile=True):
     return lines
 
 
-# ---- evaluation modes ----
-
 def bench_eval(cfg, device, repeat, hw=(1024, 2048)):
-    """Seconds per image of each mode as evaluate.py runs it (inference_model + predict), against the
-    plain way (eager model, softmax, argmax(0)) and with the OpenVINO files (backend=openvino); and batched against
-    one-at-a-time sliding crops."""
-    model = build_model(get_config(base=cfg.to_dict(), overrides=["aux_heads=false"]), pretrained=False)
-    model = model.to(device).eval()
+    model = build_model(dataclasses.replace(cfg, aux_heads=False), pretrained=False).to(device).eval()
     fast = inference_model(model)
     image = torch.randn(1, 3, *hw, device=device)
     crop_h, crop_w = eval_crop_size(cfg)
@@ -353,19 +317,12 @@ def bench_eval(cfg, device, repeat, hw=(1024, 2048)):
                             for _, fn in exported]
                 lines.append(f"| {mode} | {seconds[mode]:.3g} | {seconds[mode] / seconds['ss']:.1f}x | {plain:.3g} | "
                              f"{plain / seconds[mode]:.2f}x |" + "".join(f" {t:.3g} |" for t in backends))
-            one = get_config(base=cfg.to_dict(), overrides=["eval_batch=1"])
+            one = dataclasses.replace(cfg, eval_batch=1)
             single = timed(lambda: predict(fast, image, one, "ssc"), device, repeat)
     lines += ["", f"ssc with {cfg.eval_batch} crops per forward: {seconds['ssc']:.2f} s; one crop at a time: "
               f"{single:.2f} s; batched / one-at-a-time time ratio {seconds['ssc'] / single:.2f}.",
               *("- " + n for n in notes)]
     return lines
-
-
-def report_path(out, sections):
-    """Where the report goes: --out if given ('' for nowhere), else benchmarks/<machine_class()>.md if a full run."""
-    if out is not None:
-        return out
-    return os.path.join("benchmarks", f"{machine_class()}.md") if set(sections) == set(SECTIONS) else ""
 
 
 def main(argv=None):
@@ -380,7 +337,9 @@ def main(argv=None):
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; expected {', '.join(SECTIONS)}")
-    out = report_path(args.out, sections)
+    out = args.out
+    if out is None and set(sections) == set(SECTIONS):  # a partial run must not replace the machine's whole report
+        out = os.path.join("benchmarks", f"{machine_class()}.md")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -1,9 +1,8 @@
-"""BiSeNetV2 (Yu et al., IJCV 2021, arXiv 2004.02147): a detail branch, a semantic branch, bilateral guided
-aggregation, a segment head and four booster heads.
+"""BiSeNetV2 (Yu et al., IJCV 2021, arXiv 2004.02147), strides and widths of the paper's Table 1.
 
-Strides and widths are those of the paper's Table 1. The layers and their state-dict names are those of
-CoinCheung/BiSeNet's lib/models/bisenetv2.py, so that its released bare state dict (model_final_v2_city.pth, boosters
-included) loads with strict key matching. Where that file departs from the paper this module follows the file:
+The layers and their state-dict names are those of CoinCheung/BiSeNet's lib/models/bisenetv2.py, so that its
+released state dict (model_final_v2_city.pth, boosters included) loads strictly. Where that file departs from the
+paper, this module follows the file:
 - a ReLU after the depthwise conv of GELayerS1 and after the second depthwise conv of GELayerS2;
 - the CE block's last 3x3 conv has BatchNorm and ReLU (the paper: a plain conv);
 - BGA's final 3x3 conv has BatchNorm and ReLU, and its x4 upsampling is nearest;
@@ -12,9 +11,8 @@ included) loads with strict key matching. Where that file departs from the paper
 - initialization: kaiming_normal_ (fan_out) for every conv, biases 0, BatchNorm weights 1 except the one closing each
   GE layer's residual branch (conv2's), which starts at 0 so that the layer starts as its shortcut.
 One departure from that file: its fixed x4 / x8 upsampling factors become resizes to the exact size of the target
-feature map or of the input (layers.resize), so that any input size works, not only multiples of 32; where the size
-divides, the results are the same. The parameter-free modules that this drops from its Sequentials are the last in
-them, so the other names keep their indices.
+(layers.resize), so that any input size works, with the same results where the size divides; the parameter-free
+modules this drops were the last in their Sequentials, so the other names keep their indices.
 """
 
 import torch
@@ -105,9 +103,7 @@ class CEBlock(nn.Module):
 
 class SegmentBranch(nn.Module):
     """Narrow and deep: stem 16 ch at 1/4, S3 32 at 1/8, S4 64 at 1/16, S5 128 at 1/32 (GE layers), the CE block.
-
-    Returns every stage's output: (stem, S3, S4, S5 before the CE block, after it); the boosters read the first four.
-    """
+    Returns every stage's output (stem, S3, S4, S5 before the CE block, after it): the boosters read the first four."""
 
     def __init__(self):
         super().__init__()
@@ -151,11 +147,7 @@ class UpsampleConvBNReLU(nn.Sequential):
 
     Nearest x2 repeats each input pixel in a 2x2 block, so each output pixel of the 3x3 conv (padding 1) reads a 2x2
     window of the input, with taps that are sums of the kernel's rows and columns (`_TAPS`): 16 multiply-adds per
-    input pixel and channel pair instead of 4 x 9, and no upsampled copy. The result is the same up to float rounding
-    (tests/test_bisenetv2.py checks it against the two modules run one after the other). Measured on a 2-core CPU
-    (benchmarks/measured.md), it is faster up to twice the input's channels (aux2, aux3,
-    aux4: 2.6-4.5x, 1.4-3.0x, 1.1-1.7x) and not for aux5_4's 128 -> 1024 (0.7-1.0x), which therefore upsamples first;
-    on a GPU it upsamples first (use_transposed).
+    input pixel and channel pair instead of 4 x 9, and no upsampled copy; the same result up to float rounding.
     """
 
     # One axis of the 4-tap transposed-conv kernel from the 3 taps of the conv's: output pixel 2i (tap 1) reads
@@ -167,18 +159,14 @@ class UpsampleConvBNReLU(nn.Sequential):
         super().__init__(nn.Upsample(scale_factor=2), ConvBNReLU(cin, cout))
 
     def forward(self, x):
-        return self.transposed(x) if self.use_transposed(x) else self.upsampled(x)
+        return self.transposed(x) if self.use_transposed(x) else self[1](self[0](x))
 
     def use_transposed(self, x):
-        """The one choice between the two computations: the transposed conv on the CPU up to twice the input's
-        channels, where a 2-core CPU measured it faster; upsampling first elsewhere, on CUDA included, until a GPU
-        measurement (benchmark.py's boosters section) shows otherwise."""
+        # A 2-core CPU measured the transposed conv faster up to twice the input's channels (aux2, aux3, aux4: 2.6-4.5x,
+        # 1.4-3.0x, 1.1-1.7x), not for aux5_4's 128 -> 1024 (0.7-1.0x; benchmarks/measured.md). Elsewhere, CUDA
+        # included, upsampling first until a GPU measurement shows otherwise.
         conv = self[1].conv
         return x.device.type == "cpu" and conv.out_channels <= 2 * conv.in_channels
-
-    def upsampled(self, x):
-        """The two children one after the other, as CoinCheung runs them: nearest x2, then the ConvBNReLU."""
-        return self[1](self[0](x))
 
     def transposed(self, x):
         block = self[1]
@@ -192,10 +180,7 @@ class UpsampleConvBNReLU(nn.Sequential):
 
 class SegmentHead(nn.Module):
     """3x3 ConvBNReLU to `mid` channels, dropout, a 1x1 classifier; logits resized bilinearly to the input size.
-
-    A booster (`booster=True`) first doubles the size (nearest) and convolves to stride**2 channels, `stride` being
-    its feature's (4 for the stem's).
-    """
+    A booster first doubles the size (nearest) and convolves to stride**2 channels, `stride` being its feature's."""
 
     def __init__(self, cin, mid, num_classes, stride, booster):
         super().__init__()
@@ -211,9 +196,7 @@ class SegmentHead(nn.Module):
 
 class BiSeNetV2(nn.Module):
     HEAD_MODULES = ("head", "aux2", "aux3", "aux4", "aux5_4")  # parameters the optimizer gives cfg.head_lr_mult
-    # the boosters (training only), by the names of their outputs: a checkpoint's are left out for a model built
-    # without them
-    AUX_MODULES = ("aux2", "aux3", "aux4", "aux5_4")
+    AUX_MODULES = ("aux2", "aux3", "aux4", "aux5_4")  # the boosters (training only), named as their outputs
     CLASSIFIER = "head.conv_out.1"  # the conv whose output channels are the classes
 
     def __init__(self, num_classes=19, aux_heads=True):

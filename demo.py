@@ -2,11 +2,8 @@
 
     python demo.py --ckpt runs/NAME/model_final.pth INPUT [INPUT ...] [--out DIR] [--config NAME] [key=value ...]
 
-An INPUT is an image (.png .jpg .jpeg .bmp), a folder of images or a video (.mp4 .avi .mov .mkv). For each image
-NAME, DIR (default demo_out/) gets NAME_color.png (class colors) and NAME_overlay.png (the input blended with them),
-each with a legend of the classes present on its right; for each video NAME_color.mp4 and NAME_overlay.mp4 (Motion
-JPEG .avi where a side is odd or mp4v is missing). The model and eval_mode come from the checkpoint's config (or
---config NAME) with key=value overrides on top; backend=openvino or onnxruntime runs export.py's file instead.
+For each INPUT NAME (an image, a folder of images or a video), DIR (default demo_out/) gets NAME_color and NAME_overlay
+with a legend of the classes present (docs/deploy.md). backend=openvino or onnxruntime runs export.py's file.
 """
 
 import argparse
@@ -39,7 +36,7 @@ SUFFIXES = ("_color", "_overlay")  # of the outputs of render()
 
 
 class DemoError(RuntimeError):
-    pass
+    """An input that cannot be read or an output that cannot be written."""
 
 
 @torch.inference_mode()

@@ -3,13 +3,8 @@
     python export.py --ckpt runs/NAME/model_final.pth [--output FILE.onnx] [--argmax] [--no-fold] [--opset 17]
                      [--openvino] [--int8 [--calib-size 300] [--check-size 50]] [--config NAME] [key=value ...]
 
-The model is built from the checkpoint's config (as in evaluate.py) without aux heads, BatchNorms folded; batch,
-height and width stay dynamic. Input "image": float32 (N, 3, H, W), RGB / 255 normalized with the config's mean and
-std. Output "logits": float32 (N, C, H, W), or with --argmax "labels": int64 (N, H, W) train ids. The default file,
-model.onnx (model_argmax.onnx) beside the checkpoint, is run with onnxruntime at other sizes and must match PyTorch.
---openvino also writes FILE.xml + .bin (fp32), checked the same way; --int8 also FILE_int8.xml, NNCF-quantized on
---calib-size training images and checked on --check-size val images. evaluate.py and demo.py run them with
-backend=openvino or onnxruntime. Packages: requirements-deploy.txt.
+Input "image": float32 (N, 3, H, W), normalized as in training, any size; output "logits" (N, C, H, W), or with
+--argmax "labels" int64 (N, H, W). docs/deploy.md has the details. Packages: requirements-deploy.txt.
 """
 
 import argparse
@@ -122,16 +117,17 @@ def quantize_int8(xml_path, path, images):
     return path
 
 
-def random_images(sizes, batch=1, seed=0):
+def random_images(sizes, batch=1):
     """Random normalized images (batch, 3, H, W), one batch per (H, W) in `sizes`: what the fp32 checks run."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(0)
     return [torch.randn(batch, 3, h, w, generator=generator) for h, w in sizes]
 
 
-def verify(run, model, images):
-    """Compare `run` (float32 array (N, 3, H, W) -> logits or labels, e.g. runtime.onnxruntime_runner(path)) with the
-    PyTorch `model` on each batch of `images`: the worst "max_abs_diff", "within_tolerance" (both None for a labels
-    file) and "argmax_agreement", and "sizes": those of each batch with its "size" and "tolerance"."""
+def verify(run, model, sizes, batch=1):
+    """Compare `run` (float32 array (N, 3, H, W) -> logits or labels, a runtime runner) with the PyTorch `model` on
+    random_images(sizes, batch): the worst "max_abs_diff", "within_tolerance" (both None for a labels file) and
+    "argmax_agreement", and "sizes": those of each batch with its "size" and "tolerance"."""
+    images = random_images(sizes, batch)
     sizes = [dict(_compare(run, model, image), size=list(image.shape)) for image in images]
     diffs = [r["max_abs_diff"] for r in sizes]
     return {"max_abs_diff": None if None in diffs else max(diffs),
@@ -139,21 +135,9 @@ def verify(run, model, images):
             "argmax_agreement": min(r["argmax_agreement"] for r in sizes), "sizes": sizes}
 
 
-def verify_onnx(path, model, sizes, batch=1, seed=0):
-    """verify() of the ONNX file run with onnxruntime on the CPU, on random_images(sizes, batch, seed)."""
-    return verify(onnxruntime_runner(path), model, random_images(sizes, batch, seed))
-
-
-def verify_openvino(path, model, sizes, batch=1, seed=0):
-    """verify() of the OpenVINO file run on the CPU in f32, on random_images(sizes, batch, seed)."""
-    return verify(openvino_runner(path), model, random_images(sizes, batch, seed))
-
-
-def _compare(run, model, image):
-    was_training = model.training
+def _compare(run, model, image):  # model: in eval mode
     with torch.no_grad():
-        expected = model.eval()(image.to(next(model.parameters()).device)).float().cpu().numpy()
-    model.train(was_training)
+        expected = model(image.to(next(model.parameters()).device)).float().cpu().numpy()
     result = run(image.numpy())
     labels = result if result.ndim == 3 else result.argmax(1)  # ndim 3: a --argmax file
     if labels.shape != expected.argmax(1).shape:
@@ -240,7 +224,7 @@ def format_report(report, runtime="onnxruntime"):
 def export_openvino_files(args, model, cfg, onnx_path):
     """--openvino and --int8: write, report on and check the IR files converted from `onnx_path`."""
     xml_path, int8_path = openvino_paths(onnx_path)
-    report = verify_openvino(export_openvino(onnx_path, xml_path), model, VERIFY_SIZES, batch=2)
+    report = verify(openvino_runner(export_openvino(onnx_path, xml_path)), model, VERIFY_SIZES, batch=2)
     print(f"wrote {xml_path}\n" + format_report(report, "OpenVINO"))
     check_report(xml_path, report)
     if args.int8:
@@ -266,7 +250,7 @@ def main(argv=None):
             require(name)  # a missing package named at once, not after minutes of export
         export_onnx(model if args.no_fold else fold_batchnorm(model), path, args.argmax, args.opset)
         # against the unfolded model, so that the figures cover folding and export together
-        report = verify_onnx(path, model, VERIFY_SIZES, batch=2)
+        report = verify(onnxruntime_runner(path), model, VERIFY_SIZES, batch=2)
         print(f"wrote {path}\n" + format_report(report))
         check_report(path, report)
         if args.openvino:

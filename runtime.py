@@ -1,7 +1,5 @@
-"""Exported models (export.py's ONNX and OpenVINO files) run on the CPU, called like the PyTorch model, so that
-evaluate.py and demo.py work unchanged with backend=openvino or onnxruntime; export.py checks its files with the same
-runners. onnx, onnxruntime, openvino and nncf are optional: requirements-deploy.txt installs them.
-"""
+"""Run export.py's ONNX and OpenVINO files on the CPU, called like the PyTorch model (evaluate.py and demo.py with
+backend=openvino or onnxruntime). The packages are optional: requirements-deploy.txt."""
 
 import importlib
 import os
@@ -89,10 +87,8 @@ class BackendModel:
         if num_classes is not None and output_shape[1] is None:  # a file that leaves its class count open: ask it
             check_shapes(path, input_shape, self.run(np.zeros((1, 3, 64, 64), np.float32)).shape, num_classes)
 
-    def __call__(self, image):
+    def __call__(self, image):  # check_shapes has made sure that the file gives logits
         logits = self.run(image.detach().to("cpu", torch.float32).contiguous().numpy())
-        if logits.ndim != 4:
-            raise BackendError(f"{self.path} outputs labels, not logits: export it without --argmax")
         return torch.from_numpy(logits).float().to(image.device)
 
 

@@ -171,12 +171,12 @@ def test_onnx_argmax_file_gives_int64_train_ids(model, onnx_files):
     assert (labels == torch_logits(model, image).argmax(1)).mean() >= 0.999
 
 
-def test_verify_onnx_reports_worst_figures(model, onnx_files):
-    report = export.verify_onnx(onnx_files[0], model, [(67, 101), (80, 112)])
+def test_verify_reports_the_worst_figures_of_an_onnx_file(model, onnx_files):
+    report = export.verify(runtime.onnxruntime_runner(onnx_files[0]), model, [(67, 101), (80, 112)])
     assert [r["size"] for r in report["sizes"]] == [[1, 3, 67, 101], [1, 3, 80, 112]]
     assert report["max_abs_diff"] == max(r["max_abs_diff"] for r in report["sizes"]) < 1e-4
     assert report["argmax_agreement"] >= 0.999
-    labels_report = export.verify_onnx(onnx_files[1], model, [(67, 101)])
+    labels_report = export.verify(runtime.onnxruntime_runner(onnx_files[1]), model, [(67, 101)])
     assert labels_report["max_abs_diff"] is None and labels_report["argmax_agreement"] >= 0.999
 
 
@@ -210,7 +210,7 @@ def test_the_export_check_allows_1e_4_plus_1e_5_of_the_largest_logit(model, fact
 def test_missing_onnxruntime_is_named(model, onnx_files, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(runtime.BackendError, match="onnxruntime.*pip install -r requirements-deploy.txt"):
-        export.verify_onnx(onnx_files[0], model, [(67, 101)])
+        export.verify(runtime.onnxruntime_runner(onnx_files[0]), model, [(67, 101)])
 
 
 # --- OpenVINO ------------------------------------------------------------------------------------------------------
@@ -246,8 +246,8 @@ def test_ir_logits_match_pytorch_at_other_sizes(model, ir_file, shape):
     assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.999
 
 
-def test_verify_openvino_reports_like_verify_onnx(model, ir_file):
-    report = export.verify_openvino(ir_file, model, [(67, 101), (80, 112)])
+def test_verify_reports_on_an_openvino_file_as_on_an_onnx_file(model, ir_file):
+    report = export.verify(runtime.openvino_runner(ir_file), model, [(67, 101), (80, 112)])
     assert [r["size"] for r in report["sizes"]] == [[1, 3, 67, 101], [1, 3, 80, 112]]
     assert report["max_abs_diff"] < 1e-4 and report["within_tolerance"] and report["argmax_agreement"] >= 0.999
     export.check_report(ir_file, report)
@@ -376,7 +376,7 @@ def test_int8_file_runs_and_its_agreement_is_computed(model, ir_file, tiny_citys
     assert os.path.isfile(path) and os.path.isfile(path.replace(".xml", ".bin"))
     assert any(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(path).get_ops())
     image = torch.randn(1, 3, 67, 101, generator=torch.Generator().manual_seed(0))  # verify's image (its seed 0)
-    report = export.verify_openvino(path, model, [(67, 101)])
+    report = export.verify(runtime.openvino_runner(path), model, [(67, 101)])
     logits, expected = openvino_logits(path, image), torch_logits(model, image)
     assert logits.shape == expected.shape
     assert report["argmax_agreement"] == (logits.argmax(1) == expected.argmax(1)).mean()  # same image, seed 0
