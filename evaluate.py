@@ -2,19 +2,11 @@
 
     python evaluate.py --ckpt runs/NAME/model_final.pth [--config NAME] [mode=ss|ssc|msf|mscf] [key=value ...]
     torchrun --nproc_per_node=N evaluate.py --ckpt PATH ...      # each process scores its share
+    python evaluate.py --ckpt PATH save_dir=DIR [save_color=true] [val_split=test]   # predictions as PNGs
+    python evaluate.py --ckpt PATH backend=openvino|onnxruntime [backend_model=FILE]   # export.py's file, on the CPU
 
-Modes: ss = whole image at scale 1; ssc = sliding crops at scale 1; msf = whole image at every scale
-of eval_scales, plus its mirror image; mscf = sliding crops at every scale, plus mirror images. Sliding
-crops are eval_crop (H,W; where it is empty, the training crop_size), eval_stride of the crop apart.
-`save_dir=DIR` writes label-id PNGs (DIR/labelIds/CITY/NAME.png) for the official toolkit or the
-benchmark server (a folder dataset's: DIR/labelIds/NAME.png, in the values its own label files use), and with
-save_color=true colorized ones (DIR/color/...) and, for a labelled split, the image, its ground truth and the
-prediction side by side (DIR/compare/...). `val_split=test` predicts Cityscapes' test split: it has no public
-labels, so nothing is scored (the JSON's metrics are null) and save_dir is required.
-The resolved config is printed at start and stored in the results JSON (eval_SPLIT_MODE.json next to the
-checkpoint). `backend=openvino` or `backend=onnxruntime` scores the file export.py wrote from the checkpoint instead
-(backend_model=FILE; default model.xml / model.onnx next to it), on the CPU, in any mode; its results file names the
-backend and file (eval_val_ss_openvino_model_int8.json).
+Results go to eval_SPLIT_MODE.json next to the checkpoint. The README's table says what each mode does and
+docs/evaluation.md what save_dir writes.
 """
 
 import argparse
@@ -40,12 +32,10 @@ from runtime import BackendError, BackendModel, load_model, model_path
 from transform import EvalTransform, normalize
 
 _WARNED = set()  # the eval JSONs read_results has warned about
-MODES = {  # mode: (sliding crops, multi-scale and flip)
-    "ss": (False, False),
-    "ssc": (True, False),
-    "msf": (False, True),
-    "mscf": (True, True),
-}
+# mode: (sliding crops, multi-scale and flip)
+MODES = {"ss": (False, False), "ssc": (True, False), "msf": (False, True), "mscf": (True, True)}
+
+
 # ---- the math: confusion matrix and IoU ----
 
 def confusion_update(confusion, pred, label, ignore_index=IGNORE):
@@ -83,8 +73,7 @@ def crop_starts(length, crop, stride):
     """Start offsets of windows of size `crop` every `stride` pixels, the last one ending at `length`."""
     if length <= crop:
         return [0]
-    starts = list(range(0, length - crop, stride))
-    return starts + [length - crop]
+    return list(range(0, length - crop, stride)) + [length - crop]
 
 
 def eval_crop_size(cfg):
@@ -93,9 +82,8 @@ def eval_crop_size(cfg):
 
 
 def crop_scores(model, crops, flip, fusion):
-    """Scores (N, C, h, w) of a batch of crops: softmax; with flip, the mirrored crops' softmax mirrored back is
-    added to it. "exp" fusion (the original implementation's) takes exp of that sum; "mean" fusion halves it, so
-    that the scores stay probabilities."""
+    """Scores (N, C, h, w) of a batch of crops: softmax, plus with flip the mirrored crops' softmax mirrored back.
+    "exp" fusion (the original implementation's) takes exp of that; "mean" halves the sum: scores stay probabilities."""
     batch = torch.cat([crops, crops.flip(-1)]) if flip else crops
     probs = model(batch).float().softmax(1)
     if flip:
@@ -106,13 +94,11 @@ def crop_scores(model, crops, flip, fusion):
 
 
 def sliding_scores(model, image, crop_hw, stride_frac, batch_size, flip, fusion):
-    """Scores (C, H, W) of one image (1, 3, H, W) from overlapping crops run `batch_size` at a time.
-
-    An image smaller than the crop is padded (bottom/right) to it. "exp" fusion adds the scores of
-    overlapping crops, as the original implementation does; "mean" fusion averages them.
-    """
+    """Scores (C, H, W) of one image (1, 3, H, W) from overlapping crops run `batch_size` at a time, the image padded
+    (bottom/right) to the crop where smaller. "exp" fusion adds the scores of overlapping crops, as the original
+    implementation does; "mean" fusion averages them."""
     _, _, h, w = image.shape
-    ch, cw = crop_hw  # windows keep the training crop size; the image is padded up to it where smaller
+    ch, cw = crop_hw
     padded = F.pad(image, (0, max(0, cw - w), 0, max(0, ch - h)))
     ph, pw = padded.shape[-2:]
     boxes = [(y, x) for y in crop_starts(ph, ch, max(1, int(ch * stride_frac)))
@@ -154,30 +140,13 @@ def predict_scores(model, image, cfg, mode):
 
 def predict(model, image, cfg, mode):
     """Train ids (H, W) int64 of a normalized image (1, 3, H, W) in evaluation `mode`: argmax of predict_scores."""
-    if mode == "ss":
-        # one pass: softmax (and exp) keep the order of the logits, so their argmax is the same and costs less
-        scores = model(image)[0]
-    else:
-        scores = predict_scores(model, image, cfg, mode)
+    # ss in one pass: softmax (and exp) keep the order of the logits, so their argmax is the same and costs less
+    scores = model(image)[0] if mode == "ss" else predict_scores(model, image, cfg, mode)
     # max(0).indices: argmax(0) gives the same indices but is several times slower on a (C, H, W) CPU tensor
     return scores.max(0).indices
 
 
 # ---- the evaluation loop ----
-
-class _Indexed(torch.utils.data.Dataset):
-    """Items of `dataset` with their index, so a rank knows which file it predicted."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        image, label = self.dataset[self.indices[i]]
-        return self.indices[i], image, label
-
 
 def save_prediction(save_dir, relative_path, pred, table, color):
     """The prediction in the dataset's own label values at save_dir/labelIds/RELATIVE_PATH (Cityscapes: CITY/NAME.png,
@@ -185,9 +154,6 @@ def save_prediction(save_dir, relative_path, pred, table, color):
     write_png(os.path.join(save_dir, "labelIds", relative_path), table.to_values(pred))
     if color:
         write_png(os.path.join(save_dir, "color", relative_path), table.colorize(pred)[..., ::-1])
-
-
-COMPARE_TITLES = ("image", "truth (void black)", "prediction")
 
 
 def comparison(image_rgb, truth, pred, table, gap=4):
@@ -200,14 +166,13 @@ def comparison(image_rgb, truth, pred, table, gap=4):
                              legend(present, h, table)], axis=1)
     row = max(MIN_ROW, h // 12)
     header = np.full((row, panels.shape[1], 3), 255, np.uint8)
-    for i, title in enumerate(COMPARE_TITLES):
+    for i, title in enumerate(("image", "truth (void black)", "prediction")):
         cv2.putText(header, title, (i * (w + gap) + 2, row - row // 4), FONT, row / 40, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([header, panels], axis=0)
 
 
 def write_png(path, array):
-    """cv2.imwrite into a folder it creates; an OSError naming the path where it fails (cv2 reports failure by its
-    return value, not by raising)."""
+    """cv2.imwrite into a folder it creates; an OSError naming the path where it fails (cv2 returns False instead)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if not cv2.imwrite(path, np.ascontiguousarray(array)):
         raise OSError(f"cannot write {path}: check that its folder is writable and the disk not full")
@@ -221,12 +186,10 @@ def eval_dataset(cfg, split=None):
 @torch.inference_mode()
 def evaluate(model, dataset, cfg, proc, mode=None):
     """Score `model` (a PyTorch BiSeNet, or a runtime.BackendModel of an exported file) on `dataset` (a split from
-    eval_dataset) in `mode` (default cfg.eval_mode).
+    eval_dataset) in `mode` (default cfg.eval_mode); a dict that is strict JSON (None where a figure is undefined).
 
-    Under torchrun each rank takes every world-th image (no padding, no duplicates) and the confusion
-    matrices are summed, so the result equals a single process's. A split without labels (test) is only
-    predicted: it needs cfg.save_dir, and its metrics are None. Returns a dict that is valid strict JSON
-    (None, never NaN, where a figure is undefined).
+    Under torchrun each rank takes every world-th image (no padding, no duplicates) and the confusion matrices are
+    summed, so the result equals a single process's. A split without labels (test) is only predicted (save_dir).
     """
     mode = mode or cfg.eval_mode
     if not dataset.has_labels and not cfg.save_dir:
@@ -235,8 +198,8 @@ def evaluate(model, dataset, cfg, proc, mode=None):
     if not isinstance(dataset.transform, EvalTransform):
         raise TypeError("evaluate() takes a dataset with its evaluation transform: eval_dataset(cfg, split)")
     count = min(cfg.eval_images, len(dataset)) if cfg.eval_images else len(dataset)  # eval_images: a quick look
-    shard = _Indexed(dataset, list(range(proc.rank, count, proc.world)))
-    loader = torch.utils.data.DataLoader(shard, batch_size=None, pin_memory=proc.device.type == "cuda",
+    shard = range(proc.rank, count, proc.world)  # the loader keeps this order, so each item's index is known
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=shard, pin_memory=proc.device.type == "cuda",
                                          **loader_workers(cfg.eval_workers))
     # a folded channels_last copy on the device the images go to: `model` stays as and where it is; an exported
     # file runs as it is, on the CPU (its logits come back on the images' device)
@@ -244,7 +207,9 @@ def evaluate(model, dataset, cfg, proc, mode=None):
     table = class_table(cfg)
     confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=proc.device)
     scorer = "" if not isinstance(model, BackendModel) else f" {model.backend} {os.path.basename(model.path)}"
-    for index, image, label in tqdm(loader, desc=f"eval {mode}{scorer}", disable=not proc.main, dynamic_ncols=True):
+    progress = tqdm(zip(shard, loader, strict=True), desc=f"eval {mode}{scorer}", total=len(shard),
+                    disable=not proc.main, dynamic_ncols=True)
+    for index, (image, label) in progress:
         # uint8 from the loader, normalized on the device (transform.normalize)
         pred = predict(net, normalize(image[None].to(proc.device, non_blocking=True), cfg.mean, cfg.std), cfg, mode)
         if dataset.has_labels:
@@ -253,12 +218,11 @@ def evaluate(model, dataset, cfg, proc, mode=None):
             pred_ids = pred.cpu().numpy().astype(np.uint8)
             save_prediction(cfg.save_dir, dataset.output_path(index), pred_ids, table, cfg.save_color)
             if cfg.save_color and dataset.has_labels:
-                image = read_image(dataset.samples[index][0])
                 write_png(os.path.join(cfg.save_dir, "compare", dataset.output_path(index)),
-                          comparison(image, label.numpy(), pred_ids, table)[..., ::-1])
+                          comparison(read_image(dataset.samples[index][0]), label.numpy(), pred_ids, table)[..., ::-1])
     results = {"mode": mode, "split": dataset.split, "images": count, "labels": dataset.has_labels,
-               "scored_by": scorer.strip() or "torch",
-               "miou": None, "pixel_accuracy": None, "iou": None, "confusion": None}
+               "scored_by": scorer.strip() or "torch", "miou": None, "pixel_accuracy": None, "iou": None,
+               "confusion": None}
     if dataset.has_labels:
         confusion = proc.all_sum(confusion).cpu()
         iou, miou, accuracy = iou_from_confusion(confusion)
@@ -285,13 +249,10 @@ def format_results(results):
     def percent(value):
         return "n/a" if value is None else f"{100 * value:.2f}"
 
-    lines = [f"{'class':<16}{'IoU':>8}"]
-    lines += [f"{name:<16}{percent(iou):>8}" for name, iou in results["iou"].items()]
-    lines.append("-" * 24)
-    lines.append(f"{'pixel accuracy':<16}{percent(results['pixel_accuracy']):>8}")
-    lines.append(f"{'mIoU':<16}{percent(results['miou']):>8}")
-    lines.append(f"({where}; mIoU over classes present in truth or prediction)")
-    return "\n".join(lines)
+    rows = [("class", "IoU"), *((name, percent(iou)) for name, iou in results["iou"].items()), ("-" * 16, "-" * 8),
+            ("pixel accuracy", percent(results["pixel_accuracy"])), ("mIoU", percent(results["miou"]))]
+    lines = [f"{name:<16}{value:>8}" for name, value in rows]
+    return "\n".join(lines + [f"({where}; mIoU over classes present in truth or prediction)"])
 
 
 # ---- command line ----
@@ -361,8 +322,7 @@ class Validator:
                 save_checkpoint(self.best_path, {"model": raw_model.state_dict(), "config": self.cfg.to_dict(),
                                                  "iteration": iteration, "miou": miou})
             best = "" if self.best["miou"] is None else f"; best {100 * self.best['miou']:.2f} at {self.best['iter']}"
-            tqdm.write(f"iteration {iteration}: val mIoU {100 * (miou or 0):.2f} "
-                       f"({record['val_seconds']:.0f} s){best}")
+            tqdm.write(f"iteration {iteration}: val mIoU {100 * (miou or 0):.2f} ({record['val_seconds']:.0f} s){best}")
             draw_pictures(self.run_dir, results)
         return results
 

@@ -1,10 +1,8 @@
-"""BiSeNet (ResNet18) with the ablation switches of configs.py; the builder of it and of BiSeNetV2 (bisenetv2.py),
-BatchNorm folding and the inference copy of either. `python model.py --config NAME` prints a config's parameters and
-GFLOPs.
+"""BiSeNet (ResNet18, arXiv 1808.00897) with the ablation switches of configs.py; the builder of it and of BiSeNetV2,
+BatchNorm folding and the inference copy of either. `python model.py --config NAME` prints parameters and GFLOPs.
 
-Layout (the BiSeNet paper, arXiv 1808.00897): a spatial path at 1/8, a context path (ResNet18, attention refinement on
-the 1/16 and 1/32 features, a global pooling branch), a feature fusion module, a main head and two auxiliary heads. A
-part that is switched off has no parameters at all, so DistributedDataParallel needs no find_unused_parameters.
+Layout: a spatial path at 1/8, a context path (ResNet18, ARM on the 1/16 and 1/32 features, global pooling), the FFM,
+a main head and two auxiliary heads; a part switched off has no parameters (DDP needs no find_unused_parameters).
 """
 
 import argparse
@@ -23,13 +21,6 @@ from configs import ConfigError, add_config_args, get_config
 from layers import ConvBNReLU, global_avg, resize
 from precision import autocast_dtype
 from resnet import ResNet18
-
-
-def make_spatial_path():
-    # Three stride-2 convs give ceil(ceil(ceil(H/2)/2)/2) rows, the same as the ResNet's layer2 for any H.
-    return nn.Sequential(
-        ConvBNReLU(3, 64, 7, 2), ConvBNReLU(64, 64, 3, 2), ConvBNReLU(64, 64, 3, 2), ConvBNReLU(64, 128, 1)
-    )
 
 
 class AttentionRefinement(nn.Module):
@@ -53,12 +44,8 @@ class FeatureFusion(nn.Module):
         super().__init__()
         self.conv = ConvBNReLU(cin, cout, 1)
         # The paper's two-layer attention (the CoinCheung "newest" variant uses one 1x1 conv + BN instead).
-        self.att = nn.Sequential(
-            nn.Conv2d(cout, cout // 4, 1, bias=False),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(cout // 4, cout, 1, bias=False),
-            nn.Sigmoid(),
-        )
+        self.att = nn.Sequential(nn.Conv2d(cout, cout // 4, 1, bias=False), nn.ReLU(inplace=True),
+                                 nn.Conv2d(cout // 4, cout, 1, bias=False), nn.Sigmoid())
 
     def forward(self, x):
         feat = self.conv(x)
@@ -66,8 +53,6 @@ class FeatureFusion(nn.Module):
 
 
 class SegHead(nn.Module):
-    """3x3 ConvBNReLU then a 1x1 classifier; logits are resized bilinearly to the input size."""
-
     def __init__(self, cin, mid, num_classes):
         super().__init__()
         self.conv = ConvBNReLU(cin, mid, 3)
@@ -79,8 +64,7 @@ class SegHead(nn.Module):
 
 class BiSeNet(nn.Module):
     HEAD_MODULES = ("ffm", "head", "aux8", "aux16")  # parameters the optimizer gives cfg.head_lr_mult
-    # the auxiliary heads (training only), by the names of their outputs: a checkpoint's are left out for a model
-    # built without them
+    # the training-only auxiliary heads, by output name (a model built without them skips a checkpoint's)
     AUX_MODULES = ("aux8", "aux16")
     CLASSIFIER = "head.cls"  # the conv whose output channels are the classes
 
@@ -91,9 +75,10 @@ class BiSeNet(nn.Module):
         self.arch = dict(arch="bisenetv1", num_classes=num_classes, spatial_path=spatial_path, arm=arm,
                          global_pool=global_pool, fusion=fusion, aux_heads=aux_heads)
         self.upsample = upsample
-
         self.backbone = ResNet18()
-        self.spatial = make_spatial_path() if spatial_path == "conv" else None
+        # Three stride-2 convs give ceil(ceil(ceil(H/2)/2)/2) rows, the same as the ResNet's layer2 for any H.
+        self.spatial = nn.Sequential(ConvBNReLU(3, 64, 7, 2), ConvBNReLU(64, 64, 3, 2), ConvBNReLU(64, 64, 3, 2),
+                                     ConvBNReLU(64, 128, 1)) if spatial_path == "conv" else None
         # Without ARM a plain 3x3 ConvBNReLU keeps the reduction to 128 channels, so nothing else changes.
         refine = AttentionRefinement if arm else ConvBNReLU
         self.arm16 = refine(256, 128)
@@ -107,18 +92,12 @@ class BiSeNet(nn.Module):
         self.head = SegHead(256 if fusion == "ffm" else 128, 256, num_classes)
         self.aux8 = SegHead(128, 64, num_classes) if aux_heads else None
         self.aux16 = SegHead(128, 64, num_classes) if aux_heads else None
-        self._init_new_layers()
-
-    def _init_new_layers(self):
-        # The backbone keeps its own init, usually replaced by ImageNet weights.
-        for name, child in self.named_children():
-            if name == "backbone":
-                continue
-            for m in child.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, a=1)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
+        backbone = set(self.backbone.modules())  # it keeps its own init, usually replaced by ImageNet weights
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m not in backbone:
+                nn.init.kaiming_normal_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x):
         """Training: {"out": main, "aux8": ..., "aux16": ...} logits at input size (only "out" without aux heads).
@@ -127,7 +106,7 @@ class BiSeNet(nn.Module):
         size = x.shape[2:]
         feat8, feat16, feat32 = self.backbone(x)
         feat16_up, feat8_up = self._context(feat8, feat16, feat32)
-        main = self.head(self._fuse(self._spatial_feature(x, feat8), feat8_up), size)
+        main = self.head(self._fuse(x, feat8, feat8_up), size)
         if not self.training:
             return main
         if self.aux8 is None:
@@ -143,13 +122,11 @@ class BiSeNet(nn.Module):
         feat8_up = self.refine8(resize(feat16_up + self.arm16(feat16), feat8.shape[2:], self.upsample))
         return feat16_up, feat8_up
 
-    def _spatial_feature(self, x, feat8):
-        """The 1/8 detail feature (128 channels), or None with spatial_path=none."""
-        if self.spatial is not None:
-            return self.spatial(x)
-        return feat8 if self.arch["spatial_path"] == "backbone" else None
-
-    def _fuse(self, spatial, feat8_up):
+    def _fuse(self, x, feat8, feat8_up):
+        """The context fused with the 1/8 detail feature of the spatial path (conv: its own; backbone: feat8)."""
+        spatial = self.spatial(x) if self.spatial is not None else None
+        if self.arch["spatial_path"] == "backbone":
+            spatial = feat8
         if self.ffm is not None:
             return self.ffm(feat8_up if spatial is None else torch.cat([spatial, feat8_up], 1))
         return feat8_up if spatial is None else spatial + feat8_up
@@ -171,8 +148,15 @@ def load_pretrained(backbone, source):
     if source == "none":
         return None
     state, path = _torchvision_weights() if source == "torchvision" else (_read_state_dict(source), source)
-    # the ImageNet classifier has no place in a segmentation backbone
-    _load_strict(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")}, path)
+    expected = backbone.state_dict()
+    # the ImageNet classifier has no place in a segmentation backbone; BatchNorm's batch counter is absent from older
+    # torchvision files and unused with a fixed momentum
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state.update({k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state})
+    problems = state_dict_problems(expected, state)
+    if problems:
+        raise PretrainedError(f"{path} does not match torchvision's resnet18 layout: " + "; ".join(problems))
+    backbone.load_state_dict(state)
     return path
 
 
@@ -192,25 +176,18 @@ def _torchvision_weights():
 
 
 def _read_state_dict(path):
-    if not os.path.isfile(path):
-        raise PretrainedError(
-            f"pretrained weights not found: {path!r}; expected 'torchvision', 'none' or the path of a resnet18 "
-            "state dict (.pth)"
-        )
-    try:
+    try:  # train.py has checked that the file exists (configs.check_weight_files)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise PretrainedError(f"cannot read pretrained weights {path}: {load_failure(err)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PretrainedError(f"{path} is not a resnet18 state dict: expected a dict of tensors named like "
-                              "torchvision's")
+        raise PretrainedError(f"{path} is not a resnet18 state dict: expected a dict of tensors named as torchvision's")
     return state
 
 
 def load_failure(err):
-    """Why torch.load(weights_only=True) refused a file, in one line (checkpoint.py's reading says it too). For a
-    pickle of other objects torch's own message advises weights_only=False, which would run whatever code the file
-    holds: that advice is never passed on."""
+    """Why torch.load(weights_only=True) refused a file, in one line (checkpoint.py's reading says it too). Torch's own
+    message advises weights_only=False, which would run whatever code the file holds: that advice is never passed on."""
     if "weights only load failed" in str(err).lower():
         return ("it holds Python objects other than tensors and plain values (a pickle, which could run code when "
                 "loaded): refused; expected a file written by torch.save of tensors")
@@ -219,28 +196,14 @@ def load_failure(err):
 
 
 def state_dict_problems(expected, state, shapes=True, shown=5):
-    """How `state` differs from a module's state dict `expected`: a "wrong shapes: ...", "missing keys: ..." and
-    "unexpected keys: ..." line where there are any (the first `shown` names, then the count); shapes=False leaves
-    the shapes unchecked. The one report of a mismatch, for ImageNet weights and for checkpoints (checkpoint.py)."""
+    """The "wrong shapes: ...", "missing keys: ..." and "unexpected keys: ..." lines of `state` against a module's
+    state dict `expected` (the first `shown` names, then the count); for ImageNet weights and checkpoints alike."""
     wrong_shape = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
                    for k, v in expected.items() if shapes and k in state and state[k].shape != v.shape]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    found = (("wrong shapes", wrong_shape), ("missing keys", missing), ("unexpected keys", unexpected))
+    found = (("wrong shapes", wrong_shape), ("missing keys", sorted(set(expected) - set(state))),
+             ("unexpected keys", sorted(set(state) - set(expected))))
     return [f"{label}: {', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''} ({len(keys)} in all)"
             for label, keys in found if keys]
-
-
-def _load_strict(backbone, state, path):
-    expected = backbone.state_dict()
-    # BatchNorm's batch counter is absent from older torchvision files and unused with a fixed momentum
-    for key, value in expected.items():
-        if key.endswith("num_batches_tracked"):
-            state.setdefault(key, value)
-    problems = state_dict_problems(expected, state)
-    if problems:
-        raise PretrainedError(f"{path} does not match torchvision's resnet18 layout: " + "; ".join(problems))
-    backbone.load_state_dict(state)
 
 
 def build_model(cfg, pretrained=True):
@@ -255,9 +218,8 @@ def build_model(cfg, pretrained=True):
     return model
 
 
-# (conv, BN) attribute pairs where the BN directly follows the conv: ConvBNReLU, the ARM attention, the ResNet stem,
-# BasicBlock, its downsample Sequential ("0", "1"), and BiSeNetV2's conv + BN Sequentials (GELayerS2's shortcut holds
-# two: "0", "1" and "2", "3")
+# (conv, BN) attribute pairs where the BN directly follows the conv: ConvBNReLU, ARM attention, ResNet stem and
+# BasicBlock, its downsample ("0", "1"), BiSeNetV2's conv + BN Sequentials (GELayerS2's shortcut: also "2", "3")
 FOLLOWING_BN = (("conv", "bn"), ("att_conv", "att_bn"), ("conv1", "bn1"), ("conv2", "bn2"), ("0", "1"), ("2", "3"))
 # (BN, conv) pairs where the BN feeds a 1x1 conv directly: BiSeNetV2's CE block, the BN of the pooled feature
 PRECEDING_BN = (("bn", "conv_gap.conv"),)
@@ -266,29 +228,20 @@ BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # SyncBatchNorm (train.py's und
 
 @torch.no_grad()
 def fold_batchnorm(model):
-    """A deployment copy of `model` in eval mode with every BatchNorm folded into the conv next to it.
-
-    A BN after a conv: the conv gets weight * gamma / sqrt(var + eps) per output channel and a bias beta - mean * scale
-    (+ its own bias * scale). A BN before a 1x1 conv without padding (BiSeNetV2's CE block) scales the conv's input
-    channels instead, and its shift enters the conv's bias through the weights. The BN becomes nn.Identity. Eval-mode
-    outputs are unchanged up to float rounding; the original model is untouched.
-    """
+    """A deployment copy of `model` in eval mode with every BatchNorm folded into the conv next to it (the BN becomes
+    nn.Identity). Eval-mode outputs are unchanged up to float rounding; the original model is untouched."""
     folded = copy.deepcopy(model).eval()
     for module in list(folded.modules()):
         for bn_name, conv_name in PRECEDING_BN:
-            bn, conv = _submodule(module, bn_name), _submodule(module, conv_name)
-            if isinstance(bn, BATCHNORMS) and isinstance(conv, nn.Conv2d) and _is_pointwise(conv):
-                scale, shift = _bn_affine(bn)
-                weight = conv.weight.to("cpu", torch.float64)
-                _set_conv(conv, weight * scale.reshape(1, -1, 1, 1), _conv_bias(conv) + weight[:, :, 0, 0] @ shift)
-                setattr(module, bn_name, nn.Identity())
+            bn, conv = getattr(module, bn_name, None), _submodule(module, conv_name)
+            # only a 1x1 conv without padding sees the BN's shift on every input pixel
+            if (isinstance(bn, BATCHNORMS) and isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
+                    and conv.padding == (0, 0) and conv.groups == 1):
+                _fold(module, bn_name, conv, before=True)
         for conv_name, bn_name in FOLLOWING_BN:
             conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
             if isinstance(conv, nn.Conv2d) and isinstance(bn, BATCHNORMS):
-                scale, shift = _bn_affine(bn)
-                weight = conv.weight.to("cpu", torch.float64) * scale.reshape(-1, 1, 1, 1)
-                _set_conv(conv, weight, shift + _conv_bias(conv) * scale)
-                setattr(module, bn_name, nn.Identity())
+                _fold(module, bn_name, conv, before=False)
     return folded
 
 
@@ -298,27 +251,23 @@ def _submodule(module, dotted):
     return module
 
 
-def _is_pointwise(conv):
-    return conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
-
-
-# in float64 (on the CPU: not every accelerator has it), so that folding adds no rounding of its own
-def _bn_affine(bn):
-    """(scale, shift) of an eval-mode BN: bn(x) = x * scale + shift per channel."""
+def _fold(module, bn_name, conv, before):
+    """Fold the eval-mode BN module.<bn_name> (x * scale + shift per channel) into `conv`, which it comes `before` or
+    after: the conv's input or output channels scaled, the shift carried into its bias. In float64 (on the CPU: not
+    every accelerator has it), so that folding adds no rounding of its own."""
+    bn = getattr(module, bn_name)
     gamma, beta, mean, var = (t.to("cpu", torch.float64) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
     scale = gamma / torch.sqrt(var + bn.eps)
-    return scale, beta - mean * scale
-
-
-def _conv_bias(conv):
-    bias = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias
-    return bias.to("cpu", torch.float64)
-
-
-def _set_conv(conv, weight, bias):
+    shift = beta - mean * scale
+    weight = conv.weight.to("cpu", torch.float64)
+    bias = (torch.zeros(conv.out_channels) if conv.bias is None else conv.bias).to("cpu", torch.float64)
+    if before:
+        weight, bias = weight * scale.reshape(1, -1, 1, 1), bias + weight[:, :, 0, 0] @ shift
+    else:
+        weight, bias = weight * scale.reshape(-1, 1, 1, 1), shift + bias * scale
     like = dict(device=conv.weight.device, dtype=conv.weight.dtype)
-    conv.weight = nn.Parameter(weight.to(**like))
-    conv.bias = nn.Parameter(bias.to(**like))
+    conv.weight, conv.bias = nn.Parameter(weight.to(**like)), nn.Parameter(bias.to(**like))
+    setattr(module, bn_name, nn.Identity())
 
 
 class InferenceModel(nn.Module):
@@ -362,10 +311,9 @@ def summary(cfg):
     with torch.device("meta"):  # shapes only: neither the weights nor the forward passes take memory or time
         full = build_model(dataclasses.replace(cfg, aux_heads=True), pretrained=False)
         bare = build_model(dataclasses.replace(cfg, aux_heads=False), pretrained=False)
-    aux = ", ".join(full.AUX_MODULES)
     lines = [f"{type(full).__name__} (arch={cfg.arch}), {cfg.num_classes} classes",
              f"parameters: {count_parameters(bare):,} for prediction, {count_parameters(full):,} in training "
-             f"(with the auxiliary heads {aux})",
+             f"(with the auxiliary heads {', '.join(full.AUX_MODULES)})",
              "GFLOPs (2 per multiply-add, eval mode, batch 1):"]
     crop = tuple(cfg.crop_size)
     for size in dict.fromkeys((crop, (512, 1024), (1024, 2048))):  # in this order, each once
