@@ -17,12 +17,16 @@ from dataclasses import dataclass, field, fields
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # CoinCheung/BiSeNet's Cityscapes statistics (lib/data/cityscapes_cv2.py): what their released weights expect
 CITYSCAPES_MEAN, CITYSCAPES_STD = (0.3257, 0.3690, 0.3223), (0.2112, 0.2148, 0.2115)
+ADE20K_MEAN, ADE20K_STD = (0.4934, 0.4682, 0.4311), (0.2568, 0.2551, 0.2742)  # theirs, configs/bisenetv2_ade20k.py
+COCO_MEAN, COCO_STD = (0.4696, 0.4464, 0.4072), (0.2747, 0.2701, 0.2852)  # theirs, configs/bisenetv2_coco.py
+LISTED_CLASSES = {"ade20k": 150, "cocostuff": 171}  # the classes of datasets.LISTED
 
 
 @dataclass
 class Config:
     # --- data ---
-    dataset: str = "cityscapes"  # "cityscapes" (its layout and label table) or "folder" (images + label PNGs)
+    # "cityscapes", "ade20k", "cocostuff" (their layouts and class tables) or "folder" (images + label PNGs)
+    dataset: str = "cityscapes"
     data_root: str = "data"  # holds leftImg8bit/ and gtFine/ (see data/README.md), or the folder dataset's folders
     # folder dataset: the image and label folders of a split under data_root ("{split}" is replaced by the split)
     image_dir: str = "{split}"
@@ -85,7 +89,7 @@ class Config:
     workers: int = 4  # data loader processes per training process
     # mixed precision: "fp16" (with GradScaler), "bf16" or "none" on CUDA; the CPU runs fp32, or bf16 where native
     amp: str = "fp16"
-    sync_bn: bool = False  # SyncBatchNorm under multi-GPU torchrun: off for V1, on in the V2 presets, as the reference
+    sync_bn: bool = False  # SyncBatchNorm under multi-GPU torchrun: on where the reference config has it
     # channels_last weights and input: "auto" is on for CUDA training in fp16/bf16 (tensor cores), "true"/"false" force
     channels_last: str = "auto"
     seed: int = 0
@@ -101,6 +105,9 @@ class Config:
     eval_mode: str = "ss"  # ss | ssc | msf | mscf (see README)
     eval_scales: tuple = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # for msf / mscf
     eval_crop: tuple = field(default=(), metadata={"item": int})  # sliding-window H, W (ssc / mscf); empty: crop_size
+    # > 0: each image is scored resized to this short side and its scores resized back to the label (as CoinCheung's
+    # ADE20K evaluation); 0: at its own size
+    eval_short_side: int = 0
     eval_stride: float = 2 / 3  # sliding-window stride as a fraction of the crop
     eval_fusion: str = "exp"  # "exp": exp(softmax + flipped softmax) summed (seed); "mean": mean probability
     eval_batch: int = 8  # crops per forward pass in sliding-window modes
@@ -129,7 +136,7 @@ CHOICES = {
     "eval_amp": ("none", "bf16", "fp16"),
     "eval_mode": ("ss", "ssc", "msf", "mscf"),
     "eval_fusion": ("exp", "mean"),
-    "dataset": ("cityscapes", "folder"),
+    "dataset": ("cityscapes", "folder", "ade20k", "cocostuff"),
     "backend": ("torch", "openvino", "onnxruntime"),
     "channels_last": ("auto", "true", "false"),
 }
@@ -151,6 +158,14 @@ _CAMVID = dict(
     batch_size=8, max_iter=2700, lr=2e-2, warmup_iters=100, amp="bf16", channels_last="true",
     workers=2, log_every=20, ckpt_every=100, eval_every=450, eval_batch=1,
 )
+
+# ADE20K and COCO-Stuff 164k as CoinCheung/BiSeNet's configs train them (bisenetv1_ade20k.py, bisenetv2_ade20k.py,
+# bisenetv1_coco.py, bisenetv2_coco.py; 8, 8, 4 and 8 GPUs): V1 from ImageNet weights with ImageNet's statistics, V2
+# from scratch with their dataset statistics, which their released weights expect. ADE20K is scored short side first.
+_ADE20K = dict(dataset="ade20k", data_root="data/ADEChallengeData2016", num_classes=150, train_split="training",
+               val_split="validation", scales=(0.5, 2.0), weight_decay=1e-4, sync_bn=True)
+_COCO = dict(dataset="cocostuff", data_root="data/cocostuff", num_classes=171, train_split="train2017",
+             val_split="val2017", scales=(0.5, 2.0), weight_decay=1e-4, sync_bn=True)
 
 PRESETS = {
     "cityscapes": {},
@@ -178,6 +193,13 @@ PRESETS = {
                           eval_crop=(1024, 1024)),
     # BiSeNetV2 on camvid's data and recipe; 4500 iterations chosen on val over 3000 (88 min in bf16 on 2 CPU cores)
     "camvid_v2": dict(_CAMVID, arch="bisenetv2", max_iter=4500, eval_every=500, sync_bn=True),
+    "ade20k": dict(_ADE20K, batch_size=64, lr=4e-2, max_iter=40000, crop_size=(512, 512), eval_crop=(512, 512),
+                   eval_short_side=512),
+    "ade20k_v2": dict(_ADE20K, arch="bisenetv2", pretrained="none", mean=ADE20K_MEAN, std=ADE20K_STD, lr=5e-3,
+                      max_iter=160000, crop_size=(640, 640), eval_crop=(640, 640), eval_short_side=640),
+    "cocostuff": dict(_COCO, lr=1e-2, max_iter=90000, crop_size=(512, 512), eval_crop=(512, 512)),
+    "cocostuff_v2": dict(_COCO, arch="bisenetv2", pretrained="none", mean=COCO_MEAN, std=COCO_STD, lr=5e-3,
+                         max_iter=180000, scales=(0.75, 2.0), crop_size=(640, 640), eval_crop=(640, 640)),
     # The ablations of the paper and of the original implementation (README "Ablations"), on the reference recipe.
     "ablation_context_only": dict(spatial_path="none", arm=False, global_pool=False, fusion="sum"),
     "ablation_ushape_sp_ffm": dict(arm=False, global_pool=False),
@@ -256,8 +278,9 @@ def _check(cfg):
                 "max_skipped_steps", "grad_accum"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected a positive integer")
-    if cfg.eval_every < 0:
-        raise ConfigError(f"bad value for eval_every: {cfg.eval_every}; expected 0 (off) or a number of iterations")
+    for key in ("eval_every", "eval_short_side"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected 0 (off) or a positive integer")
     for key in ("workers", "eval_workers", "eval_images"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)}; expected 0 or more loader processes")
@@ -322,6 +345,9 @@ def _check_dataset(cfg):
         except (KeyError, IndexError, ValueError):
             raise ConfigError(f"bad value for {key}: {getattr(cfg, key)!r}; expected a folder under data_root, where "
                               "{split} stands for the split's name (no other braces)") from None
+    if cfg.dataset in LISTED_CLASSES and n != LISTED_CLASSES[cfg.dataset]:
+        raise ConfigError(f"bad value for num_classes: {n}; dataset={cfg.dataset} has {LISTED_CLASSES[cfg.dataset]} "
+                          f"classes (--config {cfg.dataset} sets it)")
     if cfg.dataset == "folder" and n > 255:
         raise ConfigError(f"bad value for num_classes: {n}; a folder dataset's 8-bit labels hold at most 255 classes")
     for key in ("class_names", "class_colors"):

@@ -4,6 +4,7 @@ the Cityscapes layout and label table (cityscapes.py), or a folder dataset's ima
 values: never a device-side assert or a wrong loss.
 """
 
+import csv
 import math
 import os
 import signal
@@ -152,10 +153,37 @@ def folder_table(num_classes, names=(), colors=(), void_values=(), remap=None):
     return ClassTable(names, colors, lookup, values)
 
 
+# ADE20K (SceneParsing) and COCO-Stuff 164k as they unzip: DATA_ROOT/images/{split}/*.jpg and
+# DATA_ROOT/annotations/{split}/*.png. classes/NAME.csv lists each class's label value, name and color (the palettes of
+# mmsegmentation); the void values are ignored (the first is what save_dir writes for ignore), any other is refused.
+LISTED = {
+    "ade20k": dict(void=(0, IGNORE), splits="training, validation", get="download "
+                   "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip and unzip it in data/"),
+    "cocostuff": dict(void=(IGNORE, 11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90), splits="train2017, val2017",
+                      get="unzip COCO's train2017.zip and val2017.zip (images.cocodataset.org/zips) in images/ and "
+                      "stuffthingmaps_trainval2017.zip (github.com/nightrome/cocostuff) in annotations/"),
+}
+LISTED_DIRS = ("images/{split}", "annotations/{split}")
+
+
+def listed_table(name):
+    """The ClassTable of a LISTED dataset, from classes/NAME.csv (id,name,r,g,b; id: the class's label value)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "classes", f"{name}.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    ids, void = [int(row["id"]) for row in rows], LISTED[name]["void"]
+    lookup, values = np.full(256, -1, np.int16), np.full(256, void[0], np.uint8)
+    lookup[list(void)] = IGNORE
+    lookup[ids], values[: len(ids)] = np.arange(len(ids)), ids
+    colors = np.array([[int(row[k]) for k in "rgb"] for row in rows], np.uint8)
+    return ClassTable(tuple(row["name"] for row in rows), colors, lookup, values)
+
+
 def class_table(cfg):
     """The ClassTable of the dataset a config describes (checked in configs._check)."""
     if cfg.dataset == "cityscapes":
         return cityscapes_table(cfg.num_classes)
+    if cfg.dataset in LISTED:
+        return listed_table(cfg.dataset)
     return folder_table(cfg.num_classes, cfg.class_names, cfg.class_colors, cfg.void_values,
                         parse_remap(cfg.label_remap))
 
@@ -274,8 +302,11 @@ def dataset_samples(cfg, split, labels=True):
                     if label is not None and not os.path.isfile(label)]
     else:
         layout, dirs = FOLDER_LAYOUT, (cfg.image_dir, cfg.label_dir)
+        if cfg.dataset in LISTED:
+            layout, dirs = f"expected DATA_ROOT/images/SPLIT/*.jpg and DATA_ROOT/annotations/SPLIT/*.png (splits " \
+                f"{LISTED[cfg.dataset]['splits']}); to get {cfg.dataset}: {LISTED[cfg.dataset]['get']}", LISTED_DIRS
         folder, label_folder = (os.path.join(cfg.data_root, d.format(split=split)) for d in dirs)
-        images, labels = _stems(folder, IMAGE_EXTS, "image"), _stems(label_folder, (".png",), "label")
+        images, labels = _stems(folder, IMAGE_EXTS, "image", layout), _stems(label_folder, (".png",), "label", layout)
         pairs = [(images[s], labels[s]) for s in images if s in labels]
         problems = [f"image without a label: {images[s]}" for s in images if s not in labels]
         problems += [f"label without an image: {labels[s]}" for s in labels if s not in images]
@@ -284,11 +315,11 @@ def dataset_samples(cfg, split, labels=True):
     return pairs, problems
 
 
-def _stems(folder, exts, what):
+def _stems(folder, exts, what, layout):
     """{stem: path} of the files in `folder` with one of `exts` (case-insensitive), sorted by stem; a
     DatasetError where two files share a stem (NAME.png and NAME.jpg): which one is the frame is not ours to guess."""
     if not os.path.isdir(folder):
-        raise DatasetError(f"{what} folder not found: {folder}\n{FOLDER_LAYOUT}")
+        raise DatasetError(f"{what} folder not found: {folder}\n{layout}")
     found, twice = {}, []
     for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)

@@ -31,6 +31,7 @@ from model import inference_model
 from runtime import BackendError, BackendModel, load_model, model_path
 from transform import EvalTransform, normalize
 
+SHOWN_CLASSES = 30  # the terminal's per-class table lists every class up to this many
 _WARNED = set()  # the eval JSONs read_results has warned about
 # mode: (sliding crops, multi-scale and flip)
 MODES = {"ss": (False, False), "ssc": (True, False), "msf": (False, True), "mscf": (True, True)}
@@ -118,30 +119,51 @@ def sliding_scores(model, image, crop_hw, stride_frac, batch_size, flip, fusion)
     return scores[:, :h, :w]
 
 
-def predict_scores(model, image, cfg, mode):
-    """Class scores (C, H, W) of a normalized image (1, 3, H, W) in evaluation `mode`: argmax is the prediction."""
+def add_resized(total, scores, size, chunk=16):
+    """total (C, *size) += `scores` (C, h, w) resized bilinearly to `size`, `chunk` classes at a time: with 150 classes
+    the only full-size maps are the sum and the scores themselves (total None: a zero sum is made)."""
+    if total is None:
+        total = scores.new_zeros((scores.shape[0], *size))
+    for c in range(0, scores.shape[0], chunk):
+        part = scores[c:c + chunk]
+        total[c:c + chunk] += part if part.shape[-2:] == size else \
+            F.interpolate(part[None], size, mode="bilinear", align_corners=False)[0]
+    return total
+
+
+def predict_scores(model, image, cfg, mode, size=None):
+    """Class scores (C, *size) (default: the image's size) of a normalized image (1, 3, H, W) in evaluation `mode`:
+    argmax is the prediction. Each scale's scores are added into the sum as they come: one scale's map at a time."""
     sliding, multi = MODES[mode]
     scales, flip = (cfg.eval_scales, True) if multi else ((1.0,), False)
     h, w = image.shape[-2:]
     total = None
     for scale in scales:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        x = image if size == (h, w) else F.interpolate(image, size, mode="bilinear", align_corners=False)
+        scaled = (max(1, round(h * scale)), max(1, round(w * scale)))
+        x = image if scaled == (h, w) else F.interpolate(image, scaled, mode="bilinear", align_corners=False)
         if sliding:
             scores = sliding_scores(model, x, eval_crop_size(cfg), cfg.eval_stride, cfg.eval_batch, flip,
                                     cfg.eval_fusion)
         else:
             scores = crop_scores(model, x, flip, cfg.eval_fusion)[0]
-        if size != (h, w):
-            scores = F.interpolate(scores[None], (h, w), mode="bilinear", align_corners=False)[0]
-        total = scores if total is None else total + scores
+        total = add_resized(total, scores, size or (h, w))
+        del scores, x
     return total / len(scales) if cfg.eval_fusion == "mean" else total
 
 
 def predict(model, image, cfg, mode):
-    """Train ids (H, W) int64 of a normalized image (1, 3, H, W) in evaluation `mode`: argmax of predict_scores."""
+    """Class ids (H, W) int64 of a normalized image (1, 3, H, W) in evaluation `mode`: argmax of predict_scores. With
+    eval_short_side the image is scored resized to that short side, its scores resized back to (H, W)."""
+    h, w = image.shape[-2:]
+    if cfg.eval_short_side and min(h, w) != cfg.eval_short_side:
+        factor = cfg.eval_short_side / min(h, w)
+        image = F.interpolate(image, (round(h * factor), round(w * factor)), mode="bilinear", align_corners=False)
     # ss in one pass: softmax (and exp) keep the order of the logits, so their argmax is the same and costs less
-    scores = model(image)[0] if mode == "ss" else predict_scores(model, image, cfg, mode)
+    if mode == "ss":
+        scores = model(image)[0]
+        scores = scores if scores.shape[-2:] == (h, w) else add_resized(None, scores, (h, w))
+    else:
+        scores = predict_scores(model, image, cfg, mode, (h, w))
     # max(0).indices: argmax(0) gives the same indices but is several times slower on a (C, H, W) CPU tensor
     return scores.max(0).indices
 
@@ -249,7 +271,14 @@ def format_results(results):
     def percent(value):
         return "n/a" if value is None else f"{100 * value:.2f}"
 
-    rows = [("class", "IoU"), *((name, percent(iou)) for name, iou in results["iou"].items()), ("-" * 16, "-" * 8),
+    classes = [(name, percent(iou)) for name, iou in results["iou"].items()]
+    if len(classes) > SHOWN_CLASSES:  # ADE20K, COCO-Stuff: the best and the worst, by IoU (n/a last)
+        ranked = sorted(results["iou"].items(), key=lambda item: -1 if item[1] is None else item[1], reverse=True)
+        half = SHOWN_CLASSES // 2
+        classes = [(name, percent(iou)) for name, iou in ranked[:half]] + [
+            (f"({len(ranked) - 2 * half} more)", "...")] + [(name, percent(iou)) for name, iou in ranked[-half:]]
+        where += f"; {len(ranked)} classes by IoU, every one in the results JSON"
+    rows = [("class", "IoU"), *classes, ("-" * 16, "-" * 8),
             ("pixel accuracy", percent(results["pixel_accuracy"])), ("mIoU", percent(results["miou"]))]
     lines = [f"{name:<16}{value:>8}" for name, value in rows]
     return "\n".join(lines + [f"({where}; mIoU over classes present in truth or prediction)"])

@@ -114,21 +114,30 @@ def plot_curves(log_path, out_path):
     return out_path
 
 
+MAX_CONFUSION = 30  # more classes than this: the confusion picture shows those with the lowest IoU
+
+
 def plot_confusion(results, out_path):
     """The row-normalized confusion matrix of evaluate() results (rows: truth, columns: prediction), class names on
     both axes and each class's IoU beside its row. Returns out_path, or None without labels or matplotlib."""
     if not results.get("confusion") or (plt := pyplot()) is None:
         return None
     confusion, names = np.asarray(results["confusion"], np.float64), list(results["iou"])
-    rows, n = confusion.sum(1, keepdims=True), len(names)
+    rows, total = confusion.sum(1, keepdims=True), len(names)
     normalized = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+    shown = range(total)
+    if total > MAX_CONFUSION:  # ADE20K, COCO-Stuff: the classes with the lowest IoU (n/a: never seen, left out)
+        ious = [2.0 if v is None else v for v in results["iou"].values()]
+        shown = sorted(sorted(range(total), key=ious.__getitem__)[:MAX_CONFUSION])
+        normalized, names = normalized[np.ix_(shown, shown)], [names[i] for i in shown]
+    n = len(names)
     size = max(6.0, 0.45 * n + 3)
     longest = max(len(name) for name in names) + 11  # " (IoU 62.5)"
     extra = max(0.0, 0.09 * (longest - 16))  # room for long class names, which would be cut at the edge
     fig, ax = plt.subplots(figsize=(size + 1.5 + extra, size + extra))
     image = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's pixels")
-    ious = ["n/a" if v is None else f"{100 * v:.1f}" for v in results["iou"].values()]
+    ious = ["n/a" if v is None else f"{100 * v:.1f}" for v in (list(results["iou"].values())[i] for i in shown)]
     ax.set_xticks(range(n), names, rotation=90)
     ax.set_yticks(range(n), [f"{name} (IoU {iou})" for name, iou in zip(names, ious, strict=True)])
     for i, j in zip(*np.nonzero(normalized >= 0.005), strict=True) if n <= 25 else ():
@@ -138,6 +147,7 @@ def plot_confusion(results, out_path):
     scorer = results.get("scored_by", "torch")  # an exported file's matrix says which one it is
     what = f"{run + ', ' if run else ''}{results['split']} split, {results['mode']}"
     what += f", {scorer}" if scorer != "torch" else ""
+    what += f", the {n} of {total} classes with the lowest IoU" if n < total else ""
     ax.set(xlabel="predicted", ylabel="true", title=f"{what}: mIoU {100 * miou:.2f}" if miou is not None else what)
     fig.tight_layout()
     save(fig, plt, out_path)

@@ -1,12 +1,15 @@
+import json
 import os
 
 import cv2
 import numpy as np
 import pytest
 
-import ade20k
-import cocostuff
-from datasets import ClassTable, read_image, read_label_png
+import check_data
+import evaluate
+import train
+from configs import get_config
+from datasets import build_dataset, class_table, read_image
 
 # Written out from the sources: ADE20K's labels 1..150 (objectInfo150), the COCO-Stuff README's 11 thing ids without
 # annotations (labels.txt ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91, minus one in the stuffthingmaps).
@@ -14,114 +17,101 @@ COCO_UNUSED = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
 COCO_IDS = [i for i in range(182) if i not in COCO_UNUSED]
 ADE_EXPECTED = [255] + list(range(150)) + [-1] * 104 + [255]  # 0 ("other") and 255 ignored; 151..254 refused
 COCO_EXPECTED = [COCO_IDS.index(v) if v in COCO_IDS else 255 if v in COCO_UNUSED else -1 for v in range(255)] + [255]
-SIZES = [(14, 15), (16, 12), (13, 17)]  # (H, W), each at least 183 pixels: every label value fits in each label
+SIZES = [(40, 52), (48, 36), (44, 60)]  # (H, W), mixed, each over 183 pixels: every label value fits in each label
+ADE = {"preset": "ade20k", "splits": {"training": ["ADE_train_00000001", "ADE_train_00000002", "ADE_train_00000010"],
+                                      "validation": ["ADE_val_00000001", "ADE_val_00000007"]},
+       "values": list(range(151)), "expected": ADE_EXPECTED}
+COCO = {"preset": "cocostuff", "splits": {"train2017": ["000000000009", "000000000025", "000000000030"],
+                                          "val2017": ["000000000139", "000000000285"]},
+        "values": [*range(182), 255], "expected": COCO_EXPECTED}
 
 
-def write_split(root, split, names, label_values):
-    """Images NAME.jpg of mixed sizes and labels NAME.png holding every one of `label_values`, in the shared layout
-    ROOT/images/{split}/ and ROOT/annotations/{split}/; written out of order."""
-    for d in ("images", "annotations"):
-        os.makedirs(os.path.join(root, d, split), exist_ok=True)
-    for n, name in sorted(enumerate(names), key=lambda t: t[1], reverse=True):
-        shape = SIZES[n % len(SIZES)]
-        cv2.imwrite(os.path.join(root, "images", split, name + ".jpg"), np.full((*shape, 3), 40 * n, np.uint8))
-        label = np.resize(np.roll(np.array(label_values, np.uint8), n), shape)
-        cv2.imwrite(os.path.join(root, "annotations", split, name + ".png"), label)
-
-
-ADE_TRAIN = ["ADE_train_00000001", "ADE_train_00000002", "ADE_train_00000010"]
-ADE_VAL = ["ADE_val_00000001", "ADE_val_00000007"]
-COCO_TRAIN = ["000000000009", "000000000025", "000000000030"]
-COCO_VAL = ["000000000139", "000000000285"]
-
-
-@pytest.fixture
-def tiny_ade(tmp_path):
-    root = str(tmp_path / "ADEChallengeData2016")
-    write_split(root, "training", ADE_TRAIN, range(151))
-    write_split(root, "validation", ADE_VAL, range(151))
+def write_dataset(root, spec):
+    """Images NAME.jpg of mixed sizes and labels NAME.png holding every label value of `spec`, in the layout both
+    datasets unzip to: ROOT/images/{split}/ and ROOT/annotations/{split}/; written out of order."""
+    for split, names in spec["splits"].items():
+        for d in ("images", "annotations"):
+            os.makedirs(os.path.join(root, d, split), exist_ok=True)
+        for n, name in sorted(enumerate(names), key=lambda t: t[1], reverse=True):
+            shape = SIZES[n % len(SIZES)]
+            image = np.random.default_rng(n).integers(0, 256, (*shape, 3), dtype=np.uint8)
+            cv2.imwrite(os.path.join(root, "images", split, name + ".jpg"), image)
+            label = np.resize(np.roll(np.array(spec["values"], np.uint8), n), shape)
+            cv2.imwrite(os.path.join(root, "annotations", split, name + ".png"), label)
     return root
 
 
-@pytest.fixture
-def tiny_coco(tmp_path):
-    root = str(tmp_path / "cocostuff")
-    write_split(root, "train2017", COCO_TRAIN, [*range(182), 255])
-    write_split(root, "val2017", COCO_VAL, [*range(182), 255])
-    return root
+@pytest.fixture(params=[ADE, COCO], ids=["ade20k", "cocostuff"])
+def dataset(request, tmp_path):
+    spec = request.param
+    return spec, write_dataset(str(tmp_path / spec["preset"]), spec)
 
 
-@pytest.mark.parametrize("module, fixture, splits", [
-    (ade20k, "tiny_ade", {"training": ADE_TRAIN, "validation": ADE_VAL}),
-    (cocostuff, "tiny_coco", {"train2017": COCO_TRAIN, "val2017": COCO_VAL}),
-])
-def test_find_samples_pairs_each_image_with_its_label_in_name_order(module, fixture, splits, request):
-    root = request.getfixturevalue(fixture)
-    assert tuple(splits) == module.SPLITS
-    for split, names in splits.items():
-        expected = [(os.path.join(root, "images", split, n + ".jpg"),
-                     os.path.join(root, "annotations", split, n + ".png")) for n in names]
-        assert module.find_samples(root, split) == expected
-        assert module.find_samples(root, split, labels=False) == [(image, None) for image, _ in expected]
-        assert [module.stem(image) for image, _ in expected] == names
-    assert module.find_samples(root, "test") == []
+def test_each_split_pairs_images_and_labels_by_name_and_maps_labels_as_the_written_out_table(dataset):
+    spec, root = dataset
+    cfg = get_config(spec["preset"], [f"data_root={root}"])
+    for split, names in spec["splits"].items():
+        data = build_dataset(cfg, split)
+        assert [data.name(i) for i in range(len(data))] == names
+        for n, (image_path, label_path) in enumerate(data.samples):
+            assert image_path == os.path.join(root, "images", split, names[n] + ".jpg")
+            image, label = data[n]
+            assert image.shape == (*SIZES[n], 3) and (image == read_image(image_path)).all()
+            raw = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
+            np.testing.assert_array_equal(label, np.array(spec["expected"])[raw])
 
 
-@pytest.mark.parametrize("module, fixture, split, expected", [
-    (ade20k, "tiny_ade", "training", ADE_EXPECTED),
-    (cocostuff, "tiny_coco", "train2017", COCO_EXPECTED),
-])
-def test_label_files_map_as_the_written_out_table(module, fixture, split, expected, request):
-    table = ClassTable(*module.table())
-    for n, (image_path, label_path) in enumerate(module.find_samples(request.getfixturevalue(fixture), split)):
-        image = read_image(image_path)
-        assert image.shape == (*SIZES[n], 3)
-        raw = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)
-        class_ids = table.to_class_ids(read_label_png(label_path, image.shape[:2]), label_path)
-        np.testing.assert_array_equal(class_ids, np.array(expected)[raw])
-
-
-def test_ade20k_lookup_and_values():
-    names, colors, lookup, values = ade20k.table()
-    assert lookup.shape == (256,) and lookup.dtype == np.int16 and lookup.tolist() == ADE_EXPECTED
-    assert lookup[1] == 0 and lookup[150] == 149
-    assert values.shape == (256,) and values.dtype == np.uint8
-    assert values[:150].tolist() == list(range(1, 151)) and values[255] == 0  # ignore -> "other"
-    assert all(lookup[values[c]] == c for c in range(150))
-
-
-def test_cocostuff_lookup_and_values():
-    names, colors, lookup, values = cocostuff.table()
-    assert lookup.shape == (256,) and lookup.dtype == np.int16 and lookup.tolist() == COCO_EXPECTED
-    assert (lookup[0], lookup[10], lookup[12], lookup[181]) == (0, 10, 11, 170)
-    assert all(lookup[v] == 255 for v in [*COCO_UNUSED, 255])
-    assert values.shape == (256,) and values.dtype == np.uint8
-    assert values[:171].tolist() == COCO_IDS and values[255] == 255
-    assert all(lookup[values[c]] == c for c in range(171))
-
-
-def test_ade20k_names_and_palette():
-    names, colors, _, _ = ade20k.table()
-    assert len(names) == 150 and names[:4] == ("wall", "building", "sky", "floor") and names[-1] == "flag"
-    assert names[7] == "bed" and names[12] == "person"  # mmsegmentation writes "bed " with a trailing space
-    assert colors.shape == (150, 3) and colors.dtype == np.uint8
-    assert tuple(colors[0]) == (120, 120, 120) and tuple(colors[2]) == (6, 230, 230)  # wall, sky
-    assert tuple(colors[-1]) == (92, 0, 255)  # flag
-
-
-def test_cocostuff_names_and_palette():
-    names, colors, _, _ = cocostuff.table()
-    assert len(names) == 171 and names[0] == "person" and names[-1] == "wood"
+def test_class_tables_hold_the_official_names_palettes_and_label_values():
+    ade, coco = (class_table(get_config(name)) for name in ("ade20k", "cocostuff"))
+    assert ade.lookup.tolist() == ADE_EXPECTED and coco.lookup.tolist() == COCO_EXPECTED
+    assert len(ade.names) == 150 and ade.names[:4] == ("wall", "building", "sky", "floor") and ade.names[-1] == "flag"
+    assert ade.names[7] == "bed" and ade.names[12] == "person"  # mmsegmentation writes "bed " with a trailing space
+    assert len(coco.names) == 171 and coco.names[0] == "person" and coco.names[-1] == "wood"
     # stuffthingmaps id = labels.txt id - 1: id 12 is "stop sign" (class 11), 91 "banner" (class 80)
-    assert names[11] == "stop sign" and names[80] == "banner" and names[170] == "wood"
-    assert colors.shape == (171, 3) and colors.dtype == np.uint8
-    assert tuple(colors[0]) == (0, 192, 64) and tuple(colors[2]) == (0, 64, 96) and tuple(colors[-1]) == (64, 64, 0)
+    assert coco.names[11] == "stop sign" and coco.names[80] == "banner"
+    assert ade.colors.shape == (150, 3) and coco.colors.shape == (171, 3)
+    assert [tuple(ade.colors[i]) for i in (0, 2, 149)] == [(120, 120, 120), (6, 230, 230), (92, 0, 255)]
+    assert [tuple(coco.colors[i]) for i in (0, 2, 170)] == [(0, 192, 64), (0, 64, 96), (64, 64, 0)]
+    # save_dir writes each class as its own label value, ignore as "other" (ADE20K) or 255 (COCO-Stuff)
+    assert ade.values[:150].tolist() == list(range(1, 151)) and ade.values[255] == 0
+    assert coco.values[:171].tolist() == COCO_IDS and coco.values[255] == 255
 
 
-@pytest.mark.parametrize("module, root, split, url", [
-    (ade20k, "data/ADEChallengeData2016", "validation", "ADEChallengeData2016.zip"),
-    (cocostuff, "data/cocostuff", "val2017", "stuffthingmaps_trainval2017.zip"),
-])
-def test_layout_help_names_the_folders_and_the_download(module, root, split, url):
-    text = module.layout_help(root, split)
-    assert f"{root}/images/{split}/" in text and f"{root}/annotations/{split}/" in text and url in text
+def test_other_num_classes_and_missing_data_are_one_clear_line(tmp_path, capsys):
+    with pytest.raises(Exception, match="dataset=ade20k has 150 classes"):
+        get_config("cityscapes", ["dataset=ade20k"])
+    assert train.main(["--config", "cocostuff", f"data_root={tmp_path}", f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "images/val2017" in err and "stuffthingmaps_trainval2017.zip" in err
+
+
+def test_the_checker_names_a_corrupt_file_in_each_layout(dataset, capsys):
+    spec, root = dataset
+    split, names = next(iter(spec["splits"].items()))
+    bad = os.path.join(root, "annotations", split, names[1] + ".png")
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    assert check_data.main(["--config", spec["preset"], f"data_root={root}"]) != 0
+    assert bad in capsys.readouterr().out
+
+
+TINY = ["pretrained=none", "amp=none", "crop_size=32,32", "batch_size=2", "max_iter=2", "warmup_iters=1",
+        "log_every=1", "workers=0", "eval_workers=0", "eval_every=0", "eval_crop=32,32", "eval_scales=0.75,1.25"]
+
+
+@pytest.mark.parametrize("arch", ["bisenetv1", "bisenetv2"])
+def test_a_tiny_run_of_each_preset_trains_and_scores_mixed_sizes_in_every_mode(dataset, arch, tmp_path):
+    spec, root = dataset
+    preset = spec["preset"] + ("_v2" if arch == "bisenetv2" else "")
+    args = ["--config", preset, f"data_root={root}", f"out_dir={tmp_path / 'runs'}", *TINY]
+    assert train.main(args) == 0
+    run = tmp_path / "runs" / preset
+    n = len(class_table(get_config(preset)).names)
+    val = build_dataset(get_config(preset, [f"data_root={root}"]), get_config(preset).val_split)
+    scored = sum(int((val[i][1] != 255).sum()) for i in range(len(val)))
+    for mode in ("ss", "ssc", "msf", "mscf"):
+        assert evaluate.main(["--ckpt", str(run / "model_final.pth"), f"mode={mode}", "eval_workers=0",
+                              "eval_short_side=24"]) == 0
+        results = json.loads((run / f"eval_{get_config(preset).val_split}_{mode}.json").read_text())
+        assert results["images"] == len(list(spec["splits"].values())[1]) and len(results["iou"]) == n
+        assert np.array(results["confusion"]).sum() == scored  # every labelled pixel, each image at its own size

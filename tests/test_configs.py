@@ -113,11 +113,29 @@ def test_a_folder_dataset_on_the_default_preset_is_named_folder():
     assert get_config("cityscapes", ["dataset=folder", "num_classes=2", "run_name=mine"]).run_name == "mine"
 
 
-def test_syncbn_is_off_for_v1_presets_and_on_for_v2_ones_as_the_reference():
-    # CoinCheung/BiSeNet: configs/bisenetv1_city.py use_sync_bn=False, configs/bisenetv2_city.py True
+def test_syncbn_is_on_where_the_reference_config_has_it():
+    # CoinCheung/BiSeNet: configs/bisenetv1_city.py use_sync_bn=False; bisenetv2_city.py, bisenetv1_ade20k.py,
+    # bisenetv2_ade20k.py, bisenetv1_coco.py and bisenetv2_coco.py True
     for name in PRESETS:
         cfg = get_config(name)
-        assert cfg.sync_bn == (cfg.arch == "bisenetv2"), name
+        assert cfg.sync_bn == (cfg.arch == "bisenetv2" or cfg.dataset in ("ade20k", "cocostuff")), name
+
+
+def test_ade20k_and_cocostuff_presets_are_coincheungs_configs():
+    # written out from configs/bisenetv{1,2}_{ade20k,coco}.py: lr_start, weight_decay, max_iter, scales, cropsize,
+    # eval_crop, eval_start_shortside, ims_per_gpu x GPUs (8 x 8, 2 x 8, 4 x 4, 2 x 8), img_mean/img_std
+    expected = {
+        "ade20k": (4e-2, 1e-4, 40000, (0.5, 2.0), (512, 512), (512, 512), 512, 64, (0.485, 0.456, 0.406)),
+        "ade20k_v2": (5e-3, 1e-4, 160000, (0.5, 2.0), (640, 640), (640, 640), 640, 16, (0.4934, 0.4682, 0.4311)),
+        "cocostuff": (1e-2, 1e-4, 90000, (0.5, 2.0), (512, 512), (512, 512), 0, 16, (0.485, 0.456, 0.406)),
+        "cocostuff_v2": (5e-3, 1e-4, 180000, (0.75, 2.0), (640, 640), (640, 640), 0, 16, (0.4696, 0.4464, 0.4072)),
+    }
+    for name, values in expected.items():
+        cfg = get_config(name)
+        assert (cfg.lr, cfg.weight_decay, cfg.max_iter, cfg.scales, cfg.crop_size, cfg.eval_crop, cfg.eval_short_side,
+                cfg.batch_size, cfg.mean) == values, name
+        assert cfg.warmup_iters == 1000 and cfg.num_classes == (150 if name.startswith("ade") else 171)
+        assert cfg.pretrained == ("torchvision" if cfg.arch == "bisenetv1" else "none")
 
 
 # ---- hostile input ----

@@ -687,3 +687,64 @@ def test_the_console_names_every_folder_of_saved_predictions(tmp_path, capsys):
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("results: ")][-1]
     assert line.endswith(f"; predictions: {save / 'labelIds'}, {save / 'color'}, {save / 'compare'}")
     assert all((save / kind).is_dir() for kind in ("labelIds", "color", "compare"))
+
+
+def test_scores_are_resized_into_the_sum_a_few_classes_at_a_time_as_one_resize_would():
+    scores = torch.randn(40, 9, 13)
+    whole = F.interpolate(scores[None], (20, 31), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(evaluate.add_resized(None, scores, (20, 31), chunk=16), whole)
+    total = torch.ones(40, 20, 31)
+    assert evaluate.add_resized(total, scores, (20, 31), chunk=7) is total  # added in place: no second full map
+    torch.testing.assert_close(total, whole + 1)  # float rounding: the kernels differ by channel count
+
+
+@pytest.mark.parametrize("mode", ["ss", "msf"])
+def test_eval_short_side_scores_the_resized_image_and_resizes_its_scores_back(mode):
+    # As CoinCheung's ADE20K evaluation: the short side to eval_short_side, the scores back to the label's size.
+    model, image = PixelModel(classes=6, kernel=(3, 3)), torch.randn(1, 3, 30, 45)
+    cfg = get_config("cityscapes", ["eval_short_side=20", "eval_scales=0.5,1.0", "eval_fusion=mean"])
+    small = F.interpolate(image, (20, 30), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        if mode == "ss":  # the logits resized, as their ss
+            expected = F.interpolate(model(small), (30, 45), mode="bilinear", align_corners=False)[0]
+        else:  # each scale's probabilities (and the flipped image's) resized to the label's size, then averaged
+            expected = 0
+            for size in ((10, 15), (20, 30)):
+                x = F.interpolate(small, size, mode="bilinear", align_corners=False) if size != (20, 30) else small
+                probs = (model(x).softmax(1) + model(x.flip(-1)).softmax(1).flip(-1)) / 2
+                expected = expected + F.interpolate(probs, (30, 45), mode="bilinear", align_corners=False)[0] / 2
+        got = predict(model, image, cfg, mode)
+    assert got.shape == (30, 45)
+    assert torch.equal(got, expected.argmax(0))
+
+
+def test_many_classes_print_the_best_and_worst_and_keep_every_class_in_the_json():
+    names = [f"class {i}" for i in range(150)]
+    iou = {name: (None if i == 7 else i / 200) for i, name in enumerate(names)}
+    results = {"mode": "ss", "images": 2, "split": "validation", "labels": True, "config": {}, "iou": iou,
+               "pixel_accuracy": 0.5, "miou": 0.37}
+    lines = evaluate.format_results(results).splitlines()
+    shown = [line.split()[0] + " " + line.split()[1] for line in lines[1:32]]
+    # written out: the 15 highest IoU (149 down to 135), then the 15 lowest, the never-seen class 7 last
+    assert shown[:15] == [f"class {i}" for i in range(149, 134, -1)]
+    assert shown[15] == "(120 more)"
+    assert shown[16:] == [f"class {i}" for i in [14, 13, 12, 11, 10, 9, 8, 6, 5, 4, 3, 2, 1, 0, 7]]
+    assert "150 classes by IoU, every one in the results JSON" in lines[-1]
+    assert len(results["iou"]) == 150  # the JSON keeps them all
+
+
+def test_the_confusion_picture_of_many_classes_shows_those_with_the_lowest_iou(tmp_path, monkeypatch):
+    import plots
+
+    pytest.importorskip("matplotlib")
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, plt, path: drawn.setdefault("fig", fig))
+    n = 150
+    confusion = np.diag(np.arange(1, n + 1)).tolist()
+    iou = {f"c{i}": ((i * 37) % n) / n for i in range(n)}  # a permutation of IoUs: the lowest are written out below
+    results = {"split": "validation", "mode": "ss", "miou": 0.5, "confusion": confusion, "iou": iou, "config": {}}
+    plots.plot_confusion(results, str(tmp_path / "confusion.png"))
+    ax = drawn["fig"].axes[0]
+    lowest = sorted(range(n), key=lambda i: (i * 37) % n)[:30]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"c{i}" for i in sorted(lowest)]
+    assert "the 30 of 150 classes with the lowest IoU" in ax.get_title()
