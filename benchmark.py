@@ -74,9 +74,8 @@ def cpu_info(path="/proc/cpuinfo"):
 
 
 def cpu_isa(capability, flags):
-    """The CPU class that decides the precision rows: "AMX" (amx_tile, amx_bf16), "AVX512-BF16" (avx512_bf16),
-    "AVX512", "AVX2" or PyTorch's own word. `capability`: torch.backends.cpu.get_cpu_capability(), which stops at
-    AVX512; `flags`: /proc/cpuinfo's, which tell the bf16 extensions apart."""
+    """The CPU class that decides the precision rows: "AMX", "AVX512-BF16", "AVX512", "AVX2" or PyTorch's own word;
+    torch's `capability` stops at AVX512, /proc/cpuinfo's `flags` (amx_bf16, avx512_bf16) tell bf16 apart."""
     if {"amx_tile", "amx_bf16"} <= flags:
         return "AMX"
     if "avx512_bf16" in flags:
@@ -164,8 +163,7 @@ def cpu_variants(cfg, device):
 
 
 def bench_train(cfg, device, batch, repeat, variants=precision_variants):
-    """Images/s of train.train_step for each (name, cfg, amp, compile) of variants(cfg, device), built as train.py
-    builds it."""
+    """Images/s of train.train_step, built as train.py builds it, for each (name, cfg, amp, compile) variant."""
     h, w = cfg.crop_size
     # a batch as the loader ships it, uint8 images (N, H, W, 3) and labels: train_step normalizes it on the device
     batches = itertools.repeat((torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device=device),
@@ -230,9 +228,8 @@ def latency_variants(model, device, compile=True):
 
 
 def exported_models(model, directory, hw, calibration=8):
-    """([(name, runtime.BackendModel)], [notes]): the files export.py writes of `model`, made in `directory` by
-    whichever of onnx, onnxruntime, openvino and nncf are installed, on the CPU: ONNX Runtime fp32, OpenVINO fp32,
-    bf16 (CPUs with native bf16) and INT8, calibrated on `calibration` random images of size `hw` (enough to time)."""
+    """([(name, runtime.BackendModel)], [notes]) of export.py's files of `model`, as far as the deploy packages are
+    installed: ONNX Runtime fp32, OpenVINO fp32, bf16 (native only) and INT8 (random calibration: enough to time)."""
     onnx_path = os.path.join(directory, "model.onnx")
     xml, int8 = openvino_paths(onnx_path)
     calibration_images = [x.numpy() for x in random_images([hw] * calibration)]

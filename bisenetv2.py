@@ -142,13 +142,10 @@ class BGALayer(nn.Module):
 
 
 class UpsampleConvBNReLU(nn.Sequential):
-    """nn.Upsample(scale_factor=2) (nearest), then a 3x3 ConvBNReLU: a booster's expansion, with CoinCheung's children
-    and state-dict names, computed as one stride-2 transposed conv at the input's size where that is faster.
-
-    Nearest x2 repeats each input pixel in a 2x2 block, so each output pixel of the 3x3 conv (padding 1) reads a 2x2
-    window of the input, with taps that are sums of the kernel's rows and columns (`_TAPS`): 16 multiply-adds per
-    input pixel and channel pair instead of 4 x 9, and no upsampled copy; the same result up to float rounding.
-    """
+    """Nearest x2 upsampling, then a 3x3 ConvBNReLU (a booster's expansion, CoinCheung's state-dict names), computed as
+    one stride-2 transposed conv where faster: nearest x2 repeats a pixel in a 2x2 block, so each output pixel reads a
+    2x2 input window with taps that are sums of the kernel's rows and columns (`_TAPS`): 16 multiply-adds per input
+    pixel and channel pair instead of 4 x 9, no upsampled copy, the same result up to float rounding."""
 
     # One axis of the 4-tap transposed-conv kernel from the 3 taps of the conv's: output pixel 2i (tap 1) reads
     # input i with taps 1+2 and input i-1 (tap 3) with tap 0; output 2i+1 reads input i (tap 2) with taps 0+1 and
@@ -162,9 +159,8 @@ class UpsampleConvBNReLU(nn.Sequential):
         return self.transposed(x) if self.use_transposed(x) else self[1](self[0](x))
 
     def use_transposed(self, x):
-        # A 2-core CPU measured the transposed conv faster up to twice the input's channels (aux2, aux3, aux4: 2.6-4.5x,
-        # 1.4-3.0x, 1.1-1.7x), not for aux5_4's 128 -> 1024 (0.7-1.0x; benchmarks/measured.md). Elsewhere, CUDA
-        # included, upsampling first until a GPU measurement shows otherwise.
+        # Measured on a 2-core CPU: faster up to twice the input's channels (aux2-aux4: 1.1-4.5x), not for aux5_4's
+        # 128 -> 1024 (0.7-1.0x; benchmarks/measured.md). CUDA upsamples first until a GPU measurement says otherwise.
         conv = self[1].conv
         return x.device.type == "cpu" and conv.out_channels <= 2 * conv.in_channels
 
@@ -224,9 +220,8 @@ class BiSeNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        """Training: {"out": main, "aux2": ..., "aux3": ..., "aux4": ..., "aux5_4": ...} logits at input size (only
-        "out" without boosters). Evaluation: the main logits alone. In training mode the CE block's BatchNorm after
-        global pooling needs more than one image per batch."""
+        """Training: {"out": main, "aux2": ..., "aux5_4": ...} logits at input size; evaluation: the main logits. In
+        training mode the CE block's BatchNorm after global pooling needs more than one image per batch."""
         size = x.shape[2:]
         *features, semantic = self.segment(x)
         main = self.head(self.bga(self.detail(x), semantic), size)

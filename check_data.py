@@ -17,8 +17,7 @@ from datasets import DatasetError, class_table, dataset_samples, scan_labels
 
 
 def format_split(split, scan, problems, names, limit=20, weights=True):
-    """The split's report; `weights`: the median-frequency weights too (the training split only: weights from the
-    val or test labels would let those splits steer training)."""
+    """The split's report, `weights`: with median-frequency weights (training split only: val/test must not steer)."""
     lines = [f"== {split}: {scan.files} image/label pairs"]
     if problems:
         lines.append(f"{len(problems)} problem(s) that would stop training:")

@@ -29,8 +29,8 @@ class CheckpointError(RuntimeError):
 
 
 def write_atomically(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it to `path`: a crash at any moment leaves the
-    old file or the new one, never a half-written one. The fsyncs make that hold across a power loss as well."""
+    """write(file) into a temporary file renamed to `path`: a crash, or with the fsyncs a power loss, leaves the old
+    file or the new one, never a half-written one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -61,12 +61,8 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(model, path, ckpt=None):
-    """Load a checkpoint's weights into a built BiSeNet or BiSeNetV2: the one place that does it.
-
-    Takes our checkpoints (a dict with "model", optionally "config") or a bare state dict (such as the BiSeNetV2
-    weights CoinCheung/BiSeNet released); `ckpt`: the file's contents where read_checkpoint(path) has read them.
-    Returns the checkpoint dict (a bare state dict as {"model": state}). Raises CheckpointError.
-    """
+    """The one place that loads a checkpoint's weights into a built model: ours, or a bare state dict (such as
+    CoinCheung/BiSeNet's released BiSeNetV2 weights). Returns the checkpoint dict (a bare one as {"model": state})."""
     ckpt, state = _fitting_state(model, path, ckpt)
     model.load_state_dict(state)
     return ckpt
@@ -83,9 +79,8 @@ def load_for_inference(path, config=None, overrides=()):
 
 
 def inference_config(ckpt_config, config=None, overrides=()):
-    """Preset `config` if given, else `ckpt_config` (the checkpoint's stored config; None for a bare state dict),
-    with the `overrides` (mode=X stands for eval_mode=X) on top. Warns (stderr) where it differs from the checkpoint's
-    config in a setting no weight records (UNRECORDED_KEYS)."""
+    """Preset `config` if given, else the checkpoint's stored config, with the overrides (mode=X: eval_mode=X) on top;
+    warns where it differs from the checkpoint's in a setting no weight records (UNRECORDED_KEYS)."""
     overrides = [("eval_" + o) if o.startswith("mode=") else o for o in overrides]
     if config or ckpt_config is None:
         cfg = get_config(config or "cityscapes", overrides)
@@ -122,12 +117,9 @@ def _plain(value):
 
 
 def load_fitting(model, path):
-    """Fine-tuning (init_from): load every tensor of checkpoint `path` whose shape fits `model`; the others (the
-    classifiers of a model trained on other classes) keep their fresh initialization.
-
-    A checkpoint of another architecture (missing or unexpected tensors: other ablation switches) is still a
-    CheckpointError. Returns (loaded names, [(name, checkpoint shape, model shape)] of the tensors left new).
-    """
+    """Fine-tuning (init_from): load the tensors whose shape fits `model`; the others (classifiers of other classes)
+    stay new. Another architecture (missing or unexpected tensors) is still a CheckpointError. Returns (loaded names,
+    [(name, checkpoint shape, model shape)] of the tensors left new)."""
     _, state = _fitting_state(model, path, shapes=False)
     expected = model.state_dict()
     fitting = {k: v for k, v in state.items() if v.shape == expected[k].shape}
@@ -137,9 +129,8 @@ def load_fitting(model, path):
 
 
 def _fitting_state(model, path, ckpt=None, shapes=True):
-    """(checkpoint, its state dict) with the DDP `module.` and torch.compile `_orig_mod.` prefixes stripped and, for a
-    model without aux heads, theirs left out; a CheckpointError where it does not fit `model` (with shapes=False, for
-    fine-tuning, only missing and unexpected tensors count)."""
+    """(checkpoint, its state dict less DDP / torch.compile prefixes and aux heads `model` lacks); a CheckpointError
+    where it does not fit `model` (shapes=False, for fine-tuning: only missing and unexpected tensors count)."""
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
     if not model.arch["aux_heads"]:
@@ -252,12 +243,9 @@ def training_state(raw_model, optimizer, scaler, iteration, cfg, device, best):
 
 
 def restore(ckpt_path, raw_model, optimizer, scaler, device, ckpt=None):
-    """Load a training checkpoint (`ckpt`: its contents where they have been read already) into the built model,
-    optimizer and scaler; returns (its iteration, the best validation so far: {"iter", "miou"}).
-
-    The optimizer keeps the settings of the current config (overrides given on resume apply). A disabled scaler
-    saves {}: then an fp16 run starts a fresh scaler (and a scaler that is disabled now ignores a saved state).
-    """
+    """Load a training checkpoint into model, optimizer and scaler; returns (its iteration, the best validation so far).
+    The optimizer keeps the current config's settings (overrides on resume apply). A disabled scaler saves {}: an fp16
+    run then starts a fresh scaler (and a scaler disabled now ignores a saved state)."""
     ckpt = load_checkpoint(raw_model, ckpt_path, ckpt)
     load_optimizer_state(optimizer, ckpt["optimizer"])
     if ckpt["scaler"]:
@@ -299,8 +287,7 @@ def trim_log(path, iteration):
 
 
 def prepare_run_dir(run_dir, cfg, start):
-    """The run folder as a (resumed) run starts it: temporary files of a run killed while writing removed, the config
-    written, and the log records after the resumed iteration `start` dropped (they are logged again)."""
+    """The run folder as a run starts it: a killed run's temp files removed, the config written, the log trimmed."""
     stale = [os.path.join(run_dir, n) for n in sorted(os.listdir(run_dir)) if TEMP_FILE.fullmatch(n)]
     for path in stale:  # kill -9 or a power loss while writing: nothing else removes them
         os.remove(path)

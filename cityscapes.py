@@ -54,8 +54,7 @@ LABELS = (
 
 
 def find_samples(root, split, labels=True):
-    """Sorted (image path, label path) pairs of the images of a split, whether or not the label file exists (None
-    where labels=False)."""
+    """Sorted (image path, label path or None) pairs of a split, whether or not the label file exists."""
     images = sorted(glob(os.path.join(root, "leftImg8bit", split, "*", "*" + IMAGE_SUFFIX)))
     return [(path, os.path.join(root, "gtFine", split, stem(path) + LABEL_SUFFIX) if labels else None)
             for path in images]

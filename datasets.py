@@ -1,7 +1,6 @@
-"""The datasets: `build_dataset(cfg, split)` and `class_table(cfg)`, one dataset class over (image, label) file pairs:
-the Cityscapes layout and label table (cityscapes.py), or a folder dataset's images and label PNGs paired by file name
-(docs/data.md). A label value outside the class table is refused when the file is read, naming the file and the
-values: never a device-side assert or a wrong loss.
+"""The datasets: `build_dataset(cfg, split)` and `class_table(cfg)` over (image, label) file pairs, in the Cityscapes
+layout (cityscapes.py) or a folder dataset's images and label PNGs paired by file name (docs/data.md). A label value
+outside the class table is refused when the file is read, naming file and values: never a device-side assert.
 """
 
 import csv
@@ -86,8 +85,7 @@ class ClassTable:
         return self.values[np.asarray(class_ids).astype(np.uint8)]
 
     def to_class_ids(self, label, path):
-        """Map a uint8 label array to class ids (uint8, 255 = ignore); DatasetError naming `path` for values outside
-        the table (with their pixel counts)."""
+        """Class ids (uint8, 255 = ignore) of a uint8 label array; DatasetError naming `path` for values outside it."""
         mapped = self.lookup[label]
         bad = mapped < 0
         if bad.any():
@@ -114,8 +112,7 @@ def _ranges(values):
 
 
 def cityscapes_table(num_classes=19):
-    """The official Cityscapes classes by train id. For another num_classes: "class i" past the 19, and the label ids
-    of train ids >= num_classes refused."""
+    """Cityscapes classes by train id; "class i" past the 19, label ids of train ids >= num_classes refused."""
     labels = sorted((lb for lb in cityscapes.LABELS if lb.train_id != IGNORE), key=lambda lb: lb.train_id)
     names = tuple(lb.name for lb in labels[:num_classes]) + tuple(f"class {i}" for i in range(19, num_classes))
     colors = np.zeros((num_classes, 3), np.uint8)  # black past the 19
@@ -153,9 +150,8 @@ def folder_table(num_classes, names=(), colors=(), void_values=(), remap=None):
     return ClassTable(names, colors, lookup, values)
 
 
-# ADE20K (SceneParsing) and COCO-Stuff 164k as they unzip: DATA_ROOT/images/{split}/*.jpg and
-# DATA_ROOT/annotations/{split}/*.png. classes/NAME.csv lists each class's label value, name and color (the palettes of
-# mmsegmentation); the void values are ignored (the first is what save_dir writes for ignore), any other is refused.
+# ADE20K (SceneParsing) and COCO-Stuff 164k as they unzip (LISTED_DIRS); classes/NAME.csv: each class's label value,
+# name and color (mmsegmentation's palettes); void values are ignored (save_dir writes the first), any other refused.
 LISTED = {
     "ade20k": dict(void=(0, IGNORE), splits="training, validation", get="download "
                    "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip and unzip it in data/"),
@@ -238,10 +234,9 @@ def legend(train_ids, height, table):
 # ---- the dataset ----
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """A split's (image path, label path) `samples`, labels mapped to class ids by `table` (label path None: a split
-    without labels, Cityscapes' test, all IGNORE); `stems[i]`: frame i's NAME or CITY/NAME, where save_dir puts it.
-    Item i is (RGB uint8 image (H, W, 3), int64 class-id label (H, W)), or `transform(image, label, rng)`; an
-    (i, seed) index (InfiniteSampler's) seeds the transform's generator with `seed`."""
+    """A split's (image path, label path) `samples` mapped to class ids by `table` (label path None: no labels, all
+    IGNORE); `stems[i]`: NAME or CITY/NAME, where save_dir puts frame i. Item i: (RGB uint8 image, int64 class ids) or
+    `transform(image, label, rng)`; an (i, seed) index (InfiniteSampler's) seeds the transform's generator."""
 
     def __init__(self, split, samples, stems, table, transform=None):
         self.split, self.samples, self.stems, self.table, self.transform = split, samples, stems, table, transform
@@ -388,8 +383,7 @@ def scan_labels(samples, table, num_classes, progress=True, desc="labels", check
 
 
 def class_weights(cfg):
-    """The loss's class weights: None, the configured numbers, or (class_weights=median) the median-frequency
-    weights of the training split's labels."""
+    """The loss's class weights: None, the configured numbers, or the training labels' median-frequency weights."""
     if not cfg.class_weights:
         return None
     if tuple(cfg.class_weights) != ("median",):
@@ -406,9 +400,8 @@ def class_weights(cfg):
 # ---- data loader worker processes (training and evaluation) ----
 
 def loader_workers(workers):
-    """The DataLoader arguments for `workers` loader processes. One OpenCV thread per process: the workers are the
-    parallelism. This process's goes single-threaded before they start: a forked worker inherits that, and one that
-    changed its parent's count would deadlock in OpenCV."""
+    """DataLoader arguments for `workers` processes, one OpenCV thread each (the workers are the parallelism); this
+    process goes single-threaded first: a forked worker that changed its parent's count would deadlock in OpenCV."""
     if workers > 0:
         limit_opencv_threads()
     return {"num_workers": workers, "worker_init_fn": init_loader_worker}
@@ -420,19 +413,14 @@ def limit_opencv_threads():
 
 
 def init_loader_worker(worker_id):
-    """DataLoader worker_init_fn: OpenCV single-threaded, and the stop signals left to the main process.
-
-    Ctrl-C sends SIGINT to the whole process group, and a scheduler that preempts a job (SLURM, Kubernetes) sends
-    SIGTERM to every process in it: a worker ended by one would end the main process's loader (PyTorch raises "worker
-    killed by signal") before it has finished its iteration and written last.pth. So a worker ignores SIGINT, and
-    ends on a SIGTERM only where its parent sent it (how the loader and multiprocessing end workers at shutdown).
-    The main process ends the workers after saving; a worker whose parent is gone ends by itself (PyTorch's watchdog).
-    """
+    """DataLoader worker_init_fn: OpenCV single-threaded, the stop signals left to the main process. Ctrl-C (SIGINT)
+    and a scheduler's preemption (SIGTERM: SLURM, Kubernetes) reach every process of the group, and a worker ended by
+    one would end the loader ("worker killed by signal") before last.pth is written. So a worker ignores SIGINT and
+    ends on a SIGTERM from its parent only (how PyTorch ends workers at shutdown), or when its parent is gone."""
     limit_opencv_threads()  # for spawned workers (macOS, Windows), which inherit nothing
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SIGTERM is blocked in this thread and so in every thread it starts later; the waiting thread receives it
-    # instead. That needs this thread to be the process's only one: a forked worker (Linux's default up to Python
-    # 3.13). Elsewhere (spawn, forkserver, no sigwaitinfo) SIGTERM keeps PyTorch's handling: it ends the worker.
+    # SIGTERM, blocked here and so in every thread started later, goes to the waiting thread: that needs this to be the
+    # only thread, a forked worker (Linux's default up to Python 3.13); elsewhere SIGTERM ends the worker (PyTorch's).
     if hasattr(signal, "sigwaitinfo") and os_threads() == 1:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         threading.Thread(target=_end_on_sigterm_from_parent, name="sigterm", daemon=True).start()
@@ -453,12 +441,9 @@ def _end_on_sigterm_from_parent():
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """An endless stream of (index, augmentation seed) for this rank, resumable at any position.
-
-    The global stream is a fresh permutation of the dataset per epoch (seeded by seed and epoch); rank r takes stream
-    positions r, r + world, r + 2 world, ... as DistributedSampler does. Each sample's augmentation seed is (seed,
-    stream position): the data a run sees depends only on the seed and the iteration, not on workers or resuming.
-    """
+    """An endless, resumable stream of (index, augmentation seed) for this rank: a fresh permutation per epoch (seeded
+    by seed and epoch), of which rank r takes positions r, r + world, ... as DistributedSampler does. The seed is (seed,
+    position): what a run sees depends only on the seed and the iteration, not on workers or resuming."""
 
     def __init__(self, size, seed=0, rank=0, world=1, start=0):
         self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start

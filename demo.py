@@ -135,8 +135,7 @@ def parse_args(argv):
     # "*", not "+": argparse would name key=value as missing too; an empty list is said below
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image, folder of images or video")
     args = add_config_args(parser).parse_intermixed_args(argv)
-    # argparse cannot tell INPUTs from key=value overrides (both positional): a word shaped key=value is an
-    # override unless a file of that name exists.
+    # argparse cannot tell INPUTs from key=value overrides: a word shaped key=value is one unless such a file exists
     words = [*args.inputs, *args.overrides]
     args.overrides = [w for w in words if re.fullmatch(r"\w+=.*", w) and not os.path.exists(w)]
     args.inputs = [w for w in words if w not in args.overrides]

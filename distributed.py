@@ -21,9 +21,8 @@ def launched_rank():
 
 
 def timeout_message(exc, proc, timeout_s):
-    """The one-line error for `exc` where it is a collective that timed out under torchrun, else None. gloo raises a
-    RuntimeError ("Timed out waiting ...", "Application timeout caused pair closure"); NCCL's watchdog ends the
-    process itself, with its own message."""
+    """The one-line error where `exc` is gloo's collective timeout under torchrun ("Timed out waiting ...",
+    "Application timeout caused pair closure"), else None; NCCL's watchdog ends the process with its own message."""
     distributed = proc is not None and proc.enabled
     if not (distributed and isinstance(exc, RuntimeError) and re.search(r"time(d)? ?out", str(exc).lower())):
         return None
@@ -57,8 +56,7 @@ class Distributed:
 
     @contextmanager
     def local_main_first(self):
-        """Run the block on each machine's first process, then on the others: for work that fills a cache every
-        process of a machine shares (a download), which concurrent processes would race on."""
+        """The block on each machine's first process, then the others: a shared cache filled once, not raced on."""
         if not self.local_main:
             self.barrier()
         yield
@@ -79,11 +77,8 @@ class Distributed:
         return tensor
 
     def sync_buffers(self, module):
-        """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
-
-        DDP broadcasts buffers at the start of each forward, so after the last step every rank holds the
-        statistics of its own last batch; this makes all ranks hold the model rank 0 saves.
-        """
+        """Copy rank 0's buffers (BatchNorm statistics) to every rank: DDP broadcasts them at the start of each forward,
+        so after the last step each rank holds its own last batch's; this makes all hold the model rank 0 saves."""
         if self.enabled:
             for buffer in module.buffers():
                 dist.broadcast(buffer, src=0)
@@ -104,8 +99,7 @@ class Distributed:
 
 
 class Stopped(Exception):
-    """SIGTERM or SIGINT stopped the run after an iteration, with last.pth written, or after the last one, with
-    model_final.pth written (`final`): exit 128 + the signal."""
+    """A signal stopped the run after an iteration (last.pth written) or the last (`final`): exit 128 + the signal."""
 
     def __init__(self, signum, iteration, path, final=False):
         name = signal.Signals(signum).name
@@ -120,9 +114,8 @@ class Stopped(Exception):
 
 
 class StopRequest:
-    """While entered, SIGTERM (what clusters send before preemption) and SIGINT (Ctrl-C) ask the run to stop at the
-    end of the current iteration instead of killing it; a second SIGINT stops at once. Once the final weights are
-    saved (`saved_final`), a signal stops the process at once: nothing is left to save."""
+    """While entered, SIGTERM (a cluster's preemption) and SIGINT ask the run to stop after the current iteration; a
+    second SIGINT, or any signal once the final weights are saved (`saved_final`), stops the process at once."""
 
     def __init__(self):
         self.signum, self._previous, self.final = None, {}, None

@@ -40,9 +40,8 @@ MODES = {"ss": (False, False), "ssc": (True, False), "msf": (False, True), "mscf
 # ---- the math: confusion matrix and IoU ----
 
 def confusion_update(confusion, pred, label, ignore_index=IGNORE):
-    """Add the pixels of one prediction to a (C, C) int64 confusion matrix: rows = truth, columns = prediction.
-    A predicted class outside 0..C-1 (a model of more classes than the config's) is refused (ConfigError): it would
-    land in another class's cell, or past the matrix."""
+    """Add one prediction's pixels to a (C, C) int64 confusion matrix (rows truth, columns prediction). A class outside
+    0..C-1 (a model of more classes than the config's) is a ConfigError: it would land in another cell, or past it."""
     n = confusion.shape[0]
     valid = label != ignore_index
     pred = pred[valid].long()
@@ -95,9 +94,8 @@ def crop_scores(model, crops, flip, fusion):
 
 
 def sliding_scores(model, image, crop_hw, stride_frac, batch_size, flip, fusion):
-    """Scores (C, H, W) of one image (1, 3, H, W) from overlapping crops run `batch_size` at a time, the image padded
-    (bottom/right) to the crop where smaller. "exp" fusion adds the scores of overlapping crops, as the original
-    implementation does; "mean" fusion averages them."""
+    """Scores (C, H, W) of an image (1, 3, H, W), padded bottom/right to the crop where smaller, from overlapping crops:
+    "exp" fusion adds their scores (as the original implementation), "mean" averages them."""
     _, _, h, w = image.shape
     ch, cw = crop_hw
     padded = F.pad(image, (0, max(0, cw - w), 0, max(0, ch - h)))
@@ -207,12 +205,9 @@ def eval_dataset(cfg, split=None):
 
 @torch.inference_mode()
 def evaluate(model, dataset, cfg, proc, mode=None):
-    """Score `model` (a PyTorch BiSeNet, or a runtime.BackendModel of an exported file) on `dataset` (a split from
-    eval_dataset) in `mode` (default cfg.eval_mode); a dict that is strict JSON (None where a figure is undefined).
-
-    Under torchrun each rank takes every world-th image (no padding, no duplicates) and the confusion matrices are
-    summed, so the result equals a single process's. A split without labels (test) is only predicted (save_dir).
-    """
+    """Score `model` (a BiSeNet or a runtime.BackendModel) on an eval_dataset in `mode`: a strict-JSON dict (None where
+    a figure is undefined). Under torchrun each rank takes every world-th image (no padding, no duplicates) and the
+    confusion matrices are summed, as one process would. A split without labels is only predicted (save_dir)."""
     mode = mode or cfg.eval_mode
     if not dataset.has_labels and not cfg.save_dir:
         raise ConfigError(f"the {dataset.split} split has no labels, so there is nothing to score: pass save_dir=DIR "
@@ -223,8 +218,7 @@ def evaluate(model, dataset, cfg, proc, mode=None):
     shard = range(proc.rank, count, proc.world)  # the loader keeps this order, so each item's index is known
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=shard, pin_memory=proc.device.type == "cuda",
                                          **loader_workers(cfg.eval_workers))
-    # a folded channels_last copy on the device the images go to: `model` stays as and where it is; an exported
-    # file runs as it is, on the CPU (its logits come back on the images' device)
+    # a folded channels_last copy on the images' device (`model` stays as it is); an exported file runs on the CPU
     net = model if isinstance(model, BackendModel) else inference_model(model, cfg.eval_amp, proc.device)
     table = class_table(cfg)
     confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=proc.device)
@@ -316,8 +310,7 @@ def read_results(path):
 
 
 def results_name(cfg, ckpt, results):
-    """eval_SPLIT_MODE.json; an exported file's results add its backend and name (eval_val_ss_openvino_model_int8.json),
-    so that they sit beside the PyTorch model's instead of replacing them."""
+    """eval_SPLIT_MODE.json, plus an exported file's backend and name so that its results sit beside the model's."""
     if cfg.backend == "torch":
         return f"eval_{cfg.val_split}_{results['mode']}.json"
     stem = os.path.splitext(os.path.basename(model_path(cfg, ckpt)))[0]
@@ -325,8 +318,7 @@ def results_name(cfg, ckpt, results):
 
 
 class Validator:
-    """Validation during training (eval_every): the val split scored with evaluate.py's evaluate(), a record per
-    validation in log.jsonl, model_best.pth for the best mIoU so far, and the run's pictures redrawn."""
+    """Validation during training (eval_every) by evaluate(): a log.jsonl record, model_best.pth, pictures redrawn."""
 
     def __init__(self, cfg, proc, run_dir, best, dataset):
         self.cfg, self.proc, self.run_dir, self.best, self.dataset = cfg, proc, run_dir, dict(best), dataset

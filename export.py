@@ -124,9 +124,8 @@ def random_images(sizes, batch=1):
 
 
 def verify(run, model, sizes, batch=1):
-    """Compare `run` (float32 array (N, 3, H, W) -> logits or labels, a runtime runner) with the PyTorch `model` on
-    random_images(sizes, batch): the worst "max_abs_diff", "within_tolerance" (both None for a labels file) and
-    "argmax_agreement", and "sizes": those of each batch with its "size" and "tolerance"."""
+    """`run` (a runtime runner) against the PyTorch `model` on random_images: the worst "max_abs_diff",
+    "within_tolerance" (None for a labels file) and "argmax_agreement", and each batch's in "sizes"."""
     images = random_images(sizes, batch)
     sizes = [dict(_compare(run, model, image), size=list(image.shape)) for image in images]
     diffs = [r["max_abs_diff"] for r in sizes]
@@ -167,9 +166,8 @@ def check_int8_report(path, report):
 
 
 def compare_on_split(run, model, images, num_classes):
-    """PyTorch `model` (fp32) and `run` (an exported file's runner) on the labelled `images` (SplitImages): each's
-    mIoU (as evaluate.py's ss mode scores, on these images only) and the lowest per-image share of pixels where
-    they agree. Returns {"miou_torch", "miou_file", "argmax_agreement", "images"}."""
+    """{"miou_torch", "miou_file", "argmax_agreement", "images"}: the fp32 `model`'s and the file's mIoU on `images`
+    (evaluate.py's ss mode), and the lowest per-image share of pixels where they agree."""
     confusions = [torch.zeros((num_classes, num_classes), dtype=torch.int64) for _ in range(2)]
     agreements, device = [], next(model.parameters()).device
     for image, label in images.labelled():

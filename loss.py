@@ -1,7 +1,6 @@
 """Training losses: OHEM cross-entropy and the sum over the model's heads, main + aux_weight * (sum of the aux heads).
-
-The logged training loss is that total, the value optimized: with aux_weight 1 it starts near 3x (BiSeNetV2's four
-boosters: 5x) a single head's cross-entropy. Each head's own loss is logged beside it.
+The logged loss is that total, the value optimized: with aux_weight 1 it starts near 3x (BiSeNetV2's four boosters:
+5x) a single head's cross-entropy. Each head's own loss is logged beside it.
 """
 
 import math
@@ -14,11 +13,8 @@ from datasets import IGNORE
 
 
 def ohem_mask(losses, valid, thresh_loss, n_min):
-    """The hard examples among the per-pixel `losses` where `valid` (a mask of the same shape), as a mask.
-
-    If at least `n_min` valid losses exceed `thresh_loss` (i.e. the n_min-th largest does), every valid loss
-    above the threshold is kept; otherwise the `n_min` largest valid ones are, so an easy batch still has a gradient.
-    """
+    """Mask of the hard valid losses: all above `thresh_loss` if at least `n_min` are (the n_min-th largest is), else
+    the `n_min` largest, so an easy batch still has a gradient."""
     hard = valid & (losses > thresh_loss)
     n_min = min(n_min, int(valid.sum()))
     if int(hard.sum()) >= n_min:
@@ -34,15 +30,11 @@ def ohem_select(losses, thresh_loss, n_min):
 
 
 class OhemCrossEntropy(nn.Module):
-    """Cross-entropy averaged over the hard pixels: those whose probability of the true class is below
-    `thresh`, and at least `min_frac` of the valid (non-ignored) pixels of the batch.
-
-    With per-class `weight`s the hard pixels are chosen by their unweighted loss (a class weight changes what a
-    pixel counts for, not whether it is hard), then averaged with their class weights as PyTorch's weighted
-    cross-entropy averages: sum(w_i * loss_i) / sum(w_i) over the hard pixels i. Dividing by the weights keeps
-    the gradient's scale that of the unweighted loss; a plain mean of w_i * loss_i would scale it by the hard
-    pixels' mean weight, several times 1 with median-frequency weights, and can make a run diverge.
-    """
+    """Cross-entropy averaged over the hard pixels: true-class probability below `thresh`, and at least `min_frac` of
+    the valid pixels. With class `weight`s, hardness is the unweighted loss (a weight changes what a pixel counts for,
+    not whether it is hard) and the mean is PyTorch's weighted one, sum(w_i * loss_i) / sum(w_i): a plain mean of
+    w_i * loss_i would scale the gradient by the hard pixels' mean weight, several times 1 with median-frequency
+    weights, and can make a run diverge."""
 
     def __init__(self, thresh=0.7, min_frac=1 / 16, ignore_index=IGNORE, weight=None):
         super().__init__()
@@ -76,12 +68,8 @@ class OhemCrossEntropy(nn.Module):
 
 
 class BiSeNetLoss(nn.Module):
-    """`criterion` on each head's logits: total = main + aux_weight * sum(aux).
-
-    `outputs` is the model's training output, {"out": main logits, AUX_NAME: logits, ...}, or the main logits alone.
-    Returns (total, parts): parts maps "main" and each aux head's name to its detached loss, logged beside the total.
-    `aux_names` (the model's AUX_MODULES) only name the heads in `formula`.
-    """
+    """`criterion` on each head's logits ({"out": main, AUX_NAME: aux, ...} or main alone): (main + aux_weight *
+    sum(aux), {"main" and each aux name: its detached loss}); `aux_names` only name the heads in `formula`."""
 
     def __init__(self, criterion, aux_weight=1.0, aux_names=()):
         super().__init__()
@@ -104,7 +92,6 @@ class BiSeNetLoss(nn.Module):
 
 
 def build_loss(cfg, class_weights=None, aux_names=()):
-    """The training loss; `class_weights`: num_classes numbers or None (datasets.class_weights), `aux_names`: the
-    model's AUX_MODULES, for `formula`."""
+    """The training loss; `class_weights`: None or num_classes numbers (datasets.class_weights)."""
     criterion = OhemCrossEntropy(cfg.ohem_thresh, cfg.ohem_min_frac, weight=class_weights)
     return BiSeNetLoss(criterion, cfg.aux_weight, aux_names)

@@ -100,9 +100,8 @@ class BiSeNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        """Training: {"out": main, "aux8": ..., "aux16": ...} logits at input size (only "out" without aux heads).
-        Evaluation: the main logits alone. In training mode BatchNorm after global pooling (ARM, GP) needs more than
-        one image per batch."""
+        """Training: {"out": main, "aux8": ..., "aux16": ...} logits at input size; evaluation: the main logits. In
+        training mode BatchNorm after global pooling (ARM, GP) needs more than one image per batch."""
         size = x.shape[2:]
         feat8, feat16, feat32 = self.backbone(x)
         feat16_up, feat8_up = self._context(feat8, feat16, feat32)
@@ -142,9 +141,8 @@ class PretrainedError(RuntimeError):
 
 
 def load_pretrained(backbone, source):
-    """Load ImageNet weights into `backbone` from `source` (cfg.pretrained): "none" (from scratch on purpose),
-    "torchvision" (its IMAGENET1K_V1 file, downloaded once to the torch hub cache) or a resnet18 state dict's path.
-    Returns the file read (None for "none"), for the training log; PretrainedError rather than no weights."""
+    """Load ImageNet weights from cfg.pretrained: "none" (from scratch on purpose), "torchvision" (IMAGENET1K_V1, in
+    the torch hub cache) or a resnet18 state dict's path. Returns the file read; PretrainedError rather than none."""
     if source == "none":
         return None
     state, path = _torchvision_weights() if source == "torchvision" else (_read_state_dict(source), source)
@@ -252,9 +250,8 @@ def _submodule(module, dotted):
 
 
 def _fold(module, bn_name, conv, before):
-    """Fold the eval-mode BN module.<bn_name> (x * scale + shift per channel) into `conv`, which it comes `before` or
-    after: the conv's input or output channels scaled, the shift carried into its bias. In float64 (on the CPU: not
-    every accelerator has it), so that folding adds no rounding of its own."""
+    """Fold BN module.<bn_name> (x * scale + shift) into the input or output channels and bias of `conv`, in float64
+    on the CPU (not every accelerator has it), so that folding adds no rounding of its own."""
     bn = getattr(module, bn_name)
     gamma, beta, mean, var = (t.to("cpu", torch.float64) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
     scale = gamma / torch.sqrt(var + bn.eps)
@@ -285,9 +282,8 @@ class InferenceModel(nn.Module):
 
 
 def inference_model(model, amp="none", device=None):
-    """The fastest eval-mode copy of `model` for prediction, on `device` (default: the model's): BatchNorm folded,
-    channels_last, amp="bf16" / "fp16" autocast where the hardware has it. In fp32 its outputs are the eval-mode
-    model's up to float rounding; `model` is left as it was. BENCHMARKS.md has what each step buys."""
+    """The fastest eval-mode copy of `model` on `device`: BatchNorm folded, channels_last, bf16/fp16 autocast where the
+    hardware has it; fp32 outputs equal up to float rounding. BENCHMARKS.md has what each step buys."""
     device = next(model.parameters()).device if device is None else torch.device(device)
     return InferenceModel(fold_batchnorm(model).to(device), autocast_dtype(amp, device)).eval()
 
@@ -306,8 +302,7 @@ def count_gflops(model, size):
 
 
 def summary(cfg):
-    """The lines `python model.py` prints: the parameters of cfg's model with and without its auxiliary heads, and its
-    GFLOPs at the training crop, at 512x1024 and at 1024x2048."""
+    """What `python model.py` prints: parameters with and without aux heads, GFLOPs at the crop, 512x1024, 1024x2048."""
     with torch.device("meta"):  # shapes only: neither the weights nor the forward passes take memory or time
         full = build_model(dataclasses.replace(cfg, aux_heads=True), pretrained=False)
         bare = build_model(dataclasses.replace(cfg, aux_heads=False), pretrained=False)

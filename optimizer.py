@@ -1,7 +1,6 @@
-"""SGD with per-group learning-rate multipliers, and the warmup + poly learning-rate schedule.
-
-Four groups: backbone-side ("base") and head-side ("head", lr x head_lr_mult) parameters, each with and without weight
-decay. Each group carries "lr_mult", so the schedule sets one base lr and every group follows it.
+"""SGD with per-group learning-rate multipliers, and the warmup + poly learning-rate schedule. Four groups: backbone
+("base") and head ("head", lr x head_lr_mult) parameters, each with and without weight decay; each group carries
+"lr_mult", so the schedule sets one base lr and every group follows it.
 """
 
 import torch
@@ -13,13 +12,9 @@ NO_DECAY_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def param_groups(model, head_prefixes=(), weight_decay=5e-4, head_lr_mult=10.0):
-    """Optimizer parameter groups base / base_no_decay / head / head_no_decay, empty ones dropped; each a dict of
-    "params", "weight_decay", "lr_mult" and "name", and each trainable parameter in exactly one.
-
-    Head: the parameter's name starts with one of `head_prefixes` (module names such as "ffm") as whole dotted
-    components ("head" does not claim "header.weight"). No decay: a normalization layer's or a bias. Call it on the
-    raw model, not a DistributedDataParallel wrapper (whose parameter names start with "module.").
-    """
+    """Non-empty groups base / base_no_decay / head / head_no_decay holding each trainable parameter once. Head: the
+    name starts with one of `head_prefixes` as whole dotted components ("head" does not claim "header.weight"); no
+    decay: norm weights and biases. Call it on the raw model: DDP's parameter names start with "module."."""
     groups = {part + suffix: {"params": [], "weight_decay": 0.0 if suffix else weight_decay,
                               "lr_mult": head_lr_mult if part == "head" else 1.0, "name": part + suffix}
               for part in ("base", "head") for suffix in ("", "_no_decay")}
@@ -42,9 +37,8 @@ def build_optimizer(model, cfg):
 
 
 def load_optimizer_state(optimizer, state):
-    """Load a saved optimizer `state` (momentum buffers) but keep each group's settings (weight_decay, momentum,
-    lr_mult) as `optimizer` was built: torch's load_state_dict alone would bring back the saved ones, silently
-    ignoring config changes made on resume."""
+    """Load saved momentum buffers but keep each group's settings as built: torch's load_state_dict alone would bring
+    back the saved ones, silently ignoring config changes made on resume."""
     built = {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups}
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:

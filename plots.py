@@ -3,8 +3,7 @@
     python plots.py runs/NAME                  # (re)draw curves.png (log.jsonl) and confusion.png (eval.json)
     python plots.py runs/NAME/eval_val_ss.json # draw eval_val_ss_confusion.png beside it
 
-train.py and evaluate.py draw them too. matplotlib is optional (requirements-plot.txt): without it they are skipped
-with one warning.
+train.py and evaluate.py draw them too; without matplotlib (requirements-plot.txt) they are skipped with one warning.
 """
 
 import argparse
@@ -158,39 +157,6 @@ def confusion_path(json_path):
     return os.path.splitext(json_path)[0] + "_confusion.png"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("path", help="a run directory (curves) or an evaluation JSON (confusion)")
-    args = parser.parse_args(argv)
-    if importlib.util.find_spec("matplotlib") is None:
-        print("error: plots.py draws with matplotlib, which is not installed; pip install -r requirements-plot.txt",
-              file=sys.stderr)
-        return 2
-    try:
-        if os.path.isdir(args.path):  # a run folder: its curves, and the confusion of its final evaluation
-            written = [plot_curves(os.path.join(args.path, "log.jsonl"), os.path.join(args.path, "curves.png"))]
-            if os.path.isfile(os.path.join(args.path, "eval.json")):
-                with open(os.path.join(args.path, "eval.json")) as f:
-                    written.append(plot_confusion(json.load(f), os.path.join(args.path, "confusion.png")))
-        else:
-            with open(args.path) as f:
-                written = [plot_confusion(json.load(f), confusion_path(args.path))]
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"error: cannot draw {args.path}: {exc}", file=sys.stderr)
-        return 2
-    written = [out for out in written if out is not None]
-    if not written:
-        print(f"error: nothing drawn for {args.path}: it holds no training records or no labelled results",
-              file=sys.stderr)
-        return 1
-    print("\n".join(f"wrote {out}" for out in written))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def sweep_summary(plt, summary):
     """A column per split. Top: a bar per variant at its mean mIoU (from 0) with its interval (drawn within 0-100; the
     table has the numbers), a dot per seed, the baseline's mean dashed. Below, where there is a baseline: each
@@ -238,3 +204,36 @@ def sweep_summary(plt, summary):
             ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("path", help="a run directory (curves) or an evaluation JSON (confusion)")
+    args = parser.parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:
+        print("error: plots.py draws with matplotlib, which is not installed; pip install -r requirements-plot.txt",
+              file=sys.stderr)
+        return 2
+    try:
+        if os.path.isdir(args.path):  # a run folder: its curves, and the confusion of its final evaluation
+            written = [plot_curves(os.path.join(args.path, "log.jsonl"), os.path.join(args.path, "curves.png"))]
+            if os.path.isfile(os.path.join(args.path, "eval.json")):
+                with open(os.path.join(args.path, "eval.json")) as f:
+                    written.append(plot_confusion(json.load(f), os.path.join(args.path, "confusion.png")))
+        else:
+            with open(args.path) as f:
+                written = [plot_confusion(json.load(f), confusion_path(args.path))]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot draw {args.path}: {exc}", file=sys.stderr)
+        return 2
+    written = [out for out in written if out is not None]
+    if not written:
+        print(f"error: nothing drawn for {args.path}: it holds no training records or no labelled results",
+              file=sys.stderr)
+        return 1
+    print("\n".join(f"wrote {out}" for out in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

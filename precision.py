@@ -1,6 +1,5 @@
-"""The precision policy in one place: the autocast dtype an amp / eval_amp setting gets on a device, and the
-GradScaler training adds for fp16. "none" is fp32, "fp16" is CUDA only (the CPU has no fast fp16), "bf16" runs where
-it is native and falls back to fp32 elsewhere.
+"""The precision policy in one place: the autocast dtype an amp / eval_amp setting gets on a device, and fp16's
+GradScaler. "fp16" is CUDA only (the CPU has no fast fp16); "bf16" runs where native, elsewhere fp32 ("none").
 """
 
 import warnings
@@ -36,9 +35,8 @@ def autocast_dtype(amp, device, warn=True):
 
 
 def training_precision(amp, device):
-    """(autocast dtype or None, autocast context, GradScaler) for training with `amp` on `device`. fp32 where the
-    hardware lacks the dtype, without a warning: the caller says it (fp16, the default, is fp32 on a CPU). The scaler
-    is enabled for fp16 only."""
+    """(autocast dtype or None, autocast context, GradScaler enabled for fp16 only); fp32 where the hardware lacks the
+    dtype, without a warning: the caller says it (fp16, the default, is fp32 on a CPU)."""
     dtype = autocast_dtype(amp, device, warn=False)
     if dtype is None:
         return None, nullcontext(), torch.amp.GradScaler("cuda", enabled=False)

@@ -1,8 +1,6 @@
-"""ResNet18 trunk for BiSeNet: torchvision's resnet18 up to layer4, returning the 1/8, 1/16 and 1/32 features.
-
-Its modules and state-dict names are torchvision's (conv1, bn1, layer1.0.conv1, layer2.0.downsample.0, ...), without
-avgpool and fc: torchvision's ImageNet weights and every checkpoint of this project load into it (model.load_pretrained
-reads the weights).
+"""ResNet18 trunk for BiSeNet: torchvision's resnet18 up to layer4, returning the 1/8, 1/16 and 1/32 features. Its
+state-dict names are torchvision's, without avgpool and fc: its ImageNet weights (model.load_pretrained) and every
+checkpoint of this project load into it.
 """
 
 import torch
@@ -17,9 +15,8 @@ class ResNet18(IntermediateLayerGetter):
     def __init__(self):
         rng = torch.get_rng_state()
         super().__init__(torchvision.models.resnet18(), FEATURES)
-        # The initial weights a seed gave before this trunk came from torchvision: its constructor also draws the
-        # weights of the fc layer dropped here, so the convolutions' draws are made again without them (PyTorch's
-        # default init, then torchvision's kaiming_normal_, in module order). They matter only from scratch.
+        # A seed's initial weights as before this trunk came from torchvision, whose constructor also draws the dropped
+        # fc's: the convs are drawn again (default init, then kaiming_normal_, in module order). Only from scratch.
         torch.set_rng_state(rng)
         convs = [m for m in self.modules() if isinstance(m, nn.Conv2d)]
         for conv in convs:

@@ -64,8 +64,7 @@ def openvino_runner(path, precision="f32"):
 
 
 class BackendModel:
-    """An exported logits file run by `backend` ("openvino" or "onnxruntime") on the CPU, called like the PyTorch
-    inference model: float32 (N, 3, H, W) tensor in, float32 logits (N, C, H, W) out, on the input's device."""
+    """An exported logits file run by `backend` on the CPU like the PyTorch model; logits on the input's device."""
 
     device = torch.device("cpu")  # where it computes, whatever device the images come from
 

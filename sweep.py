@@ -92,7 +92,6 @@ def parse_seeds(text):
 
 
 def variant_overrides(variant):
-    """The key=value overrides variant `variant` puts on top of --config."""
     if variant in PRESETS:
         return [override_text(k, v) for k, v in PRESETS[variant].items()]
     if variant != BASELINE and not all("=" in item for item in variant.split()):
@@ -151,8 +150,7 @@ class Run:
 
 
 def check_existing(run):
-    """A run folder from an earlier sweep: another model is refused (its checkpoint would not fit), other differences
-    are said."""
+    """A run folder from an earlier sweep: another model is refused (its weights would not fit), other changes said."""
     try:
         with open(run.path("config.json")) as f:
             saved = upgrade_stored(json.load(f))

@@ -75,8 +75,7 @@ def override(args, key):
 
 
 def read_config(args, ckpt=None, notes=None):
-    """The config from --config and overrides; a resumed run's starts from the one stored in its checkpoint (`ckpt`:
-    the resume= file's contents where read already). `notes`: see configs.get_config."""
+    """The config from --config and overrides, a resumed run's from the one stored in its checkpoint `ckpt`."""
     path = override(args, "resume")
     if not path:
         return get_config(args.config or "cityscapes", args.overrides, notes=notes)
@@ -89,9 +88,8 @@ def read_config(args, ckpt=None, notes=None):
 
 
 def read_resume(args, rank):
-    """(the resume= checkpoint's contents or None, the process group's timeout). Only rank 0 reads the file (node-local
-    disks may hold it on the first machine alone) and sends it to the others (train); they take the timeout from a
-    dist_timeout= override or its default: the checkpoint's config cannot set it for them."""
+    """(resume= checkpoint's contents or None, process group timeout). Only rank 0 reads the file (a node-local disk may
+    hold it) and sends it on (train); the others' timeout is a dist_timeout= override or the default, not the file's."""
     path = override(args, "resume")
     if path and rank:
         timeout = override(args, "dist_timeout")
@@ -103,8 +101,7 @@ def read_resume(args, rank):
 def build_training(cfg, proc, channels_last=False):
     """(model to train: DDP-wrapped when distributed, the raw model inside it, optimizer, loss)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    # A resumed or fine-tuned run needs no ImageNet file; otherwise each machine's first process downloads it to the
-    # cache that the others then read, instead of racing on it.
+    # only a new run reads the ImageNet file: each machine's first process fetches it for the others, not racing them
     with proc.local_main_first():
         model = build_model(cfg, pretrained=not cfg.resume and not cfg.init_from)
     if cfg.init_from and not cfg.resume:  # fine-tuning: the tensors that fit, and what was left new
@@ -186,9 +183,8 @@ def non_finite_message(flags, world, it, lr, last_path, cfg, saved, skipped_in_a
 
 
 def train(cfg, proc, ckpt=None, stop=None):
-    """Train; returns (the raw model, its run directory, the last validation's results or None). `ckpt`: the resume=
-    file's contents where rank 0 has read them already (read_resume); the other ranks receive them from it. `stop`:
-    the entered StopRequest of main, which also covers the final evaluation (None: signals are not caught)."""
+    """Train; returns (raw model, run directory, last validation's results or None). `ckpt`: rank 0's read_resume, sent
+    to the others; `stop`: main's entered StopRequest, which also covers the final evaluation (None: none caught)."""
     if proc.main:  # first of all, so that a run failing early still shows what it was asked to do
         print("\n".join(filter(None, [describe(cfg), plots.missing_note()])), flush=True)
     # the checks that need the number of processes or the file system, before building anything
@@ -233,8 +229,7 @@ def train(cfg, proc, ckpt=None, stop=None):
         lr = lr_at(it, cfg)  # the schedule counts optimizer steps
         loss, parts, flags, skipped = train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc,
                                                  lr, stop.signum is not None, channels_last)
-        # fp16: a step with inf or NaN is skipped and the scale lowered; the run stops only when that keeps on.
-        # fp32 and bf16 have no scale to lower: they stop at once.
+        # fp16 skips a step with inf/NaN and lowers its scale, stopping when that keeps on; fp32 and bf16 stop at once
         in_a_row, skipped_total = (in_a_row + 1 if skipped else 0), skipped_total + skipped
         if (in_a_row >= cfg.max_skipped_steps) if scaled else min(flags[:2]) < proc.world:
             raise NonFiniteError(non_finite_message(flags, proc.world, it, lr, last_path, cfg, saved,
@@ -268,8 +263,7 @@ def train(cfg, proc, ckpt=None, stop=None):
     final_path = os.path.join(run_dir, "model_final.pth")
     if proc.main:
         save_checkpoint(final_path, {"model": raw_model.state_dict(), "config": cfg.to_dict()})
-    # asked to stop during the last iteration or its validation, on any rank: every rank ends without the final
-    # evaluation (a rank not signalled: as SIGTERM)
+    # asked to stop in the last iteration or its validation, on any rank: every rank skips the final evaluation
     asked = proc.all_sum(torch.tensor([float(stopping or stop.signum is not None)], device=proc.device)).item()
     if asked:
         stop.signum = stop.signum or signal.SIGTERM
@@ -285,12 +279,9 @@ def train(cfg, proc, ckpt=None, stop=None):
 
 def train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc, lr, stop_requested=False,
                channels_last=False):
-    """One optimizer step (benchmark.py times this function); returns (loss, each head's, flags, skipped).
-
-    Its one sync all-reduces [loss finite, gradients finite, asked to stop], so that every rank stops after the same
-    iteration. Without a GradScaler the update is made only where every rank is finite; with fp16's the scaler
-    decides, as in the reference recipe: it skips a step with inf or NaN gradients and lowers its scale (`skipped`).
-    """
+    """One optimizer step (benchmark.py times it): (loss, each head's, flags, skipped). Its one sync all-reduces [loss
+    finite, gradients finite, asked to stop], so every rank stops after the same iteration. Without a GradScaler only
+    a step finite on every rank updates; fp16's scaler skips one with inf/NaN and lowers its scale, as the reference."""
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     loss, parts = accumulate_gradients(model, criterion, data, cfg, proc, autocast, scaler, channels_last)
@@ -310,9 +301,8 @@ def train_step(model, criterion, optimizer, scaler, autocast, data, cfg, proc, l
 
 
 def accumulate_gradients(model, criterion, data, cfg, proc, autocast, scaler, channels_last=False):
-    """Forward and backward of cfg.grad_accum micro-batches, each loss divided by grad_accum: one step over the whole
-    batch (OHEM selects per micro-batch, as per GPU under torchrun); DDP syncs at the last one only. The uint8 batch
-    is normalized on the device. Returns (the step's loss, each head's), means over micro-batches."""
+    """Forward and backward of cfg.grad_accum micro-batches, losses divided by grad_accum (OHEM selects per
+    micro-batch, as per GPU under torchrun; DDP syncs at the last only): (loss, each head's), means over them."""
     total, heads = 0, {}
     for k in range(cfg.grad_accum):
         images, labels = next(data)
@@ -330,8 +320,7 @@ def accumulate_gradients(model, criterion, data, cfg, proc, autocast, scaler, ch
 
 
 def final_evaluation(cfg, proc, model, run_dir, results=None):
-    """The val split scored with the same function evaluate.py runs (or the last validation's `results`, of the
-    same model), eval.json written and the pictures drawn."""
+    """eval.json and the pictures from evaluate.py's function on the val split (or the last validation's `results`)."""
     if results is None:
         results = evaluate(model, eval_dataset(cfg), cfg, proc)
     if proc.main:
@@ -355,8 +344,7 @@ def failure(exc, proc, timeout):
         line, code = f"error: {message}; the run directory's last.pth holds the last checkpoint to resume from", 1
     else:
         return None
-    # a config, a non-finite step and a stop are the same on every rank: said once; a file or a disk may be one
-    # machine's own problem: every rank says it
+    # a config, a non-finite step and a stop are the same on every rank: said once; a file or disk problem by each
     if launched_rank() == 0 or not isinstance(exc, (ConfigError, NonFiniteError, Stopped)):
         print(line, file=sys.stderr)
     return code

@@ -1,8 +1,6 @@
-"""Paired (image, label) transforms on numpy arrays.
-
-Training: random scale, pad (image 0, label 255) where the scaled image is smaller than the crop, random crop,
-horizontal flip, color jitter of the image part (not the padding). Samples stay uint8 (image HWC, class ids with
-255 ignored); normalize() makes the model's float input on the device. Labels always use nearest-neighbour sampling.
+"""Paired (image, label) transforms on numpy arrays. Training: random scale, pad (image 0, label 255) up to the crop,
+random crop, horizontal flip, color jitter of the image part (not the padding). Samples stay uint8 (image HWC, class
+ids, 255 ignored); normalize() makes the float input on the device. Labels always use nearest-neighbour sampling.
 """
 
 import cv2
@@ -15,10 +13,9 @@ GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # RGB luma weights (they sum
 
 
 def color_jitter(image, rng, brightness, contrast, saturation):
-    """Scale brightness, contrast (around the mean intensity) and saturation (around each pixel's gray): per pixel
-    x -> b x; y -> c (y - m) + m with m the mean of b x; z -> s z + (1 - s) gray(z). Composed, one affine map of the
-    RGB vector, c b (s I + (1 - s) 1 GRAY^T) x + (1 - c) m, which cv2.transform applies in one pass over the uint8
-    image (saturating: clipped to [0, 255] once, at the end)."""
+    """Brightness x -> b x, contrast y -> c (y - m) + m (m: mean of b x), saturation z -> s z + (1 - s) gray(z),
+    composed into one affine map c b (s I + (1 - s) 1 GRAY^T) x + (1 - c) m that cv2.transform applies in one pass
+    over the uint8 image, clipping to [0, 255] once, at the end."""
     b = rng.uniform(1 - brightness, 1 + brightness) if brightness > 0 else 1.0
     c = rng.uniform(1 - contrast, 1 + contrast) if contrast > 0 else 1.0
     s = rng.uniform(1 - saturation, 1 + saturation) if saturation > 0 else 1.0
@@ -63,9 +60,8 @@ class TrainTransform:
         return scale, offset, bool(rng.random() < self.hflip)
 
     def warp(self, image, label, rng):
-        """Scale, pad, crop and flip: uint8 image (bilinear) and label (nearest) of the crop size, and the (rows, cols)
-        slices of the crop that lie on the image (the rest is padding). One affine map from crop pixels to source
-        pixels, one cv2.warpAffine per array: the cost of the crop, never of the scaled full image."""
+        """Image (bilinear) and label (nearest) of the crop, and the (rows, cols) slices on the image (the rest is
+        padding): one cv2.warpAffine per array, the cost of the crop, never of the scaled full image."""
         scale, (ox, oy), flip = self.sample_params(image.shape[:2], rng)
         crop_h, crop_w = self.crop_hw
         valid_h = min(crop_h, round(image.shape[0] * scale) - oy)
