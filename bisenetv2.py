@@ -186,8 +186,9 @@ class SegmentHead(nn.Module):
         expand = UpsampleConvBNReLU(mid, width) if booster else nn.Identity()
         self.conv_out = nn.Sequential(expand, nn.Conv2d(width, num_classes, 1))
 
-    def forward(self, x, size):
-        return resize(self.conv_out(self.drop(self.conv(x))), size, "bilinear")
+    def forward(self, x, size):  # size None: the logits at the feature's own size
+        logits = self.conv_out(self.drop(self.conv(x)))
+        return logits if size is None else resize(logits, size, "bilinear")
 
 
 class BiSeNetV2(nn.Module):
@@ -219,12 +220,13 @@ class BiSeNetV2(nn.Module):
                 nn.init.constant_(m.weight, 0.0 if m in residual_ends else 1.0)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
-        """Training: {"out": main, "aux2": ..., "aux5_4": ...} logits at input size; evaluation: the main logits. In
+    def forward(self, x, resize_logits=True):
+        """Training: {"out": main, "aux2": ..., "aux5_4": ...} logits at input size; evaluation: the main logits, with
+        resize_logits=False at the head's 1/8 size (export.py's labels model upsamples its labels instead). In
         training mode the CE block's BatchNorm after global pooling needs more than one image per batch."""
         size = x.shape[2:]
         *features, semantic = self.segment(x)
-        main = self.head(self.bga(self.detail(x), semantic), size)
+        main = self.head(self.bga(self.detail(x), semantic), size if resize_logits or self.training else None)
         if not self.training:
             return main
         boosters = zip(self.AUX_MODULES, features, strict=True) if self.aux2 is not None else ()

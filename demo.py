@@ -20,10 +20,9 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_for_inference
 from configs import ConfigError, add_config_args
 from datasets import DatasetError, cityscapes_table, class_table, legend, read_image
-from evaluate import predict, write_png
+from evaluate import predict_image, write_png
 from model import inference_model
 from runtime import BackendError, BackendModel, load_model
-from transform import normalize
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
@@ -42,10 +41,11 @@ class DemoError(RuntimeError):
 @torch.inference_mode()
 def render(model, image_rgb, cfg, table, alpha=0.5):
     """(color picture, overlay) of an RGB uint8 image, each at its size with the legend strip of the classes present
-    on the right; the overlay is (1 - alpha) * image + alpha * colors. `model`: inference_model's or a BackendModel."""
+    on the right; the overlay is (1 - alpha) * image + alpha * colors. `model`: inference_model's or a BackendModel
+    (a labels file too: export.py --argmax)."""
     device = model.device if isinstance(model, BackendModel) else next(model.parameters()).device
-    image = normalize(torch.from_numpy(np.ascontiguousarray(image_rgb))[None].to(device), cfg.mean, cfg.std)
-    train_ids = predict(model, image, cfg, cfg.eval_mode).to(torch.uint8).cpu().numpy()
+    image = torch.from_numpy(np.ascontiguousarray(image_rgb))
+    train_ids = predict_image(model, image, cfg, cfg.eval_mode, device).to(torch.uint8).cpu().numpy()
     colors, strip = table.colorize(train_ids), legend(train_ids, image_rgb.shape[0], table)
     blend = np.clip(np.rint((1 - alpha) * image_rgb.astype(np.float32) + alpha * colors.astype(np.float32)), 0, 255)
     return (np.concatenate([colors, strip], axis=1), np.concatenate([blend.astype(np.uint8), strip], axis=1))

@@ -28,7 +28,7 @@ from configs import ConfigError, add_config_args, format_config
 from datasets import FONT, IGNORE, MIN_ROW, DatasetError, build_dataset, class_table, legend, loader_workers, read_image
 from distributed import Distributed, LaunchError, timeout_message
 from model import inference_model
-from runtime import BackendError, BackendModel, load_model, model_path
+from runtime import BackendError, BackendModel, check_labels_mode, load_model, model_path
 from transform import EvalTransform, normalize
 
 SHOWN_CLASSES = 30  # the terminal's per-class table lists every class up to this many
@@ -166,6 +166,14 @@ def predict(model, image, cfg, mode):
     return scores.max(0).indices
 
 
+def predict_image(model, image, cfg, mode, device):
+    """Class ids (H, W) on `device` of a uint8 RGB image (H, W, 3): a labels file (export.py --argmax) takes it as the
+    BGR frame OpenCV decodes and normalizes it in its graph; any other model predicts on it normalized on `device`."""
+    if isinstance(model, BackendModel) and model.outputs_labels:
+        return model.labels(image.cpu().flip(-1)[None])[0].to(device)
+    return predict(model, normalize(image[None].to(device, non_blocking=True), cfg.mean, cfg.std), cfg, mode)
+
+
 # ---- the evaluation loop ----
 
 def save_prediction(save_dir, relative_path, pred, table, color):
@@ -220,14 +228,14 @@ def evaluate(model, dataset, cfg, proc, mode=None):
                                          **loader_workers(cfg.eval_workers))
     # a folded channels_last copy on the images' device (`model` stays as it is); an exported file runs on the CPU
     net = model if isinstance(model, BackendModel) else inference_model(model, cfg.eval_amp, proc.device)
+    check_labels_mode(net, mode, cfg.eval_short_side)
     table = class_table(cfg)
     confusion = torch.zeros((cfg.num_classes, cfg.num_classes), dtype=torch.int64, device=proc.device)
     scorer = "" if not isinstance(model, BackendModel) else f" {model.backend} {os.path.basename(model.path)}"
     progress = tqdm(zip(shard, loader, strict=True), desc=f"eval {mode}{scorer}", total=len(shard),
                     disable=not proc.main, dynamic_ncols=True)
     for index, (image, label) in progress:
-        # uint8 from the loader, normalized on the device (transform.normalize)
-        pred = predict(net, normalize(image[None].to(proc.device, non_blocking=True), cfg.mean, cfg.std), cfg, mode)
+        pred = predict_image(net, image, cfg, mode, proc.device)  # uint8 from the loader
         if dataset.has_labels:
             confusion_update(confusion, pred, label.to(proc.device).long())
         if cfg.save_dir:

@@ -1,10 +1,12 @@
 """Export a BiSeNet checkpoint to ONNX (and OpenVINO, INT8) for deployment, and check the files against PyTorch.
 
-    python export.py --ckpt runs/NAME/model_final.pth [--output FILE.onnx] [--argmax] [--no-fold] [--opset 17]
-                     [--openvino] [--int8 [--calib-size 300] [--check-size 50]] [--config NAME] [key=value ...]
+    python export.py --ckpt runs/NAME/model_final.pth [--output FILE.onnx] [--argmax [--labels-upsample nearest]]
+                     [--no-fold] [--opset 17] [--openvino] [--int8 [--calib-size 300] [--check-size 50]]
+                     [--config NAME] [key=value ...]
 
-Input "image": float32 (N, 3, H, W), normalized as in training, any size; output "logits" (N, C, H, W), or with
---argmax "labels" int64 (N, H, W). docs/deploy.md has the details. Packages: requirements-deploy.txt.
+Input "image": float32 (N, 3, H, W), normalized as in training, any size; output "logits" (N, C, H, W). With --argmax
+the labels model: input "image" uint8 (N, H, W, 3), BGR as OpenCV decodes it, normalized in the graph; output
+"labels" uint8 (N, H, W). docs/deploy.md has the details. Packages: requirements-deploy.txt.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_for_inference
 from configs import ConfigError, add_config_args
@@ -39,36 +42,62 @@ class ExportError(BackendError):
     """An export that cannot be done or a file that does not match PyTorch."""
 
 
-class _WithArgmax(nn.Module):
-    """The model with the per-pixel argmax in the graph, so a deployment reads train ids directly."""
+LABELS_UPSAMPLES = ("bilinear", "nearest")  # the labels model's ways to the frame's size (LabelsModel)
 
-    def __init__(self, model):
+
+class LabelsModel(nn.Module):
+    """What export.py --argmax writes: uint8 BGR frames (N, H, W, 3), as OpenCV decodes them, to uint8 class ids
+    (N, H, W). The channel order, / 255 and mean/std are the graph's first ops, computed as transform.normalize does
+    (folding them into the first convolution would change its zero padding). `upsample` "bilinear": the logits resized
+    to the frame, then the argmax (evaluate.py's ss mode); "nearest": the argmax at the head's 1/8 size, the labels
+    resized (nearest): the argmax over 64 times fewer pixels, one uint8 map resized instead of C float ones, and
+    boundaries on the coarser grid."""
+
+    def __init__(self, model, mean, std, upsample="bilinear"):
         super().__init__()
-        self.model = model
+        if upsample not in LABELS_UPSAMPLES:
+            raise ExportError(f"labels upsample {upsample!r}: expected one of {', '.join(LABELS_UPSAMPLES)}")
+        if (classes := model.arch["num_classes"]) > 255:
+            raise ExportError(f"a labels model gives uint8 class ids, but the model has {classes} classes: expected "
+                              "at most 255; export its logits (without --argmax)")
+        self.model, self.mean, self.std, self.upsample = model, mean, std, upsample
+        self.train(model.training)
 
-    def forward(self, x):
-        return self.model(x).argmax(1)
+    def forward(self, frames):
+        x = normalize(frames.flip(-1), self.mean, self.std)  # BGR -> RGB, as the model was trained
+        if self.upsample == "bilinear":
+            return self.model(x).argmax(1).to(torch.uint8)
+        labels = self.model(x, resize_logits=False).argmax(1).to(torch.uint8)
+        return F.interpolate(labels[:, None], size=frames.shape[1:3], mode="nearest")[:, 0]
 
 
-def export_onnx(model, path, argmax=False, opset=17, sample_hw=(256, 512)):
-    """Write `model` (eval mode, folded or not) to the ONNX file `path`, traced at `sample_hw`; returns `path`."""
+def export_onnx(model, path, opset=17, sample_hw=(256, 512)):
+    """Write `model` (eval mode, folded or not; a LabelsModel for a labels file) to the ONNX file `path`, traced at
+    `sample_hw`; returns `path`."""
     onnx = require("onnx")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: expected {MIN_OPSET} or newer")
     if model.training:
         raise ExportError("export_onnx needs a model in eval mode (model.eval()): training mode returns a tuple")
-    output, axes = "labels" if argmax else "logits", {0: "batch", 2: "height", 3: "width"}
-    dynamic = {"image": axes, output: {0: "batch", 1: "height", 2: "width"} if argmax else axes}
-    sample = torch.randn(1, 3, *sample_hw, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    if isinstance(model, LabelsModel):
+        output = "labels"
+        image_axes = output_axes = {0: "batch", 1: "height", 2: "width"}
+        sample = torch.randint(0, 256, (1, *sample_hw, 3), dtype=torch.uint8, device=device)
+    else:
+        output = "logits"
+        image_axes = output_axes = {0: "batch", 2: "height", 3: "width"}
+        sample = torch.randn(1, 3, *sample_hw, device=device)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # The TorchScript exporter (dynamo=False): the torch.export one needs onnxscript, not a requirement. Tracing
     # records the sizes read from x.shape as Shape/Gather ops, so they follow the input at run time.
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # "the legacy exporter": the choice made above
         warnings.filterwarnings("ignore", "Exporting to ONNX opset version")  # an opset it lacks: ExportError below
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # normalize's mean and std: constants
         try:
-            torch.onnx.export(_WithArgmax(model) if argmax else model, (sample,), path, dynamo=False,
-                              opset_version=opset, input_names=["image"], output_names=[output], dynamic_axes=dynamic)
+            torch.onnx.export(model, (sample,), path, dynamo=False, opset_version=opset, input_names=["image"],
+                              output_names=[output], dynamic_axes={"image": image_axes, output: output_axes})
         except RuntimeError as err:
             if "opset" not in str(err).lower():
                 raise
@@ -86,24 +115,33 @@ def export_openvino(onnx_path, path):
 
 
 class SplitImages:
-    """Up to `size` whole images of `split` (arrays (1, 3, H, W); labelled(): with their labels) normalized as
-    evaluation does, in a fixed shuffled order, read while iterated (300 Cityscapes frames hold 7.5 GB). Whole frames:
-    INT8 calibrated on them agreed with fp32 on 99.6% of CamVid val's pixels, calibrated on training crops 99.3%."""
+    """Up to `size` whole images of `split` in a fixed shuffled order, read while iterated (300 Cityscapes frames hold
+    7.5 GB), as the exported file takes them: normalized as evaluation does (arrays (1, 3, H, W)) or with `frames`
+    uint8 BGR (1, H, W, 3) for a labels file. Whole frames: INT8 calibrated on them agreed with fp32 on 99.6% of CamVid
+    val's pixels, calibrated on training crops 99.3%."""
 
-    def __init__(self, cfg, split, size, seed=CALIB_SEED):
-        self.dataset, self.mean, self.std = eval_dataset(cfg, split), cfg.mean, cfg.std
+    def __init__(self, cfg, split, size, frames=False, seed=CALIB_SEED):
+        self.dataset, self.mean, self.std, self.frames = eval_dataset(cfg, split), cfg.mean, cfg.std, frames
         self.indices = [int(i) for i in np.random.default_rng(seed).permutation(len(self.dataset))[:size]]
 
     def __len__(self):
         return len(self.indices)
 
     def __iter__(self):
-        return (image.numpy() for image, _ in self.labelled())
+        return (self.file_input(image) for image, _ in self.labelled())
 
     def labelled(self):
+        """(uint8 RGB image (1, H, W, 3), int64 label (H, W)) tensors, in the order of iteration."""
         for i in self.indices:
             image, label = self.dataset[i]
-            yield normalize(image[None], self.mean, self.std), label.long()
+            yield image[None], label.long()
+
+    def normalized(self, image):
+        return normalize(image, self.mean, self.std)
+
+    def file_input(self, image):
+        """The array the exported file takes for a labelled() image."""
+        return np.ascontiguousarray(image.numpy()[..., ::-1]) if self.frames else self.normalized(image).numpy()
 
 
 def quantize_int8(xml_path, path, images):
@@ -123,28 +161,36 @@ def random_images(sizes, batch=1):
     return [torch.randn(batch, 3, h, w, generator=generator) for h, w in sizes]
 
 
+def random_frames(sizes, batch=1):
+    """Random uint8 frames (batch, H, W, 3), one batch per (H, W) in `sizes`: what the checks of a labels file run."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (batch, h, w, 3), generator=generator, dtype=torch.uint8) for h, w in sizes]
+
+
 def verify(run, model, sizes, batch=1):
-    """`run` (a runtime runner) against the PyTorch `model` on random_images: the worst "max_abs_diff",
-    "within_tolerance" (None for a labels file) and "argmax_agreement", and each batch's in "sizes"."""
-    images = random_images(sizes, batch)
-    sizes = [dict(_compare(run, model, image), size=list(image.shape)) for image in images]
+    """`run` (a runtime runner) against the PyTorch `model` (a LabelsModel for a labels file) on random_images (or
+    random_frames): the worst "max_abs_diff", "within_tolerance" (None for a labels file) and "argmax_agreement", and
+    each batch's in "sizes"."""
+    inputs = (random_frames if isinstance(model, LabelsModel) else random_images)(sizes, batch)
+    sizes = [dict(_compare(run, model, x), size=list(x.shape)) for x in inputs]
     diffs = [r["max_abs_diff"] for r in sizes]
     return {"max_abs_diff": None if None in diffs else max(diffs),
             "within_tolerance": None if None in diffs else all(r["within_tolerance"] for r in sizes),
             "argmax_agreement": min(r["argmax_agreement"] for r in sizes), "sizes": sizes}
 
 
-def _compare(run, model, image):  # model: in eval mode
+def _compare(run, model, x):  # model: in eval mode
     with torch.no_grad():
-        expected = model(image.to(next(model.parameters()).device)).float().cpu().numpy()
-    result = run(image.numpy())
-    labels = result if result.ndim == 3 else result.argmax(1)  # ndim 3: a --argmax file
-    if labels.shape != expected.argmax(1).shape:
-        raise ExportError(f"the exported file gave an output of shape {result.shape} for an image of shape "
-                          f"{tuple(image.shape)}; PyTorch gives logits of shape {expected.shape}")
+        expected = model(x.to(next(model.parameters()).device)).cpu().numpy()
+    result = run(x.numpy())
+    labels, expected_labels = (a if a.ndim == 3 else a.argmax(1) for a in (result, expected))  # ndim 3: labels
+    if labels.shape != expected_labels.shape:
+        raise ExportError(f"the exported file gave an output of shape {result.shape} for an input of shape "
+                          f"{tuple(x.shape)}; PyTorch gives one of shape {expected.shape}")
     report = {"max_abs_diff": None, "tolerance": None, "within_tolerance": None,
-              "argmax_agreement": float((labels == expected.argmax(1)).mean())}
+              "argmax_agreement": float((labels == expected_labels).mean())}
     if result.ndim == 4:
+        expected = expected.astype(np.float32)
         diff, tolerance = float(np.abs(result - expected).max()), ATOL + RTOL * float(np.abs(expected).max())
         report.update(max_abs_diff=diff, tolerance=tolerance, within_tolerance=diff <= tolerance)
     return report
@@ -167,14 +213,14 @@ def check_int8_report(path, report):
 
 def compare_on_split(run, model, images, num_classes):
     """{"miou_torch", "miou_file", "argmax_agreement", "images"}: the fp32 `model`'s and the file's mIoU on `images`
-    (evaluate.py's ss mode), and the lowest per-image share of pixels where they agree."""
+    (SplitImages; evaluate.py's ss mode), and the lowest per-image share of pixels where they agree."""
     confusions = [torch.zeros((num_classes, num_classes), dtype=torch.int64) for _ in range(2)]
     agreements, device = [], next(model.parameters()).device
     for image, label in images.labelled():
         with torch.no_grad():
-            expected = model(image.to(device)).float().cpu()[0].max(0).indices
-        out = torch.from_numpy(run(image.numpy())[0])
-        pred = out.long() if out.ndim == 2 else out.max(0).indices  # a --argmax file gives the labels themselves
+            expected = model(images.normalized(image).to(device)).float().cpu()[0].max(0).indices
+        out = torch.from_numpy(run(images.file_input(image))[0])
+        pred = out.long() if out.ndim == 2 else out.max(0).indices  # a labels file gives the labels themselves
         agreements.append(float((pred == expected).float().mean()))
         for confusion, labels in zip(confusions, (expected, pred), strict=True):
             confusion_update(confusion, labels, label)
@@ -197,7 +243,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="model_final.pth or last.pth of a run")
     parser.add_argument("--output", help="ONNX file (default: model.onnx / model_argmax.onnx beside the checkpoint)")
-    parser.add_argument("--argmax", action="store_true", help='output "labels" (N, H, W) int64, not "logits"')
+    parser.add_argument("--argmax", action="store_true",
+                        help='the labels model: uint8 BGR frames (N, H, W, 3) in, "labels" uint8 (N, H, W) out')
+    parser.add_argument("--labels-upsample", choices=LABELS_UPSAMPLES,
+                        help="with --argmax: bilinear (default; logits to full size, then argmax) or nearest (argmax "
+                             "at 1/8 of the size, labels upsampled)")
     parser.add_argument("--no-fold", action="store_true", help="keep the BatchNorm layers instead of folding them")
     parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset ({MIN_OPSET} or newer)")
     parser.add_argument("--openvino", action="store_true", help="also write an fp32 OpenVINO IR: FILE.xml + .bin")
@@ -208,7 +258,9 @@ def parse_args(argv):
     for name in ("calib_size", "check_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number of images")
-    args.openvino = args.openvino or args.int8
+    if args.labels_upsample and not args.argmax:
+        parser.error(f"--labels-upsample {args.labels_upsample}: it applies to the labels model; add --argmax")
+    args.openvino, args.labels_upsample = args.openvino or args.int8, args.labels_upsample or "bilinear"
     return args
 
 
@@ -219,18 +271,19 @@ def format_report(report, runtime="onnxruntime"):
         + f", argmax agreement {100 * r['argmax_agreement']:.3f}%" for r in report["sizes"])
 
 
-def export_openvino_files(args, model, cfg, onnx_path):
-    """--openvino and --int8: write, report on and check the IR files converted from `onnx_path`."""
+def export_openvino_files(args, model, reference, cfg, onnx_path):
+    """--openvino and --int8: write, report on and check the IR files converted from `onnx_path`; `reference`: what
+    the fp32 file must reproduce (`model`, or its LabelsModel), `model`: what INT8 is scored against."""
     xml_path, int8_path = openvino_paths(onnx_path)
-    report = verify(openvino_runner(export_openvino(onnx_path, xml_path)), model, VERIFY_SIZES, batch=2)
+    report = verify(openvino_runner(export_openvino(onnx_path, xml_path)), reference, VERIFY_SIZES, batch=2)
     print(f"wrote {xml_path}\n" + format_report(report, "OpenVINO"))
     check_report(xml_path, report)
     if args.int8:
-        calibration = SplitImages(cfg, cfg.train_split, args.calib_size)
+        calibration = SplitImages(cfg, cfg.train_split, args.calib_size, frames=args.argmax)
         quantize_int8(xml_path, int8_path, calibration)
         # INT8 is made for real images: a trained model's INT8 copy agrees less on random noise (CamVid: 88%)
-        report = compare_on_split(openvino_runner(int8_path), model, SplitImages(cfg, cfg.val_split, args.check_size),
-                                  cfg.num_classes)
+        report = compare_on_split(openvino_runner(int8_path), model,
+                                  SplitImages(cfg, cfg.val_split, args.check_size, frames=args.argmax), cfg.num_classes)
         print(f"wrote {int8_path} (calibrated on {len(calibration)} {cfg.train_split} images)\n"
               f"OpenVINO INT8 vs PyTorch on {report['images']} {cfg.val_split} images: mIoU "
               f"{100 * report['miou_file']:.2f} vs {100 * report['miou_torch']:.2f} (fp32), lowest argmax agreement "
@@ -246,13 +299,16 @@ def main(argv=None):
         path = args.output or default_output(args.ckpt, args.argmax)
         for name in ["onnx", "onnxruntime"] + ["openvino"] * args.openvino + ["nncf"] * args.int8:
             require(name)  # a missing package named at once, not after minutes of export
-        export_onnx(model if args.no_fold else fold_batchnorm(model), path, args.argmax, args.opset)
+        exported, reference = model if args.no_fold else fold_batchnorm(model), model
+        if args.argmax:
+            exported, reference = (LabelsModel(m, cfg.mean, cfg.std, args.labels_upsample) for m in (exported, model))
+        export_onnx(exported, path, args.opset)
         # against the unfolded model, so that the figures cover folding and export together
-        report = verify(onnxruntime_runner(path), model, VERIFY_SIZES, batch=2)
+        report = verify(onnxruntime_runner(path), reference, VERIFY_SIZES, batch=2)
         print(f"wrote {path}\n" + format_report(report))
         check_report(path, report)
         if args.openvino:
-            export_openvino_files(args, model, cfg, path)
+            export_openvino_files(args, model, reference, cfg, path)
     except (ConfigError, CheckpointError, DatasetError, BackendError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

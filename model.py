@@ -59,7 +59,8 @@ class SegHead(nn.Module):
         self.cls = nn.Conv2d(mid, num_classes, 1)
 
     def forward(self, x, size):
-        return resize(self.cls(self.conv(x)), size, "bilinear")
+        logits = self.cls(self.conv(x))
+        return logits if size is None else resize(logits, size, "bilinear")
 
 
 class BiSeNet(nn.Module):
@@ -99,13 +100,14 @@ class BiSeNet(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x):
-        """Training: {"out": main, "aux8": ..., "aux16": ...} logits at input size; evaluation: the main logits. In
+    def forward(self, x, resize_logits=True):
+        """Training: {"out": main, "aux8": ..., "aux16": ...} logits at input size; evaluation: the main logits, with
+        resize_logits=False at the head's 1/8 size (export.py's labels model upsamples its labels instead). In
         training mode BatchNorm after global pooling (ARM, GP) needs more than one image per batch."""
         size = x.shape[2:]
         feat8, feat16, feat32 = self.backbone(x)
         feat16_up, feat8_up = self._context(feat8, feat16, feat32)
-        main = self.head(self._fuse(x, feat8, feat8_up), size)
+        main = self.head(self._fuse(x, feat8, feat8_up), size if resize_logits or self.training else None)
         if not self.training:
             return main
         if self.aux8 is None:

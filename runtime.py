@@ -30,8 +30,9 @@ def require(name):
 # ONNX Runtime and OpenVINO, which ignore it, would otherwise each take every core (N processes, N times the cores).
 
 def onnxruntime_runner(path):
-    """A function float32 array (N, 3, H, W) -> the output array of the ONNX file `path`, run by onnxruntime on the
-    CPU. Its `shapes`: the input's and the output's dimensions as the file declares them (None where dynamic)."""
+    """A function input array (float32 (N, 3, H, W); a labels file: uint8 (N, H, W, 3)) -> the output array of the
+    ONNX file `path`, run by onnxruntime on the CPU. Its `shapes`: the input's and the output's dimensions as the file
+    declares them (None where dynamic)."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
@@ -64,7 +65,8 @@ def openvino_runner(path, precision="f32"):
 
 
 class BackendModel:
-    """An exported logits file run by `backend` on the CPU like the PyTorch model; logits on the input's device."""
+    """An exported file run by `backend` on the CPU. A logits file is called like the PyTorch model (normalized images
+    in, logits out on the input's device); a labels file (export.py --argmax, `outputs_labels`) gives labels(frames)."""
 
     device = torch.device("cpu")  # where it computes, whatever device the images come from
 
@@ -82,25 +84,49 @@ class BackendModel:
                                + (" (an .xml with its .bin beside it)" if backend == "openvino" else " (.onnx)")
                                ) from None
         input_shape, output_shape = self.run.shapes
-        check_shapes(path, input_shape, output_shape, num_classes)
-        if num_classes is not None and output_shape[1] is None:  # a file that leaves its class count open: ask it
+        self.outputs_labels = check_shapes(path, input_shape, output_shape, num_classes)
+        if num_classes is not None and not self.outputs_labels and output_shape[1] is None:  # class count open: ask
             check_shapes(path, input_shape, self.run(np.zeros((1, 3, 64, 64), np.float32)).shape, num_classes)
 
-    def __call__(self, image):  # check_shapes has made sure that the file gives logits
+    def __call__(self, image):
+        if self.outputs_labels:
+            raise BackendError(f"{self.path} outputs labels (export.py --argmax) of uint8 BGR frames: call labels(), "
+                               "or export the logits (without --argmax)")
         logits = self.run(image.detach().to("cpu", torch.float32).contiguous().numpy())
         return torch.from_numpy(logits).float().to(image.device)
 
+    def labels(self, frames):
+        """A labels file's uint8 class ids (N, H, W), a CPU tensor, of uint8 BGR frames (N, H, W, 3) as OpenCV decodes
+        them (an array or a CPU tensor): the file normalizes them itself."""
+        return torch.from_numpy(self.run(np.ascontiguousarray(frames)))
+
 
 def check_shapes(path, input_shape, output_shape, num_classes=None):
-    """Raise BackendError unless the file maps images (N, 3, H, W) to logits (N, num_classes, H, W)."""
+    """Whether the file is a labels file, mapping frames (N, H, W, 3) to labels (N, H, W); BackendError unless it is
+    that or a logits file, mapping images (N, 3, H, W) to logits (N, num_classes, H, W)."""
+    if len(output_shape) == 3:
+        if len(input_shape) != 4 or input_shape[3] != 3:
+            raise BackendError(f"{path} outputs labels but takes input of shape {_dims(input_shape)}, not uint8 frames "
+                               "(N, H, W, 3): an --argmax file of an older export.py; export it again")
+        return True
+    if len(output_shape) != 4:
+        raise BackendError(f"{path} outputs shape {_dims(output_shape)}: expected logits (N, C, H, W) or labels "
+                           "(N, H, W)")
     if len(input_shape) != 4 or input_shape[1] not in (3, None):
         raise BackendError(f"{path} takes input of shape {_dims(input_shape)}; expected images (N, 3, H, W)")
-    if len(output_shape) != 4:
-        raise BackendError(f"{path} outputs labels, not logits: its output has shape {_dims(output_shape)}, not "
-                           "(N, C, H, W); export it without --argmax")
     if num_classes is not None and output_shape[1] not in (num_classes, None):
         raise BackendError(f"{path} outputs {output_shape[1]} classes, but the config has num_classes={num_classes}: "
                            "it was exported from another model; export this checkpoint (python export.py --ckpt CKPT)")
+    return False
+
+
+def check_labels_mode(model, mode, short_side):
+    """BackendError where `model` is a labels file and evaluation asks for more than its labels at the image's size:
+    the other modes and eval_short_side add up class scores, which a labels file does not give."""
+    if isinstance(model, BackendModel) and model.outputs_labels and (mode != "ss" or short_side):
+        asked = f"mode={mode}" if mode != "ss" else f"eval_short_side={short_side}"
+        raise BackendError(f"{model.path} outputs labels (export.py --argmax), which score in mode=ss at the image's "
+                           f"own size only, not {asked}: export the logits (without --argmax) for that")
 
 
 def _dims(shape):
@@ -114,7 +140,9 @@ def load_model(cfg, ckpt, model):
     if cfg.eval_amp != "none":
         warnings.warn(f"eval_amp={cfg.eval_amp} applies to backend=torch only; the {cfg.backend} file runs in the "
                       "precision it was exported in (export.py --int8 for INT8)", stacklevel=2)
-    return BackendModel(model_path(cfg, ckpt), cfg.backend, num_classes=cfg.num_classes)
+    loaded = BackendModel(model_path(cfg, ckpt), cfg.backend, num_classes=cfg.num_classes)
+    check_labels_mode(loaded, cfg.eval_mode, cfg.eval_short_side)
+    return loaded
 
 
 def model_path(cfg, ckpt):

@@ -51,12 +51,24 @@ def model():
 
 @pytest.fixture(scope="module")
 def onnx_files(model, tmp_path_factory):
-    """One logits file and one labels file, both traced at EXPORT_HW from the folded model."""
+    """One logits file and one labels file (bilinear), both traced at EXPORT_HW from the folded model."""
     folder = tmp_path_factory.mktemp("onnx")
     folded = fold_batchnorm(model)
     logits = export.export_onnx(folded, str(folder / "model.onnx"), sample_hw=EXPORT_HW)
-    labels = export.export_onnx(folded, str(folder / "model_argmax.onnx"), argmax=True, sample_hw=EXPORT_HW)
+    labels = export.export_onnx(labels_model(folded), str(folder / "model_argmax.onnx"), sample_hw=EXPORT_HW)
     return logits, labels
+
+
+def labels_model(model):
+    cfg = get_config("synthetic")
+    return export.LabelsModel(model, cfg.mean, cfg.std).eval()
+
+
+def frames_and_images(shape, seed):
+    """Random uint8 BGR frames (N, H, W, 3) and the same images normalized in Python (N, 3, H, W)."""
+    cfg = get_config("synthetic")
+    frames = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return frames.numpy(), normalize(frames.flip(-1), cfg.mean, cfg.std)
 
 
 # --- folding -------------------------------------------------------------------------------------------------------
@@ -140,7 +152,8 @@ def test_fold_keeps_an_existing_conv_bias_and_returns_eval_mode():
 
 
 def test_onnx_graph_has_dynamic_batch_height_and_width_and_opset_17_or_newer(onnx_files):
-    for path, name, rank in ((onnx_files[0], "logits", 4), (onnx_files[1], "labels", 3)):
+    files = ((onnx_files[0], "logits", (0, 2, 3), 4), (onnx_files[1], "labels", (0, 1, 2), 3))
+    for path, name, image_axes, rank in files:
         proto = onnx.load(path, load_external_data=False)
         opsets = {o.domain: o.version for o in proto.opset_import}
         assert opsets.get("", opsets.get("ai.onnx", 0)) >= 17  # the default ONNX domain is "" (or "ai.onnx")
@@ -148,7 +161,7 @@ def test_onnx_graph_has_dynamic_batch_height_and_width_and_opset_17_or_newer(onn
         assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == [name]
         image_dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
         output_dims = [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim]
-        assert image_dims[0] and image_dims[2] and image_dims[3]  # symbolic, not fixed numbers
+        assert all(image_dims[i] for i in image_axes)  # symbolic, not fixed numbers
         assert len(output_dims) == rank and all(output_dims[i] for i in (0, rank - 2, rank - 1))
 
 
@@ -163,11 +176,11 @@ def test_onnx_logits_match_pytorch_at_other_sizes(model, onnx_files, shape):
     assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.999
 
 
-def test_onnx_argmax_file_gives_int64_train_ids(model, onnx_files):
-    image = torch.randn(1, 3, 67, 101, generator=torch.Generator().manual_seed(3))
+def test_onnx_argmax_file_gives_uint8_train_ids_of_uint8_frames(model, onnx_files):
+    frames, image = frames_and_images((1, 67, 101, 3), 3)
     session = ort.InferenceSession(onnx_files[1], providers=["CPUExecutionProvider"])
-    (labels,) = session.run(None, {"image": image.numpy()})
-    assert labels.dtype == np.int64 and labels.shape == (1, 67, 101)
+    (labels,) = session.run(None, {"image": frames})
+    assert labels.dtype == np.uint8 and labels.shape == (1, 67, 101)
     assert (labels == torch_logits(model, image).argmax(1)).mean() >= 0.999
 
 
@@ -176,7 +189,8 @@ def test_verify_reports_the_worst_figures_of_an_onnx_file(model, onnx_files):
     assert [r["size"] for r in report["sizes"]] == [[1, 3, 67, 101], [1, 3, 80, 112]]
     assert report["max_abs_diff"] == max(r["max_abs_diff"] for r in report["sizes"]) < 1e-4
     assert report["argmax_agreement"] >= 0.999
-    labels_report = export.verify(runtime.onnxruntime_runner(onnx_files[1]), model, [(67, 101)])
+    labels_report = export.verify(runtime.onnxruntime_runner(onnx_files[1]), labels_model(model), [(67, 101)])
+    assert labels_report["sizes"][0]["size"] == [1, 67, 101, 3]  # random uint8 frames, what the file takes
     assert labels_report["max_abs_diff"] is None and labels_report["argmax_agreement"] >= 0.999
 
 
@@ -261,8 +275,12 @@ def test_backend_model_is_called_like_the_pytorch_model(model, onnx_files, ir_fi
         logits = runtime.BackendModel(path, backend)(image)
         assert isinstance(logits, torch.Tensor) and logits.dtype == torch.float32 and logits.shape == expected.shape
         assert np.abs(logits.numpy() - expected).max() < 1e-4
-    with pytest.raises(runtime.BackendError, match="model_argmax.onnx outputs labels, not logits"):
-        runtime.BackendModel(onnx_files[1], "onnxruntime")(image)
+    labels_file = runtime.BackendModel(onnx_files[1], "onnxruntime")
+    with pytest.raises(runtime.BackendError, match="model_argmax.onnx outputs labels .* call labels()"):
+        labels_file(image)
+    frames, image = frames_and_images((2, 45, 77, 3), 5)
+    labels = labels_file.labels(frames)
+    assert labels.dtype == torch.uint8 and (labels.numpy() == torch_logits(model, image).argmax(1)).mean() >= 0.999
 
 
 def test_runtimes_use_pytorchs_thread_count(onnx_files, ir_file, monkeypatch):
@@ -341,6 +359,10 @@ def test_split_images_are_whole_evaluation_images_in_the_same_order_every_time(t
     matches = [[k for k, w in enumerate(whole) if np.array_equal(x[0], w)] for x in first]
     assert all(len(m) == 1 for m in matches) and len({m[0] for m in matches}) == 3
     assert len(export.SplitImages(cfg, "train", 100)) == len(split)  # no image repeated to reach the size
+    # for a labels file: the same images as the uint8 BGR frames OpenCV decodes
+    frames = list(export.SplitImages(cfg, "train", 3, frames=True))
+    assert all(f.shape == (1, 24, 40, 3) and f.dtype == np.uint8 for f in frames)
+    assert all(np.array_equal(f[0, ..., ::-1], split[m[0]][0].numpy()) for f, m in zip(frames, matches, strict=True))
 
 
 def test_compare_on_split_scores_both_against_the_labels(model, tiny_cityscapes):
@@ -366,7 +388,8 @@ def test_compare_on_split_scores_both_against_the_labels(model, tiny_cityscapes)
     present = len(set(labels[valid].tolist()) | {0})
     assert report["miou_file"] == pytest.approx(float(road_iou) / present)
     assert report["miou_torch"] == same["miou_torch"]
-    predicted = [torch.from_numpy(torch_logits(model, image)[0]).argmax(0) for image, _ in images.labelled()]
+    predicted = [torch.from_numpy(torch_logits(model, images.normalized(image))[0]).argmax(0)
+                 for image, _ in images.labelled()]
     assert report["argmax_agreement"] == pytest.approx(min(float((p == 0).float().mean()) for p in predicted))
 
 
@@ -455,12 +478,13 @@ def test_a_count_below_one_is_one_usage_line(tmp_path, capsys, flag):
 
 
 def test_the_check_of_an_argmax_file_compares_its_labels(model, tiny_cityscapes):
-    """export.py --int8 --argmax checks a file whose output is the labels themselves (N, H, W)."""
+    """export.py --int8 --argmax checks a file that takes uint8 BGR frames and gives the labels themselves (N, H, W)."""
     cfg = tiny_config(tiny_cityscapes)
-    images = export.SplitImages(cfg, "val", 2)
+    images = export.SplitImages(cfg, "val", 2, frames=True)
 
-    def labels_run(x):
-        return torch_logits(model, torch.from_numpy(x)).argmax(1)
+    def labels_run(frames):
+        assert frames.dtype == np.uint8 and frames.shape[-1] == 3
+        return torch_logits(labels_model(model), torch.from_numpy(frames))
 
     report = export.compare_on_split(labels_run, model, images, cfg.num_classes)
     assert report["argmax_agreement"] == 1 and report["miou_file"] == report["miou_torch"]
