@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -101,6 +103,7 @@ TINY = ["pretrained=none", "amp=none", "crop_size=32,32", "batch_size=2", "max_i
 
 @pytest.mark.parametrize("arch", ["bisenetv1", "bisenetv2"])
 def test_a_tiny_run_of_each_preset_trains_and_scores_mixed_sizes_in_every_mode(dataset, arch, tmp_path):
+    # and under torchrun: 2 processes, each image at its own size, the same confusion matrix as one process
     spec, root = dataset
     preset = spec["preset"] + ("_v2" if arch == "bisenetv2" else "")
     args = ["--config", preset, f"data_root={root}", f"out_dir={tmp_path / 'runs'}", *TINY]
@@ -115,3 +118,33 @@ def test_a_tiny_run_of_each_preset_trains_and_scores_mixed_sizes_in_every_mode(d
         results = json.loads((run / f"eval_{get_config(preset).val_split}_{mode}.json").read_text())
         assert results["images"] == len(list(spec["splits"].values())[1]) and len(results["iou"]) == n
         assert np.array(results["confusion"]).sum() == scored  # every labelled pixel, each image at its own size
+        if mode == "mscf" and arch == "bisenetv1":
+            repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env = {k: v for k, v in os.environ.items() if k != "RANK"} | {"PYTHONPATH": repo}
+            os.remove(run / f"eval_{get_config(preset).val_split}_{mode}.json")
+            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                   os.path.join(repo, "evaluate.py"), "--ckpt", str(run / "model_final.pth"),
+                                   f"mode={mode}", "eval_workers=0", "eval_short_side=24"],
+                                  capture_output=True, text=True, env=env, timeout=300)
+            assert done.returncode == 0, done.stderr
+            two = json.loads((run / f"eval_{get_config(preset).val_split}_{mode}.json").read_text())
+            assert two["confusion"] == results["confusion"] and two["miou"] == results["miou"]
+
+
+def test_int8_export_calibrates_and_checks_on_images_of_mixed_sizes(tmp_path):
+    # 150 classes through export: ONNX, OpenVINO, NNCF calibrated on training images of three sizes
+    for package in ("onnx", "onnxruntime", "openvino", "nncf"):
+        pytest.importorskip(package)
+    import export
+
+    root = write_dataset(str(tmp_path / "ade"), ADE)
+    # 30 iterations: a model that has learnt something, whose argmax INT8 keeps (export checks >= 90% of pixels)
+    assert train.main(["--config", "ade20k", f"data_root={root}", f"out_dir={tmp_path / 'runs'}", *TINY,
+                       "max_iter=30", "warmup_iters=5"]) == 0
+    ckpt = tmp_path / "runs" / "ade20k" / "model_final.pth"
+    assert export.main(["--ckpt", str(ckpt), "--int8", "--calib-size", "3", "--check-size", "2"]) == 0
+    assert (ckpt.parent / "model_int8.xml").is_file()
+    assert evaluate.main(["--ckpt", str(ckpt), "backend=openvino", f"backend_model={ckpt.parent / 'model_int8.xml'}",
+                          "eval_workers=0"]) == 0
+    results = json.loads((ckpt.parent / "eval_validation_ss_openvino_model_int8.json").read_text())
+    assert len(results["iou"]) == 150 and results["images"] == 2
