@@ -285,7 +285,7 @@ class InferenceModel(nn.Module):
 
 def inference_model(model, amp="none", device=None):
     """The fastest eval-mode copy of `model` on `device`: BatchNorm folded, channels_last, bf16/fp16 autocast where the
-    hardware has it; fp32 outputs equal up to float rounding. BENCHMARKS.md has what each step buys."""
+    hardware has it; fp32 outputs equal up to float rounding. benchmarks/*.md have what each step buys."""
     device = next(model.parameters()).device if device is None else torch.device(device)
     return InferenceModel(fold_batchnorm(model).to(device), autocast_dtype(amp, device)).eval()
 
