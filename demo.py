@@ -10,6 +10,8 @@ import argparse
 import os
 import re
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -47,8 +49,8 @@ def render(model, image_rgb, cfg, table, alpha=0.5):
     image = torch.from_numpy(np.ascontiguousarray(image_rgb))
     train_ids = predict_image(model, image, cfg, cfg.eval_mode, device).to(torch.uint8).cpu().numpy()
     colors, strip = table.colorize(train_ids), legend(train_ids, image_rgb.shape[0], table)
-    blend = np.clip(np.rint((1 - alpha) * image_rgb.astype(np.float32) + alpha * colors.astype(np.float32)), 0, 255)
-    return (np.concatenate([colors, strip], axis=1), np.concatenate([blend.astype(np.uint8), strip], axis=1))
+    blend = cv2.addWeighted(np.ascontiguousarray(image_rgb), 1 - alpha, colors, alpha, 0)  # rounded to uint8
+    return (np.concatenate([colors, strip], axis=1), np.concatenate([blend, strip], axis=1))
 
 
 def list_inputs(paths):
@@ -90,34 +92,67 @@ def open_writer(out_base, fps, size):
     raise DemoError(f"cannot write video {tried} at {size[0]}x{size[1]}: check that the folder is writable")
 
 
-def process_video(model, cfg, table, path, out_dir):
+def pipeline(items, work, write, jobs=1):
+    """write(work(item)) for each item of the iterable `items`, in order, returning how many: `jobs` work calls run at
+    once in threads while the main thread reads the next item, and a thread of its own writes, so that decoding,
+    inference and writing overlap (OpenCV, PyTorch and the runtimes release the GIL)."""
+    count = 0
+    with ThreadPoolExecutor(jobs) as workers, ThreadPoolExecutor(1) as writer:
+        computing, writing = deque(), deque()
+        for item in items:
+            computing.append(workers.submit(work, item))
+            while len(computing) > jobs:  # one item read ahead of those computing
+                writing.append(writer.submit(write, computing.popleft().result()))
+            while writing and (len(writing) > jobs or writing[0].done()):
+                writing.popleft().result()  # the writer's error, raised here
+                count += 1
+        for done in computing:
+            writing.append(writer.submit(write, done.result()))
+        for done in writing:
+            done.result()
+            count += 1
+    return count
+
+
+def read_frames(capture):
+    """The RGB frames of an opened cv2.VideoCapture, as it decodes them."""
+    while (frame := capture.read())[0]:
+        yield cv2.cvtColor(frame[1], cv2.COLOR_BGR2RGB)
+
+
+def process_video(model, cfg, table, path, out_dir, jobs=1):
+    """Write the color and overlay videos of `path`, `jobs` frames segmented at once (pipeline); the bar shows frames
+    per second end to end."""
     capture = cv2.VideoCapture(path)
     if not capture.isOpened():
         raise DemoError(f"cannot open video {path}: unreadable, or a codec this OpenCV cannot decode")
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = fps if fps > 0 else 25.0  # where the header gives no frame rate (NaN too)
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None  # a header's estimate, for the bar only
-    base, writers = os.path.join(out_dir, Path(path).stem), None
+    base, writers = os.path.join(out_dir, Path(path).stem), []
+
+    def write(pictures):
+        if not writers:  # opened at the first frame, whose size the header may not give
+            writers.extend(open_writer(base + suffix, fps, picture.shape[1::-1])
+                           for suffix, picture in zip(SUFFIXES, pictures, strict=True))
+        for writer, picture in zip(writers, pictures, strict=True):
+            writer.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        bar.update()
+
     try:
         with tqdm(total=total, desc=os.path.basename(path), unit="frame", dynamic_ncols=True) as bar:
-            while (frame := capture.read())[0]:
-                pictures = render(model, cv2.cvtColor(frame[1], cv2.COLOR_BGR2RGB), cfg, table)
-                if writers is None:  # opened at the first frame, whose size the header may not give
-                    writers = [open_writer(base + suffix, fps, picture.shape[1::-1])
-                               for suffix, picture in zip(SUFFIXES, pictures, strict=True)]
-                for writer, picture in zip(writers, pictures, strict=True):
-                    writer.write(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-                bar.update()
+            pipeline(read_frames(capture), lambda frame: render(model, frame, cfg, table), write, jobs)
     finally:
         capture.release()
-        for writer in writers or ():
+        for writer in writers:
             writer.release()
-    if writers is None:
+    if not writers:
         raise DemoError(f"video {path} has no readable frames")
 
 
 def run(model, cfg, items, out_dir):
-    """Write the outputs of every (kind, path) item in the class colors and names of the config's dataset."""
+    """Write the outputs of every (kind, path) item in the class colors and names of the config's dataset; a video's
+    frames as many at once as `model` runs at once (a BackendModel compiled for throughput: its `jobs`)."""
     os.makedirs(out_dir, exist_ok=True)
     table = class_table(cfg)
     images = [path for kind, path in items if kind == "image"]
@@ -125,7 +160,7 @@ def run(model, cfg, items, out_dir):
         for suffix, picture in zip(SUFFIXES, render(model, read_image(path), cfg, table), strict=True):
             write_png(os.path.join(out_dir, f"{Path(path).stem}{suffix}.png"), picture[..., ::-1])  # RGB to BGR
     for path in (path for kind, path in items if kind == "video"):
-        process_video(model, cfg, table, path, out_dir)
+        process_video(model, cfg, table, path, out_dir, model.run.jobs if isinstance(model, BackendModel) else 1)
 
 
 def parse_args(argv):
@@ -149,7 +184,7 @@ def main(argv=None):
     try:
         items = list_inputs(args.inputs)  # every input checked before the model is loaded
         model, cfg = load_for_inference(args.ckpt, args.config, args.overrides)
-        model = load_model(cfg, args.ckpt, model)
+        model = load_model(cfg, args.ckpt, model, throughput=any(kind == "video" for kind, _ in items))
         if not isinstance(model, BackendModel):
             model = inference_model(model, cfg.eval_amp, "cuda" if torch.cuda.is_available() else "cpu")
         run(model, cfg, items, args.out)

@@ -3,10 +3,13 @@ backend=openvino or onnxruntime). The packages are optional: requirements-deploy
 
 import importlib
 import os
+import threading
 import warnings
 
 import numpy as np
 import torch
+
+import precision
 
 PURPOSES = {"onnx": "export ONNX files", "onnxruntime": "run ONNX files",  # for the message when one is missing
             "openvino": "export and run OpenVINO IR files", "nncf": "quantize OpenVINO files to INT8"}
@@ -42,26 +45,49 @@ def onnxruntime_runner(path):
     def run(image):
         return session.run([output], {"image": image})[0]
 
+    run.jobs = 1  # inputs at once that help: one, on every thread
     run.shapes = tuple([d if isinstance(d, int) else None for d in io.shape]
                        for io in (session.get_inputs()[0], session.get_outputs()[0]))
     return run
 
 
-def openvino_runner(path, precision="f32"):
-    """The same for an OpenVINO IR (.xml) or ONNX file, compiled for the CPU in f32 (OpenVINO's default is bf16 where
-    the CPU has it, not what an fp32 file promises; INT8 layers stay INT8) or, for the benchmark, in bf16."""
+def openvino_runner(path, hint=None, throughput=False):
+    """The same for an OpenVINO IR (.xml) or ONNX file on the CPU, compiled with the inference precision `hint`
+    ("f32" or "bf16"): by default f32 for a float file (OpenVINO's own default is bf16 where the CPU has it, not what an
+    fp32 file promises) and, for an INT8 file (export.py --int8), bf16 where the CPU has it natively, else f32: the
+    layers NNCF leaves unquantized then run in bf16 (0.66x the time of the f32 hint on 2 AMX cores). `throughput`:
+    compiled for OpenVINO's throughput hint, as many requests at once as its CPU streams, one per calling thread (a
+    video: `jobs` frames at once); else one at a time, each on every thread. The runner's `hint` and `jobs` say
+    what it was compiled with."""
     ov = require("openvino")
-    hint = {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]
-    compiled = ov.Core().compile_model(path, "CPU", {ov.properties.hint.inference_precision: hint,
-                                                     ov.properties.inference_num_threads: torch.get_num_threads()})
-    request = compiled.create_infer_request()
+    core = ov.Core()
+    model = core.read_model(path)
+    hint = hint or ("bf16" if is_int8(model) and precision.native_bf16(torch.device("cpu")) else "f32")
+    config = {ov.properties.hint.inference_precision: {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[hint],
+              ov.properties.inference_num_threads: torch.get_num_threads()}
+    if throughput:
+        config[ov.properties.hint.performance_mode] = ov.properties.hint.PerformanceMode.THROUGHPUT
+    compiled = core.compile_model(model, "CPU", config)
+    local = threading.local()  # a request per thread: a request runs one input at a time
+
+    def infer(image):  # the request alone: the input read in place, the output a view of the request's own
+        if not hasattr(local, "request"):
+            local.request = compiled.create_infer_request()
+        return local.request.infer([image], share_inputs=True, share_outputs=True)[compiled.output(0)]
 
     def run(image):
-        return np.array(request.infer([image])[compiled.output(0)], copy=True)  # the request reuses its own
+        return np.array(infer(image), copy=True)  # the request reuses its output at the next call
 
     run.shapes = tuple([d.get_length() if d.is_static else None for d in port.get_partial_shape()]
                        for port in (compiled.input(0), compiled.output(0)))
+    run.hint, run.infer = hint, infer
+    run.jobs = compiled.get_property(ov.properties.optimal_number_of_infer_requests()) if throughput else 1
     return run
+
+
+def is_int8(model):
+    """Whether an OpenVINO model (ov.Model) holds NNCF's quantization, FakeQuantize ops: export.py --int8's files."""
+    return any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
 
 
 class BackendModel:
@@ -70,14 +96,15 @@ class BackendModel:
 
     device = torch.device("cpu")  # where it computes, whatever device the images come from
 
-    def __init__(self, path, backend, precision="f32", num_classes=None):
+    def __init__(self, path, backend, hint=None, num_classes=None, throughput=False):
         require(backend)  # the runtime's package is named as the backend: install it first, then export
         if not os.path.isfile(path):
             raise BackendError(f"{backend} model not found: {path}; write it with python export.py --ckpt CKPT"
                                + (" --openvino" if backend == "openvino" else "") + " or set backend_model=FILE")
         self.path, self.backend = path, backend
-        try:  # precision: OpenVINO's inference precision hint; ONNX Runtime computes in f32
-            self.run = openvino_runner(path, precision) if backend == "openvino" else onnxruntime_runner(path)
+        try:  # hint and throughput: OpenVINO's (openvino_runner); ONNX Runtime: f32, one input at a time
+            self.run = (openvino_runner(path, hint, throughput) if backend == "openvino"
+                        else onnxruntime_runner(path))
         except Exception as err:  # the runtimes' own errors: a corrupt file, an IR without its .bin, the wrong format
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             raise BackendError(f"{backend} cannot load {path}: {first}; expected a file export.py wrote"
@@ -133,14 +160,15 @@ def _dims(shape):
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
-def load_model(cfg, ckpt, model):
-    """What evaluate.py and demo.py run: the PyTorch `model` for backend=torch, else a BackendModel of the file."""
+def load_model(cfg, ckpt, model, throughput=False):
+    """What evaluate.py and demo.py run: the PyTorch `model` for backend=torch, else a BackendModel of the file
+    (`throughput`: openvino_runner's)."""
     if cfg.backend == "torch":
         return model
     if cfg.eval_amp != "none":
         warnings.warn(f"eval_amp={cfg.eval_amp} applies to backend=torch only; the {cfg.backend} file runs in the "
                       "precision it was exported in (export.py --int8 for INT8)", stacklevel=2)
-    loaded = BackendModel(model_path(cfg, ckpt), cfg.backend, num_classes=cfg.num_classes)
+    loaded = BackendModel(model_path(cfg, ckpt), cfg.backend, num_classes=cfg.num_classes, throughput=throughput)
     check_labels_mode(loaded, cfg.eval_mode, cfg.eval_short_side)
     return loaded
 

@@ -1,5 +1,7 @@
 import os
 import sys
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -264,3 +266,33 @@ def test_an_exported_file_of_other_classes_is_refused_before_any_picture(tmp_pat
                                        "was exported from another model; export this checkpoint (python export.py "
                                        "--ckpt CKPT)\n")
     assert not out.exists() or not os.listdir(out)
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_the_pipeline_writes_every_result_in_order_whatever_finishes_first(jobs):
+    """Work that takes longer for earlier items (so that later ones finish first when run at once) still reaches the
+    writer in the items' order, each once; at most `jobs` calls run at once."""
+    running, most, written, lock = [0], [0], [], threading.Lock()
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.002 * (10 - i % 10))
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    assert demo.pipeline(iter(range(25)), work, written.append, jobs) == 25
+    assert written == [i * i for i in range(25)] and most[0] <= jobs
+
+
+def test_a_writer_or_work_error_stops_the_pipeline_with_that_error():
+    def write(x):
+        if x == 3:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        demo.pipeline(iter(range(10)), lambda i: i, write, jobs=2)
+    with pytest.raises(ZeroDivisionError):
+        demo.pipeline(iter(range(10)), lambda i: 1 // (i - 4), lambda x: None, jobs=2)

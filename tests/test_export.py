@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -404,6 +405,44 @@ def test_int8_file_runs_and_its_agreement_is_computed(model, ir_file, tiny_citys
     assert logits.shape == expected.shape
     assert report["argmax_agreement"] == (logits.argmax(1) == expected.argmax(1)).mean()  # same image, seed 0
     assert 0 < report["argmax_agreement"] <= 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_int8_files_get_the_bf16_hint_where_bf16_is_native_and_fp32_files_f32(ir_file, tiny_cityscapes, tmp_path,
+                                                                              monkeypatch, native):
+    """An INT8 file's unquantized layers run in bf16 where the CPU has it natively (precision.native_bf16 answers
+    `native` on every CPU class); an fp32 file keeps f32 everywhere. What is asked is recorded; the compile itself
+    gets f32, which every CPU runs."""
+    int8 = export.quantize_int8(ir_file, str(tmp_path / "model_int8.xml"),
+                                export.SplitImages(tiny_config(tiny_cityscapes), "train", 2))
+    asked = []
+
+    class Core(ov.Core):
+        def compile_model(self, model, device, config):
+            asked.append(config[ov.properties.hint.inference_precision])
+            return super().compile_model(model, device, {**config, ov.properties.hint.inference_precision: ov.Type.f32})
+
+    monkeypatch.setattr(ov, "Core", Core)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    for path, expected in ((ir_file, "f32"), (int8, "bf16" if native else "f32")):
+        assert runtime.openvino_runner(path).hint == expected
+        assert asked[-1] == getattr(ov.Type, expected)
+    assert runtime.openvino_runner(int8, "f32").hint == "f32" and asked[-1] == ov.Type.f32  # asked for: kept
+
+
+def test_a_throughput_runner_gives_each_thread_its_own_request(model, ir_file):
+    """Compiled for throughput, a runner says how many inputs to run at once (OpenVINO's optimal number of requests)
+    and, called from that many threads at once, gives each input the output it gives alone."""
+    alone, together = runtime.openvino_runner(ir_file), runtime.openvino_runner(ir_file, throughput=True)
+    compiled = ov.Core().compile_model(ir_file, "CPU", {
+        ov.properties.hint.performance_mode: ov.properties.hint.PerformanceMode.THROUGHPUT,
+        ov.properties.inference_num_threads: torch.get_num_threads()})
+    assert together.jobs == compiled.get_property(ov.properties.optimal_number_of_infer_requests()) >= 1
+    assert alone.jobs == 1
+    images = [x.numpy() for x in export.random_images([(40, 64)] * 6)]
+    with ThreadPoolExecutor(max(2, together.jobs)) as pool:
+        outputs = list(pool.map(together, images))
+    assert all(np.array_equal(out, alone(x)) for out, x in zip(outputs, images, strict=True))
 
 
 def test_int8_check_fails_below_90_percent_agreement():

@@ -216,6 +216,38 @@ def test_demo_draws_a_labels_files_segmentation(run, tmp_path):
     assert np.array_equal(color[:, :image.shape[1]], colorize(expected))
 
 
+def test_a_video_through_the_openvino_labels_file_gives_every_frame_in_order(run, tmp_path):
+    """demo.py on a video with the labels IR compiled for throughput (frames segmented at once on every CPU with more
+    than one stream): every frame written, each the segmentation of its own input frame, in the input's order."""
+    ckpt, model, cfg, images = run
+    xml = export.export_openvino(ckpt.replace("model_final.pth", "model_argmax.onnx"), str(tmp_path / "labels.xml"))
+    frames = [np.roll(images[i % len(images)], 9 * i, axis=1) for i in range(8)]  # RGB, each unlike the others
+    video = tmp_path / "drive.avi"
+    writer = cv2.VideoWriter(str(video), cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"), 10,
+                             frames[0].shape[1::-1])
+    for frame in frames:
+        writer.write(np.ascontiguousarray(frame[..., ::-1]))
+    writer.release()
+    out = tmp_path / "out"
+    assert demo.main(["--ckpt", ckpt, str(video), "--out", str(out), "backend=openvino", f"backend_model={xml}"]) == 0
+    decoded, written = (read_frames(path) for path in (video, out / "drive_color.mp4"))
+    assert len(written) == len(decoded) == 8
+    width = frames[0].shape[1]
+    expected = [colorize(expected_labels(model, cfg, frame[None]).astype(np.uint8)[0]) for frame in decoded]
+    for i, picture in enumerate(written):  # compression moves colors a little; another frame's map moves them more
+        errors = [np.abs(picture[:, :width, ::-1].astype(int) - e).mean() for e in expected]
+        assert int(np.argmin(errors)) == i, errors
+
+
+def read_frames(path):
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while (frame := capture.read())[0]:
+        frames.append(frame[1])
+    capture.release()
+    return frames
+
+
 def test_a_labels_file_is_not_called_like_the_model_and_an_old_one_is_refused(run, tmp_path):
     ckpt, model, _, _ = run
     file = runtime.BackendModel(ckpt.replace("model_final.pth", "model_argmax.onnx"), "onnxruntime")
