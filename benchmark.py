@@ -11,6 +11,8 @@ run on the CPU. Rows whose package (requirements-deploy.txt) is missing are left
 import argparse
 import dataclasses
 import functools
+import glob
+import importlib
 import itertools
 import os
 import platform
@@ -23,22 +25,25 @@ import cv2
 import numpy as np
 import torch
 
+import demo
+import export
 import precision
 from configs import get_config
-from datasets import build_dataset
+from datasets import build_dataset, class_table
 from distributed import Distributed
 from evaluate import eval_crop_size, predict, predict_scores
-from export import export_onnx, export_openvino, openvino_paths, quantize_int8, random_images
+from export import export_onnx, export_openvino, openvino_paths, quantize_int8, random_frames, random_images
 from loss import build_loss
 from model import ARCHITECTURES, build_model, count_gflops, fold_batchnorm, inference_model
 from optimizer import build_optimizer
 from precision import training_precision, use_channels_last
-from runtime import BackendError, BackendModel
+from runtime import BackendError, BackendModel, openvino_runner, require
 from synthetic import generate
 from train import train_step
 from transform import TrainTransform, normalize
 
-SECTIONS = ("data", "train", "presets", "latency", "eval")
+SECTIONS = ("data", "train", "presets", "latency", "deploy", "video", "eval")
+CITYSCAPES_SIZES = [(512, 1024), (1024, 2048)]
 
 
 def timed(fn, device, repeat):
@@ -227,9 +232,10 @@ def latency_variants(model, device, compile=True):
     return variants
 
 
-def exported_models(model, directory, hw, calibration=8):
+def exported_models(model, directory, hw, calibration=8, labels=None):
     """([(name, runtime.BackendModel)], [notes]) of export.py's files of `model`, as far as the deploy packages are
-    installed: ONNX Runtime fp32, OpenVINO fp32, bf16 (native only) and INT8 (random calibration: enough to time)."""
+    installed: ONNX Runtime fp32, OpenVINO fp32, bf16 (native only) and INT8 (random calibration: enough to time);
+    with `labels`, a config (its mean and std), the labels files (--argmax) too: fp32 and INT8 of each upsample."""
     onnx_path = os.path.join(directory, "model.onnx")
     xml, int8 = openvino_paths(onnx_path)
     calibration_images = [x.numpy() for x in random_images([hw] * calibration)]
@@ -240,8 +246,22 @@ def exported_models(model, directory, hw, calibration=8):
         makers.append(("OpenVINO bf16", lambda: BackendModel(xml, "openvino", "bf16")))
     makers.append(("OpenVINO INT8 (NNCF)",
                    lambda: BackendModel(quantize_int8(xml, int8, calibration_images), "openvino")))
+    folded = fold_batchnorm(model).cpu().eval()
+    exports = [(folded, onnx_path)]
+    if labels is not None:
+        frames = [x.numpy() for x in random_frames([hw] * calibration)]
+        for upsample in export.LABELS_UPSAMPLES:
+            path = os.path.join(directory, f"labels_{upsample}.onnx")
+            exports.append((export.LabelsModel(folded, labels.mean, labels.std, upsample).eval(), path))
+            labels_xml, labels_int8 = openvino_paths(path)
+            if upsample == export.LABELS_UPSAMPLES[0]:
+                makers.append((f"OpenVINO fp32 labels ({upsample})",
+                               lambda xml=labels_xml, path=path: BackendModel(export_openvino(path, xml), "openvino")))
+            makers.append((f"OpenVINO INT8 labels ({upsample})", lambda xml=labels_xml, int8=labels_int8, path=path:
+                           BackendModel(quantize_int8(export_openvino(path, xml), int8, frames), "openvino")))
     try:
-        export_onnx(fold_batchnorm(model).cpu().eval(), onnx_path)
+        for exported, path in exports:
+            export_onnx(exported, path)
     except BackendError as error:
         return [], [f"exported models: not run ({error})"]
     models, missing = [], {}  # error message -> the rows it stopped: one note per missing package
@@ -254,6 +274,88 @@ def exported_models(model, directory, hw, calibration=8):
     if not bf16:
         notes.append("OpenVINO bf16: not run; this CPU has no native bf16 (AVX512-BF16 or AMX)")
     return models, notes
+
+
+def peak_rates(repeat, channels=1024, hw=32, depth=16):
+    """({"f32", "bf16" (native only), "INT8"}: GFLOP/s, [notes]) of OpenVINO on this CPU, each kernel at its best:
+    `depth` chained 1x1 convolutions of `channels` channels on an hw x hw map (each a channels x channels x hw^2
+    matmul), compiled as runtime.openvino_runner compiles files (INT8: FakeQuantize ops as NNCF writes them)."""
+    try:
+        ov, ops = require("openvino"), importlib.import_module("openvino.opset13")
+    except BackendError as error:
+        return {}, [f"peak: not run ({error})"]
+    rng = np.random.default_rng(0)
+    weights = [(rng.uniform(-1, 1, (channels, channels, 1, 1)) / channels ** 0.5).astype(np.float32)
+               for _ in range(depth)]
+
+    def fake_quantize(x, low, high, levels):
+        return ops.fake_quantize(x, *(np.float32(v) for v in (low, high, low, high)), levels)
+
+    def chain(int8):
+        x = ops.parameter([1, channels, hw, hw], ov.Type.f32, name="image")
+        y = x
+        for w in weights:
+            y, w = (fake_quantize(y, 0, 4, 256), fake_quantize(w, -1, 1, 255)) if int8 else (y, ops.constant(w))
+            y = ops.relu(ops.convolution(y, w, [1, 1], [0, 0], [0, 0], [1, 1]))
+        return ov.Model([y], [x])
+
+    image, flops = rng.uniform(0, 4, (1, channels, hw, hw)).astype(np.float32), 2 * channels ** 2 * hw * hw * depth
+    rates = {}
+    with tempfile.TemporaryDirectory() as directory:
+        for name, int8, hint in (("f32", False, "f32"), ("bf16", False, "bf16"), ("INT8", True, None)):
+            if name == "bf16" and not precision.native_bf16(torch.device("cpu")):
+                continue
+            path = os.path.join(directory, f"{name}.xml")
+            ov.save_model(chain(int8), path, compress_to_fp16=False)
+            run = openvino_runner(path, hint)
+            rates[name] = flops / 1e9 / timed(functools.partial(run.infer, image), torch.device("cpu"), repeat)
+    return rates, []
+
+
+PEAK_NOTE = ("Peak of this CPU, measured in this run (peak_rates: 16 chained 1x1 convolutions of 1024 channels on "
+             "32x32, a 1024x1024x1024 matmul each, in OpenVINO), GFLOP/s: ")
+
+
+def bench_deploy(cfg, repeat, sizes, peaks):
+    """export.py's files of `cfg`'s model (random weights) on the CPU: the request alone (OpenVINO's infer, the output
+    left in the request) and the call as a user makes it (logits: BackendModel(image tensor); labels: .labels(uint8
+    frames)), frames per second, the share of `peaks` (peak_rates) and the time against OpenVINO's logits."""
+    model = build_model(dataclasses.replace(cfg, aux_heads=False), pretrained=False).eval()
+    flops, cpu = {hw: count_gflops(model, hw) for hw in sizes}, torch.device("cpu")
+    with tempfile.TemporaryDirectory() as directory:
+        exported, notes = exported_models(model, directory, sizes[0], calibration=4, labels=cfg)
+        names = [name for name, _ in exported]
+        base = "OpenVINO bf16" if "OpenVINO bf16" in names else "OpenVINO fp32"
+        rows = {}
+        for name, file in exported:
+            inputs = [(random_frames if file.outputs_labels else random_images)([hw])[0] for hw in sizes]
+            call = file.labels if file.outputs_labels else file
+            calls = [timed(functools.partial(call, x), cpu, repeat) for x in inputs]
+            requests = ([timed(functools.partial(file.run.infer, x.numpy()), cpu, repeat) for x in inputs]
+                        if hasattr(file.run, "infer") else None)
+            rows[name] = (file, requests, calls)
+    size = "x".join(map(str, sizes[0]))
+    lines = [f"{type(model).__name__} (`arch={cfg.arch}`), export.py's files of random weights on the CPU, batch 1: "
+             "the request alone and the call as a user makes it (logits: a float image tensor in, logits out; labels: "
+             "a uint8 frame in, uint8 labels out), ms:", "",
+             "| file | hint | " + " | ".join(f"request {h}x{w}" for h, w in sizes) + " | "
+             + " | ".join(f"call {h}x{w}" for h, w in sizes) + f" | frames/s {size} | share of peak {size} | "
+             f"call vs {base} |", "|---|---|" + "---|" * (2 * len(sizes) + 3)]
+    for name, (file, requests, calls) in rows.items():
+        hint = getattr(file.run, "hint", "")  # ONNX Runtime: f32, no hint
+        kind = "INT8" if "INT8" in name else hint or "f32"
+        share = (f"{100 * flops[sizes[0]] / (requests or calls)[0] / peaks[kind]:.0f}% of {kind}"
+                 if kind in peaks else "")
+        ratio = " / ".join(f"{c / b:.2f}x" for c, b in zip(calls, rows[base][2], strict=True)) if base in rows else ""
+        cells = [name, hint, *(f"{1000 * t:.1f}" if t else "-" for t in requests or [None] * len(sizes)),
+                 *(f"{1000 * t:.1f}" for t in calls), f"{1 / calls[0]:.1f}", share, ratio]
+        lines.append("| " + " | ".join(cells) + " |")
+    goal, target = f"OpenVINO INT8 labels ({export.LABELS_UPSAMPLES[0]})", 0.5 if base == "OpenVINO bf16" else 0.45
+    if goal in rows and base in rows:
+        lines += ["", f"Goal: {goal}, the call, at most {target}x the {base} logits call at {size}: "
+                  f"{rows[goal][2][0] / rows[base][2][0]:.2f}x."]
+    return lines + ["", "GFLOPs: " + ", ".join(f"{flops[hw]:.1f} at {hw[0]}x{hw[1]}" for hw in sizes) + ".",
+                    *("- " + n for n in notes)]
 
 
 def bench_latency(cfg, device, repeat, sizes, compile=True):
@@ -269,24 +371,70 @@ def bench_latency(cfg, device, repeat, sizes, compile=True):
     if device.type == "cpu" and not precision.native_bf16(device):
         notes.append("bf16 autocast: not run; this CPU has no AVX512-BF16 or AMX, so oneDNN emulates bf16 "
                      "(many times slower than fp32)")
-    with tempfile.TemporaryDirectory() as directory:
-        exported, exported_notes = exported_models(model, directory, sizes[0])
-        notes += exported_notes + (["exported files run on the CPU; speed is against fp32 eager on the GPU"]
-                                   if exported and device.type == "cuda" else [])
-        rows = [(name, fn, device) for name, fn, _ in variants] + [(*row, torch.device("cpu")) for row in exported]
-        base = None
-        for name, fn, where in rows:
-            with torch.inference_mode():  # on a random image of each size
-                times = [timed(functools.partial(fn, torch.randn(1, 3, *hw, device=where)), where, repeat)
-                         for hw in sizes]
-            base = base or times
-            speed = " / ".join(f"{b / t:.2f}x" for b, t in zip(base, times, strict=True))
-            rates = [flops[hw] / t for hw, t in zip(sizes, times, strict=True)]  # 2 digits below 10: tiny test inputs
-            lines.append(f"| {name} | " + " | ".join(f"{1000 * t:.0f}" for t in times) + " | " +
-                         " | ".join(f"{r:.0f}" if r >= 10 else f"{r:.2g}" for r in rates) + f" | {speed} |")
+    base = None
+    for name, fn, _ in variants:
+        with torch.inference_mode():  # on a random image of each size
+            times = [timed(functools.partial(fn, torch.randn(1, 3, *hw, device=device)), device, repeat)
+                     for hw in sizes]
+        base = base or times
+        speed = " / ".join(f"{b / t:.2f}x" for b, t in zip(base, times, strict=True))
+        rates = [flops[hw] / t for hw, t in zip(sizes, times, strict=True)]  # 2 digits below 10: tiny test inputs
+        lines.append(f"| {name} | " + " | ".join(f"{1000 * t:.0f}" for t in times) + " | " +
+                     " | ".join(f"{r:.0f}" if r >= 10 else f"{r:.2g}" for r in rates) + f" | {speed} |")
     lines += ["", "FLOPs (torch.utils.flop_counter, 2 per multiply-add): " +
-              ", ".join(f"{flops[hw]:.1f} G at {hw[0]}x{hw[1]}" for hw in sizes) + ".", *("- " + n for n in notes)]
+              ", ".join(f"{flops[hw]:.1f} G at {hw[0]}x{hw[1]}" for hw in sizes) + "; export.py's files: the "
+              "deploy section.", *("- " + n for n in notes)]
     return lines
+
+
+def bench_video(cfg, repeat, sizes, frames=24):
+    """Frames per second of a generated video (synthetic.py's scenes, mp4v) decoded, segmented by export.py's INT8
+    labels file (random weights) and colorized, through demo.pipeline as demo.py runs it: as many requests at once as
+    OpenVINO's throughput hint gives, and one at a time; then demo.py's own video path, which also draws the overlay
+    and the legend and encodes two videos."""
+    model = build_model(dataclasses.replace(cfg, aux_heads=False), pretrained=False).eval()
+    table, cpu = class_table(cfg), torch.device("cpu")
+    with tempfile.TemporaryDirectory() as directory:
+        labels = export.LabelsModel(fold_batchnorm(model), cfg.mean, cfg.std).eval()
+        try:
+            xml, int8 = openvino_paths(export_onnx(labels, os.path.join(directory, "labels.onnx")))
+            path = quantize_int8(export_openvino(xml.replace(".xml", ".onnx"), xml), int8,
+                                 [x.numpy() for x in random_frames([sizes[0]] * 4)])
+            streams = BackendModel(path, "openvino", throughput=True)
+            files = [(f"{streams.run.jobs} request{'s' * (streams.run.jobs > 1)} at once (throughput hint)", streams),
+                     ("one request at a time", BackendModel(path, "openvino"))]
+        except BackendError as error:
+            return [f"not run ({error})"]
+        generate(os.path.join(directory, "scenes"), n_train=4, n_val=0, size=sizes[-1], seed=0, progress=False)
+        scenes = [cv2.imread(p) for p in sorted(glob.glob(os.path.join(directory, "scenes", "**", "*_leftImg8bit.png"),
+                                                          recursive=True))]
+        videos = {}
+        for h, w in sizes:
+            writer = demo.open_writer(os.path.join(directory, f"video_{h}x{w}"), 30, (w, h))
+            for i in range(frames):
+                writer.write(cv2.resize(scenes[i % len(scenes)], (w, h), interpolation=cv2.INTER_AREA))
+            writer.release()
+            [videos[h, w]] = glob.glob(os.path.join(directory, f"video_{h}x{w}.*"))
+
+        def labels_fps(file, video):
+            work = lambda frame: table.colorize(file.labels(frame[None])[0].numpy())  # noqa: E731
+            run = lambda: demo.pipeline(demo.read_frames(cv2.VideoCapture(video)), work, lambda _: None,  # noqa: E731
+                                        file.run.jobs)
+            return frames / timed(run, cpu, repeat)
+
+        def demo_fps(file, video):
+            run = functools.partial(demo.process_video, file, cfg, table, video, directory, file.run.jobs)
+            return frames / timed(run, cpu, repeat)
+
+        rows = [(f"decode + INT8 labels + colorize, {name}", [labels_fps(file, videos[hw]) for hw in sizes])
+                for name, file in files]
+        rows.append((f"demo.py: + overlay and legend, two videos encoded, {files[0][0]}",
+                     [demo_fps(files[0][1], videos[hw]) for hw in sizes]))
+    return [f"Video, {frames} frames of synthetic.py's scenes (mp4v), {type(model).__name__}'s INT8 labels file "
+            "(export.py --argmax --int8, random weights), frames per second end to end (demo.pipeline: decoding, "
+            "inference and writing overlap):", "",
+            "| pipeline | " + " | ".join(f"frames/s {h}x{w}" for h, w in sizes) + " |", "|---|" + "---|" * len(sizes),
+            *(f"| {name} | " + " | ".join(f"{fps:.1f}" for fps in rates) + " |" for name, rates in rows)]
 
 
 def bench_eval(cfg, device, repeat, hw=(1024, 2048)):
@@ -356,7 +504,14 @@ def main(argv=None):
             lines = bench_presets(device, batch, max(1, repeat - 1))
         elif section == "latency":  # both architectures at the Cityscapes sizes
             lines = [line for preset in ("cityscapes", "cityscapes_v2") for line in
-                     (*bench_latency(get_config(preset), device, repeat, [(512, 1024), (1024, 2048)]), "")][:-1]
+                     (*bench_latency(get_config(preset), device, repeat, CITYSCAPES_SIZES), "")][:-1]
+        elif section == "deploy":  # on the CPU, against the peak measured in this run
+            peaks, lines = peak_rates(repeat)
+            lines += [line for preset in ("cityscapes", "cityscapes_v2") for line in
+                      (*bench_deploy(get_config(preset), repeat, CITYSCAPES_SIZES, peaks), "")]
+            lines.append(PEAK_NOTE + ", ".join(f"{kind} {rate:.0f}" for kind, rate in peaks.items()) + ".")
+        elif section == "video":
+            lines = bench_video(cfg, repeat, CITYSCAPES_SIZES)
         else:
             lines = bench_eval(cfg, device, repeat)
         block = [f"## {section}", "", *lines, ""]

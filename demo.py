@@ -115,9 +115,9 @@ def pipeline(items, work, write, jobs=1):
 
 
 def read_frames(capture):
-    """The RGB frames of an opened cv2.VideoCapture, as it decodes them."""
+    """The BGR frames of an opened cv2.VideoCapture, as it decodes them."""
     while (frame := capture.read())[0]:
-        yield cv2.cvtColor(frame[1], cv2.COLOR_BGR2RGB)
+        yield frame[1]
 
 
 def process_video(model, cfg, table, path, out_dir, jobs=1):
@@ -141,7 +141,8 @@ def process_video(model, cfg, table, path, out_dir, jobs=1):
 
     try:
         with tqdm(total=total, desc=os.path.basename(path), unit="frame", dynamic_ncols=True) as bar:
-            pipeline(read_frames(capture), lambda frame: render(model, frame, cfg, table), write, jobs)
+            pipeline(read_frames(capture), lambda bgr: render(model, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), cfg, table),
+                     write, jobs)
     finally:
         capture.release()
         for writer in writers:

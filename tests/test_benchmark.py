@@ -75,7 +75,7 @@ def test_latency_section_has_a_row_per_variant():
     rows, numbers = table_numbers(lines)
     names = [row.split(" | ")[0].strip("| ") for row in rows]
     assert names == ["fp32 eager", "fp32 folded BN", "fp32 folded BN + channels_last (`inference_model`)",
-                     *["bf16 autocast folded + channels_last (`eval_amp=bf16`)"] * native, *exported_names(native)]
+                     *["bf16 autocast folded + channels_last (`eval_amp=bf16`)"] * native]
     assert rows[0].endswith("| 1.00x / 1.00x |") and all(n > 0 for n in numbers)
     assert any("FLOPs" in line for line in lines)
     assert any(line.startswith("- bf16 autocast: not run") for line in lines) is not native
@@ -112,6 +112,59 @@ def test_a_missing_runtime_is_one_note_however_many_rows_it_feeds(monkeypatch, t
     [missing] = [note for note in notes if "not installed" in note]  # one note, though it stops 2 or 3 rows
     assert missing.startswith(", ".join(exported_names(native)[1:]) + ": not run (the openvino package is needed")
     assert missing.endswith("pip install -r requirements-deploy.txt)")
+
+
+LABELS_ROWS = ["OpenVINO fp32 labels (bilinear)", "OpenVINO INT8 labels (bilinear)", "OpenVINO INT8 labels (nearest)"]
+
+
+@both_bf16_branches
+def test_deploy_section_times_every_exported_file_against_openvinos_logits(native):
+    """Every file export.py writes, its request alone and its call; frames/s, the share of the peak given and the
+    ratio to the baseline (bf16 logits where bf16 is native, else fp32) recomputed from the table's own figures."""
+    sizes, peaks = [(32, 64), (48, 80)], {"f32": 100.0, "bf16": 200.0, "INT8": 400.0}
+    lines = in_child(f'benchmark.bench_deploy(get_config("synthetic"), 1, {sizes}, {peaks})', native)
+    rows, _ = table_numbers(lines)
+    cells = [[c.strip() for c in row.strip("| ").split(" | ")] for row in rows]
+    assert [c[0] for c in cells] == exported_names(native) + LABELS_ROWS
+    int8_hint = "bf16" if native else "f32"
+    assert [c[1] for c in cells] == ["", "f32"] + ["bf16"] * native + [int8_hint, "f32", int8_hint, int8_hint]
+    base = cells[2] if native else cells[1]
+    assert next(line for line in lines if line.startswith("| file")).endswith(f"| call vs {base[0]} |")
+    gflops = benchmark.count_gflops(build_model(get_config("synthetic", ["aux_heads=false"]), pretrained=False),
+                                    sizes[0])
+    for c in cells:
+        requests, calls = [float(x) if x != "-" else None for x in c[2:4]], [float(x) for x in c[4:6]]
+        assert (requests == [None, None]) is (c[0] == "ONNX Runtime fp32") and all(t > 0 for t in calls)
+        assert 1000 / (calls[0] + 0.05) <= float(c[6]) <= 1000 / (calls[0] - 0.05)  # ms printed to 0.1
+        kind = "INT8" if "INT8" in c[0] else c[1] or "f32"
+        share, suffix = c[7].split("% of ")
+        assert suffix == kind
+        assert float(share) == pytest.approx(100 * gflops / ((requests[0] or calls[0]) / 1000) / peaks[kind], rel=0.1,
+                                             abs=1)
+        ratios = [float(r.rstrip("x")) for r in c[8].split(" / ")]
+        expected = [t / float(b) for t, b in zip(calls, base[4:6], strict=True)]
+        assert ratios == pytest.approx(expected, rel=0.1, abs=0.01)
+    goal = next(line for line in lines if line.startswith("Goal:"))
+    target = "0.5x" if native else "0.45x"
+    assert goal.startswith(f"Goal: OpenVINO INT8 labels (bilinear), the call, at most {target} the {base[0]} logits")
+    assert goal.endswith(f": {cells[-2][8].split(' / ')[0]}.")
+
+
+@both_bf16_branches
+def test_peak_rates_have_each_precision_this_cpu_runs(native):
+    rates, notes = in_child("benchmark.peak_rates(1, channels=64, hw=8, depth=2)", native)
+    assert sorted(rates) == sorted(["f32", "INT8"] + ["bf16"] * native) and all(r > 0 for r in rates.values())
+    assert notes == []
+
+
+def test_video_section_gives_frames_per_second_of_each_pipeline():
+    lines = in_child('benchmark.bench_video(get_config("synthetic"), 1, [(32, 64), (48, 80)], frames=4)')
+    rows, numbers = table_numbers(lines)
+    names = [row.split(" | ")[0].strip("| ") for row in rows]
+    assert len(rows) == 3 and names[1] == "decode + INT8 labels + colorize, one request at a time"
+    assert names[0].startswith("decode + INT8 labels + colorize, ") and names[0].endswith("(throughput hint)")
+    assert names[2].startswith("demo.py: + overlay and legend, two videos encoded")
+    assert len(numbers) == 6 and all(n > 0 for n in numbers)
 
 
 def test_eval_section_has_every_mode_in_torch_and_openvino(monkeypatch):
