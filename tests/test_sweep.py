@@ -282,7 +282,7 @@ def test_the_summary_skips_its_picture_without_matplotlib_in_one_line(hand_sweep
     (["--variants", "colour=red", "--seeds", "0"], "variant 'colour=red': unknown config key 'colour'"),
     (["--variants", "baseline", "--seeds", "0,1,0"], "--seeds names 0 more than once"),
     (["--variants", "baseline,ablation_no_sp,baseline", "--seeds", "0"], "--variants names baseline more than once"),
-    (["--variants", "baseline,arm=true", "--seeds", "0"], "variants 'baseline' and 'arm=true' train the same config"),
+    (["--variants", "baseline,arm=false", "--seeds", "0"], "variants 'baseline' and 'arm=false' train the same config"),
     (["--variants", "data_root=a/b,data_root=a:b", "--seeds", "0"],
      "variants 'data_root=a/b' and 'data_root=a:b' have the same folder name data_root-a-b"),
     (["--variants", ",", "--seeds", "0"], "--variants is empty"),

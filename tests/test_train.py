@@ -475,9 +475,10 @@ def test_cpu_bf16_training_runs_and_lowers_the_loss(tiny_root, tmp_path, monkeyp
 
 def test_init_from_loads_the_fitting_tensors_and_reinitializes_the_classifiers(tmp_path):
     torch.manual_seed(0)
-    source = build_model(get_config("synthetic"), pretrained=False)  # 19 classes
+    camvid_parts = ["arm=false", "global_pool=false"]  # the camvid preset's V1, which the target has
+    source = build_model(get_config("synthetic", camvid_parts), pretrained=False)  # 19 classes
     path = str(tmp_path / "source.pth")
-    torch.save({"model": source.state_dict(), "config": get_config("synthetic").to_dict()}, path)
+    torch.save({"model": source.state_dict(), "config": get_config("synthetic", camvid_parts).to_dict()}, path)
     torch.manual_seed(1)
     target = build_model(get_config("camvid"), pretrained=False)  # 11 classes
     fresh = {k: v.clone() for k, v in target.state_dict().items()}
@@ -510,7 +511,8 @@ def test_a_folder_dataset_trains_with_median_weights_from_a_checkpoint_and_repor
         tiny_folder, tmp_path, capsys):
     torch.manual_seed(0)
     source = str(tmp_path / "source.pth")
-    torch.save({"model": build_model(get_config("synthetic"), pretrained=False).state_dict()}, source)
+    model = build_model(get_config("synthetic", ["arm=false", "global_pool=false"]), pretrained=False)  # camvid's V1
+    torch.save({"model": model.state_dict()}, source)
     assert train.main(folder_args(tiny_folder, tmp_path / "runs", "class_weights=median", f"init_from={source}")) == 0
     out = capsys.readouterr().out
     assert f"init_from {source}: loaded" in out and "6 re-initialized (shapes differ)" in out
