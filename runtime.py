@@ -68,15 +68,17 @@ def openvino_runner(path, hint=None, throughput=False):
     if throughput:
         config[ov.properties.hint.performance_mode] = ov.properties.hint.PerformanceMode.THROUGHPUT
     compiled = core.compile_model(model, "CPU", config)
-    local = threading.local()  # a request per thread: a request runs one input at a time
+    requests = {}  # a request per calling thread (a request runs one input at a time), kept as long as the runner
 
-    def infer(image):  # the request alone: the input read in place, the output a view of the request's own
-        if not hasattr(local, "request"):
-            local.request = compiled.create_infer_request()
-        return local.request.infer([image], share_inputs=True, share_outputs=True)[compiled.output(0)]
+    def request():
+        thread = threading.get_ident()
+        return requests.get(thread) or requests.setdefault(thread, compiled.create_infer_request())
+
+    def infer(image):  # the request alone (benchmark.py): the input read in place, the output a view of the request's
+        return request().infer([image], share_inputs=True, share_outputs=True)[compiled.output(0)]
 
     def run(image):
-        return np.array(infer(image), copy=True)  # the request reuses its output at the next call
+        return request().infer([image])[compiled.output(0)]  # copied out: the request reuses its own
 
     run.shapes = tuple([d.get_length() if d.is_static else None for d in port.get_partial_shape()]
                        for port in (compiled.input(0), compiled.output(0)))
