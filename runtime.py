@@ -1,8 +1,11 @@
 """Run export.py's ONNX and OpenVINO files on the CPU, called like the PyTorch model (evaluate.py and demo.py with
 backend=openvino or onnxruntime). The packages are optional: requirements-deploy.txt."""
 
+import contextlib
+import ctypes
 import importlib
 import os
+import sys
 import threading
 import warnings
 
@@ -27,6 +30,32 @@ def require(name):
     except ImportError as err:
         raise BackendError(f"the {name} package is needed to {PURPOSES.get(name, 'deploy models')} but is not "
                            "installed; pip install -r requirements-deploy.txt") from err
+
+
+SS_DISABLE = 2
+
+
+class _SignalStack(ctypes.Structure):  # Linux's stack_t
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def signal_stack_kept():
+    """Give the calling thread back its alternate signal stack after OpenVINO work (compiling a model, NNCF's
+    quantization). OpenVINO's CPU plugin (2026.4, Linux) installs one of its own on the compiling thread and can leave
+    it there after freeing its memory; the next signal handled on that thread (Ctrl-C, SIGTERM, PyTorch's loader's
+    SIGCHLD: Python runs every handler on the alternate stack) then ends the process with a segmentation fault."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc, saved = ctypes.CDLL(None, use_errno=True), _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        raise OSError(ctypes.get_errno(), "sigaltstack")
+    try:
+        yield
+    finally:  # a stack the kernel now finds too small (AMX's larger signal frames) is replaced by none
+        if libc.sigaltstack(ctypes.byref(saved), None) != 0:
+            libc.sigaltstack(ctypes.byref(_SignalStack(None, SS_DISABLE, 0)), None)
 
 
 # Both runners take PyTorch's thread count, which follows OMP_NUM_THREADS: torchrun sets that to 1 per process, and
@@ -66,7 +95,8 @@ def openvino_runner(path, hint=None, throughput=False):
               ov.properties.inference_num_threads: torch.get_num_threads()}
     if throughput:
         config[ov.properties.hint.performance_mode] = ov.properties.hint.PerformanceMode.THROUGHPUT
-    compiled = core.compile_model(path, "CPU", config)
+    with signal_stack_kept():
+        compiled = core.compile_model(path, "CPU", config)
     requests = {}  # a request per calling thread (a request runs one input at a time), kept as long as the runner
 
     def request():
@@ -87,8 +117,8 @@ def openvino_runner(path, hint=None, throughput=False):
 
 
 def is_int8(path):
-    """Whether the file holds NNCF's quantization, FakeQuantize ops: export.py --int8's IR (.xml) files. Read as text:
-    an OpenVINO model object built here, beside the test suite's torch threads, was followed by a crash."""
+    """Whether the file holds NNCF's quantization, FakeQuantize ops: export.py --int8's IR (.xml) files, read as
+    text (no model object is built to ask)."""
     if not path.endswith(".xml"):
         return False
     with open(path, errors="replace") as f:

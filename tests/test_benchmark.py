@@ -49,9 +49,8 @@ def in_child(expression, native_bf16=None):
     """The value of `expression` (JSON-able; benchmark and get_config in scope) computed in a fresh Python process,
     with precision.native_bf16 answering `native_bf16` for every device where it is given (None: this machine's).
 
-    For the sections that run OpenVINO and NNCF: run inside the test process, beside the torch threads of the
-    other tests, they were followed by a crash in a later test (heap corruption in the interpreter's allocator);
-    benchmark.py itself runs them in a process of its own.
+    For the sections that run OpenVINO and NNCF: their threads and compiled models stay out of the test process,
+    as they stay out of a training run's.
     """
     patch = "" if native_bf16 is None else f"precision.native_bf16 = lambda device: {native_bf16}\n"
     code = ("import json, torch, benchmark, precision\nfrom configs import get_config\n" + patch +
@@ -287,6 +286,7 @@ def test_only_a_full_run_writes_the_report_of_its_machine_class(monkeypatch, tmp
     for section in benchmark.SECTIONS:
         monkeypatch.setattr(benchmark, f"bench_{section}", lambda *args, section=section, **kw: [f"{section} table"])
     monkeypatch.setattr(benchmark, "generate", lambda *args, **kw: None)
+    monkeypatch.setattr(benchmark, "peak_rates", lambda repeat: ({}, []))  # the deploy section's own measurement
     assert benchmark.main(argv) == 0
     files = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, names in os.walk(tmp_path) for f in names)
     assert files == ([written.format(isa=isa)] if written else [])

@@ -431,8 +431,8 @@ def test_int8_files_get_the_bf16_hint_where_bf16_is_native_and_fp32_files_f32(ir
                                                                               native):
     """An INT8 file's unquantized layers run in bf16 where the CPU has it natively (precision.native_bf16 answers
     `native` on every CPU class); an fp32 file keeps f32 everywhere. What is asked is recorded; the compile itself
-    gets f32, which every CPU runs. NNCF and the compiles in a process of their own: OpenVINO beside the other
-    tests' torch threads has crashed a later test."""
+    gets f32, which every CPU runs. NNCF and the compiles in a process of their own, which then takes a Ctrl-C
+    as Python's KeyboardInterrupt (runtime.signal_stack_kept around NNCF)."""
     int8 = str(tmp_path / "model_int8.xml")
     quantize = ("import sys, export; from configs import get_config; export.quantize_int8(sys.argv[1], sys.argv[2], "
                 "export.SplitImages(get_config('synthetic', [f'data_root={sys.argv[3]}', 'crop_size=32,48']), "
@@ -468,10 +468,42 @@ print("OK", together.jobs)
 def test_a_throughput_runner_gives_each_thread_its_own_request(ir_file):
     """Compiled for throughput, a runner says how many inputs to run at once (OpenVINO's optimal number of requests)
     and, called from that many threads at once, gives each input the output it gives alone. In a process of its
-    own, as demo.py runs it: OpenVINO's threads beside the other tests' torch threads have crashed a later test."""
+    own, as demo.py runs it."""
     result = subprocess.run([sys.executable, "-c", THROUGHPUT_CHECK, ir_file], cwd=ROOT, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 0 and result.stdout.startswith("OK "), result.stderr[-3000:]
+
+
+SIGNAL_CHECK = """
+import gc, signal, sys
+import numpy as np
+import export, runtime
+from configs import get_config
+ir, int8, root = sys.argv[1:]
+export.quantize_int8(ir, int8, export.SplitImages(get_config("synthetic", [f"data_root={root}", "crop_size=32,48"]),
+                                                  "train", 2))
+runs = [runtime.openvino_runner(path, hint) for path in (ir, int8) for hint in ("f32", "bf16")]
+for run in runs:
+    run(np.zeros((1, 3, 32, 48), np.float32))
+del runs, run
+gc.collect()  # the compiled models, and the OpenVINO cores that compiled them, freed
+for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):  # Ctrl-C; a scheduler's stop; a loader worker's end
+    caught = []
+    signal.signal(signum, lambda *args: caught.append(signum))
+    signal.raise_signal(signum)
+    assert caught == [signum]
+print("OK")
+"""
+
+
+def test_a_signal_after_openvino_work_reaches_pythons_handler(ir_file, tiny_cityscapes, tmp_path):
+    """After NNCF's quantization and OpenVINO compiles (the runners freed since), a signal on the thread that did
+    them runs Python's handler: Ctrl-C is a KeyboardInterrupt, not a segmentation fault on an alternate signal stack
+    OpenVINO's CPU plugin freed (runtime.signal_stack_kept)."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_CHECK, ir_file, str(tmp_path / "int8.xml"),
+                             str(tiny_cityscapes)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "OK", (result.returncode, result.stderr[-3000:])
 
 
 def test_int8_check_fails_below_90_percent_agreement():

@@ -232,8 +232,7 @@ def test_a_video_through_the_openvino_labels_file_gives_every_frame_in_order(run
         writer.write(np.ascontiguousarray(frame[..., ::-1]))
     writer.release()
     out = tmp_path / "out"
-    # demo.py in a process of its own, as users run it: OpenVINO's threads beside the other tests' torch threads have
-    # crashed a later test
+    # demo.py in a process of its own, as users run it
     result = subprocess.run([sys.executable, "demo.py", "--ckpt", ckpt, str(video), "--out", str(out),
                              "backend=openvino", f"backend_model={xml}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
