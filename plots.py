@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import sys
-import warnings
 
 import numpy as np
 
@@ -19,7 +18,8 @@ _warned = False
 
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None (with one warning per process) where it is missing."""
+    """matplotlib.pyplot on the file-only Agg backend, or None where it is missing (said in one line on stderr, once a
+    process: an optional package, not an error)."""
     global _warned
     try:
         import matplotlib
@@ -28,8 +28,8 @@ def pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         if not _warned:
-            warnings.warn("matplotlib is not installed: no curves or confusion pictures "
-                          "(pip install -r requirements-plot.txt)", stacklevel=2)
+            print("note: matplotlib is not installed: no curves or confusion pictures (pip install -r "
+                  "requirements-plot.txt)", file=sys.stderr)
             _warned = True
         return None
     return plt
