@@ -90,18 +90,20 @@ def openvino_runner(path, hint=None, throughput=False):
     what it was compiled with."""
     ov = require("openvino")
     core = ov.Core()
-    hint = hint or ("bf16" if is_int8(path) and precision.native_bf16(torch.device("cpu")) else "f32")
+    model = core.read_model(path)
+    hint = hint or ("bf16" if is_int8(model) and precision.native_bf16(torch.device("cpu")) else "f32")
     config = {ov.properties.hint.inference_precision: {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[hint],
               ov.properties.inference_num_threads: torch.get_num_threads()}
     if throughput:
         config[ov.properties.hint.performance_mode] = ov.properties.hint.PerformanceMode.THROUGHPUT
     with signal_stack_kept():
-        compiled = core.compile_model(path, "CPU", config)
-    requests = {}  # a request per calling thread (a request runs one input at a time), kept as long as the runner
+        compiled = core.compile_model(model, "CPU", config)
+    local = threading.local()  # a request per thread: a request runs one input at a time
 
     def request():
-        thread = threading.get_ident()
-        return requests.get(thread) or requests.setdefault(thread, compiled.create_infer_request())
+        if not hasattr(local, "request"):
+            local.request = compiled.create_infer_request()
+        return local.request
 
     def infer(image):  # the request alone (benchmark.py): the input read in place, the output a view of the request's
         return request().infer([image], share_inputs=True, share_outputs=True)[compiled.output(0)]
@@ -116,13 +118,9 @@ def openvino_runner(path, hint=None, throughput=False):
     return run
 
 
-def is_int8(path):
-    """Whether the file holds NNCF's quantization, FakeQuantize ops: export.py --int8's IR (.xml) files, read as
-    text (no model object is built to ask)."""
-    if not path.endswith(".xml"):
-        return False
-    with open(path, errors="replace") as f:
-        return 'type="FakeQuantize"' in f.read()
+def is_int8(model):
+    """Whether an OpenVINO model (ov.Model) holds NNCF's quantization, FakeQuantize ops: export.py --int8's files."""
+    return any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
 
 
 class BackendModel:

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -406,72 +407,42 @@ def test_int8_file_runs_and_its_agreement_is_computed(model, ir_file, tiny_citys
     assert 0 < report["argmax_agreement"] <= 1
 
 
-HINT_CHECK = """
-import sys
-import openvino as ov
-import precision, runtime
-ir, int8, native = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-asked = []
-class Core(ov.Core):
-    def compile_model(self, model, device, config):
-        asked.append(config[ov.properties.hint.inference_precision])
-        return super().compile_model(model, device, {**config, ov.properties.hint.inference_precision: ov.Type.f32})
-ov.Core = Core
-precision.native_bf16 = lambda device: native
-for path, expected in ((ir, "f32"), (int8, "bf16" if native else "f32")):
-    assert runtime.openvino_runner(path).hint == expected
-    assert asked[-1] == getattr(ov.Type, expected)
-assert runtime.openvino_runner(int8, "f32").hint == "f32" and asked[-1] == ov.Type.f32  # asked for: kept
-print("OK")
-"""
-
-
 @pytest.mark.parametrize("native", [True, False])
 def test_int8_files_get_the_bf16_hint_where_bf16_is_native_and_fp32_files_f32(ir_file, tiny_cityscapes, tmp_path,
-                                                                              native):
+                                                                              monkeypatch, native):
     """An INT8 file's unquantized layers run in bf16 where the CPU has it natively (precision.native_bf16 answers
     `native` on every CPU class); an fp32 file keeps f32 everywhere. What is asked is recorded; the compile itself
-    gets f32, which every CPU runs. NNCF and the compiles in a process of their own, which then takes a Ctrl-C
-    as Python's KeyboardInterrupt (runtime.signal_stack_kept around NNCF)."""
-    int8 = str(tmp_path / "model_int8.xml")
-    quantize = ("import sys, export; from configs import get_config; export.quantize_int8(sys.argv[1], sys.argv[2], "
-                "export.SplitImages(get_config('synthetic', [f'data_root={sys.argv[3]}', 'crop_size=32,48']), "
-                "'train', 2))")
-    checks = ((quantize, [ir_file, int8, str(tiny_cityscapes)]), (HINT_CHECK, [ir_file, int8, str(int(native))]))
-    for code, args in checks:
-        result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
-                                timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("OK")
+    gets f32, which every CPU runs."""
+    int8 = export.quantize_int8(ir_file, str(tmp_path / "model_int8.xml"),
+                                export.SplitImages(tiny_config(tiny_cityscapes), "train", 2))
+    asked = []
+
+    class Core(ov.Core):
+        def compile_model(self, model, device, config):
+            asked.append(config[ov.properties.hint.inference_precision])
+            return super().compile_model(model, device, {**config, ov.properties.hint.inference_precision: ov.Type.f32})
+
+    monkeypatch.setattr(ov, "Core", Core)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    for path, expected in ((ir_file, "f32"), (int8, "bf16" if native else "f32")):
+        assert runtime.openvino_runner(path).hint == expected
+        assert asked[-1] == getattr(ov.Type, expected)
+    assert runtime.openvino_runner(int8, "f32").hint == "f32" and asked[-1] == ov.Type.f32  # asked for: kept
 
 
-THROUGHPUT_CHECK = """
-import sys
-from concurrent.futures import ThreadPoolExecutor
-import numpy as np, openvino as ov, torch
-import export, runtime
-path = sys.argv[1]
-alone, together = runtime.openvino_runner(path), runtime.openvino_runner(path, throughput=True)
-compiled = ov.Core().compile_model(path, "CPU", {
-    ov.properties.hint.performance_mode: ov.properties.hint.PerformanceMode.THROUGHPUT,
-    ov.properties.inference_num_threads: torch.get_num_threads()})
-assert together.jobs == compiled.get_property(ov.properties.optimal_number_of_infer_requests()) >= 1
-assert alone.jobs == 1
-images = [x.numpy() for x in export.random_images([(40, 64)] * 6)]
-with ThreadPoolExecutor(max(2, together.jobs)) as pool:
-    outputs = list(pool.map(together, images))
-assert all(np.array_equal(out, alone(x)) for out, x in zip(outputs, images, strict=True))
-print("OK", together.jobs)
-"""
-
-
-def test_a_throughput_runner_gives_each_thread_its_own_request(ir_file):
+def test_a_throughput_runner_gives_each_thread_its_own_request(model, ir_file):
     """Compiled for throughput, a runner says how many inputs to run at once (OpenVINO's optimal number of requests)
-    and, called from that many threads at once, gives each input the output it gives alone. In a process of its
-    own, as demo.py runs it."""
-    result = subprocess.run([sys.executable, "-c", THROUGHPUT_CHECK, ir_file], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
-    assert result.returncode == 0 and result.stdout.startswith("OK "), result.stderr[-3000:]
+    and, called from that many threads at once, gives each input the output it gives alone."""
+    alone, together = runtime.openvino_runner(ir_file), runtime.openvino_runner(ir_file, throughput=True)
+    compiled = ov.Core().compile_model(ir_file, "CPU", {
+        ov.properties.hint.performance_mode: ov.properties.hint.PerformanceMode.THROUGHPUT,
+        ov.properties.inference_num_threads: torch.get_num_threads()})
+    assert together.jobs == compiled.get_property(ov.properties.optimal_number_of_infer_requests()) >= 1
+    assert alone.jobs == 1
+    images = [x.numpy() for x in export.random_images([(40, 64)] * 6)]
+    with ThreadPoolExecutor(max(2, together.jobs)) as pool:
+        outputs = list(pool.map(together, images))
+    assert all(np.array_equal(out, alone(x)) for out, x in zip(outputs, images, strict=True))
 
 
 SIGNAL_CHECK = """
