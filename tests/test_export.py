@@ -447,13 +447,14 @@ def test_a_throughput_runner_gives_each_thread_its_own_request(model, ir_file):
 
 SIGNAL_CHECK = """
 import gc, signal, sys
-import numpy as np
-import export, runtime
+import numpy as np, torch
+import export, precision, runtime
 from configs import get_config
 ir, int8, root = sys.argv[1:]
 export.quantize_int8(ir, int8, export.SplitImages(get_config("synthetic", [f"data_root={root}", "crop_size=32,48"]),
                                                   "train", 2))
-runs = [runtime.openvino_runner(path, hint) for path in (ir, int8) for hint in ("f32", "bf16")]
+hints = ("f32", "bf16") if precision.native_bf16(torch.device("cpu")) else ("f32",)  # bf16 where the benchmark asks it
+runs = [runtime.openvino_runner(path, hint) for path in (ir, int8) for hint in hints]
 for run in runs:
     run(np.zeros((1, 3, 32, 48), np.float32))
 del runs, run
