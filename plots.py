@@ -3,7 +3,7 @@
     python plots.py runs/NAME                  # (re)draw curves.png (log.jsonl) and confusion.png (eval.json)
     python plots.py runs/NAME/eval_val_ss.json # draw eval_val_ss_confusion.png beside it
 
-train.py and evaluate.py draw them too; without matplotlib (requirements-plot.txt) they are skipped with one warning.
+train.py and evaluate.py draw them too; without matplotlib (requirements-plot.txt) they are skipped with one note.
 """
 
 import argparse
@@ -15,6 +15,8 @@ import sys
 import numpy as np
 
 _warned = False
+MISSING = ("note: curves.png and confusion.png need matplotlib (pip install -r requirements-plot.txt); the run goes on "
+           "without them")
 
 
 def pyplot():
@@ -28,21 +30,19 @@ def pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         if not _warned:
-            print("note: matplotlib is not installed: no curves or confusion pictures (pip install -r "
-                  "requirements-plot.txt)", file=sys.stderr)
+            print(MISSING, file=sys.stderr)
             _warned = True
         return None
     return plt
 
 
 def missing_note():
-    """The one line saying what pictures need, where matplotlib is missing (and no warning later); else None."""
+    """The one line saying what pictures need, where matplotlib is missing (and no second note later); else None."""
     global _warned
     if importlib.util.find_spec("matplotlib") is not None:
         return None
     _warned = True
-    return ("note: curves.png and confusion.png need matplotlib (pip install -r requirements-plot.txt); the run goes "
-            "on without them")
+    return MISSING
 
 
 def read_log(path):

@@ -621,8 +621,8 @@ def test_pictures_are_skipped_with_one_line_without_matplotlib(tmp_path, monkeyp
     results = {"split": "val", "mode": "ss", "miou": 1.0, "confusion": [[1]], "iou": {"a": 1.0}}
     train.draw_pictures(str(tmp_path), results)
     train.draw_pictures(str(tmp_path), results)
-    assert capsys.readouterr().err == ("note: matplotlib is not installed: no curves or confusion pictures "
-                                       "(pip install -r requirements-plot.txt)\n")
+    assert capsys.readouterr().err == ("note: curves.png and confusion.png need matplotlib (pip install -r "
+                                       "requirements-plot.txt); the run goes on without them\n")
     assert not (tmp_path / "curves.png").exists() and not (tmp_path / "confusion.png").exists()
 
 
