@@ -134,7 +134,8 @@ def test_deploy_section_times_every_exported_file_against_openvinos_logits(nativ
     for c in cells:
         requests, calls = [float(x) if x != "-" else None for x in c[2:4]], [float(x) for x in c[4:6]]
         assert (requests == [None, None]) is (c[0] == "ONNX Runtime fp32") and all(t > 0 for t in calls)
-        assert 1000 / (calls[0] + 0.05) <= float(c[6]) <= 1000 / (calls[0] - 0.05)  # ms printed to 0.1
+        # ms and frames/s each printed to 0.1
+        assert 1000 / (calls[0] + 0.05) - 0.05 <= float(c[6]) <= 1000 / (calls[0] - 0.05) + 0.05
         kind = "INT8" if "INT8" in c[0] else c[1] or "f32"
         share, suffix = c[7].split("% of ")
         assert suffix == kind
