@@ -1,6 +1,6 @@
 """Export a BiSeNet checkpoint to ONNX (and OpenVINO, INT8) for deployment, and check the files against PyTorch.
 
-    python export.py --ckpt runs/NAME/model_final.pth [--output FILE.onnx] [--argmax [--labels-upsample nearest]]
+    python export.py --ckpt runs/NAME/model_final.pth [--output FILE.onnx] [--argmax [--labels-upsample bilinear]]
                      [--no-fold] [--opset 17] [--openvino] [--int8 [--calib-size 300] [--check-size 50]]
                      [--config NAME] [key=value ...]
 
@@ -23,6 +23,7 @@ from checkpoint import CheckpointError, load_for_inference
 from configs import ConfigError, add_config_args
 from datasets import DatasetError
 from evaluate import confusion_update, eval_dataset, iou_from_confusion
+from layers import resize
 from model import fold_batchnorm
 from runtime import BackendError, onnxruntime_runner, openvino_runner, require, signal_stack_kept
 from transform import normalize
@@ -42,7 +43,8 @@ class ExportError(BackendError):
     """An export that cannot be done or a file that does not match PyTorch."""
 
 
-LABELS_UPSAMPLES = ("bilinear", "nearest")  # the labels model's ways to the frame's size (LabelsModel)
+# the labels model's ways to the frame's size (LabelsModel); the first is --labels-upsample's default
+LABELS_UPSAMPLES = ("half", "bilinear", "nearest")
 
 
 class LabelsModel(nn.Module):
@@ -50,11 +52,12 @@ class LabelsModel(nn.Module):
     (N, H, W). The channel order, / 255 and mean/std are the graph's first ops, computed as transform.normalize does
     (folding them into the first convolution would change its zero padding); the order is reversed by a Gather, as a
     Slice of step -1 (Tensor.flip) runs in OpenVINO's reference kernel: 10 ms a 512x1024 frame on 2 AMX cores.
-    `upsample` "bilinear": the logits resized to the frame, then the argmax (evaluate.py's ss mode); "nearest": the
-    argmax at the head's 1/8 size, the labels resized (nearest): the argmax over 64 times fewer pixels, one uint8 map
-    resized instead of C float ones, and boundaries on the coarser grid."""
+    `upsample` "bilinear": the logits resized to the frame, then the argmax (evaluate.py's ss mode); "half": the
+    logits resized (bilinear) to half the frame's size, rounded up, the argmax there, and each label copied to its 2x2
+    pixels: a quarter of the resize and the argmax, boundaries on a 2-pixel grid; "nearest": the argmax at the head's
+    1/8 size, the labels resized (nearest): the argmax over 64 times fewer pixels, boundaries on an 8-pixel grid."""
 
-    def __init__(self, model, mean, std, upsample="bilinear"):
+    def __init__(self, model, mean, std, upsample=LABELS_UPSAMPLES[0]):
         super().__init__()
         if upsample not in LABELS_UPSAMPLES:
             raise ExportError(f"labels upsample {upsample!r}: expected one of {', '.join(LABELS_UPSAMPLES)}")
@@ -68,8 +71,17 @@ class LabelsModel(nn.Module):
         x = normalize(frames[..., [2, 1, 0]], self.mean, self.std)  # BGR -> RGB, as the model was trained
         if self.upsample == "bilinear":
             return self.model(x).argmax(1).to(torch.uint8)
-        labels = self.model(x, resize_logits=False).argmax(1).to(torch.uint8)
-        return F.interpolate(labels[:, None], size=frames.shape[1:3], mode="nearest")[:, 0]
+        logits = self.model(x, resize_logits=False)
+        if self.upsample == "nearest":
+            labels = logits.argmax(1).to(torch.uint8)
+            return F.interpolate(labels[:, None], size=frames.shape[1:3], mode="nearest")[:, 0]
+        height, width = frames.shape[1:3]
+        h, w = (height + 1) // 2, (width + 1) // 2
+        labels = resize(logits, (h, w), "bilinear").argmax(1).to(torch.uint8)
+        # copied by a broadcast, not a nearest resize: with a resize after it, OpenVINO runs the argmax over
+        # channels-last bf16 logits, 4x slower than over the planar f32 ones it reorders them to here
+        n = labels.shape[0]
+        return labels[:, :, None, :, None].expand(n, h, 2, w, 2).reshape(n, 2 * h, 2 * w)[:, :height, :width]
 
 
 def export_onnx(model, path, opset=17, sample_hw=(256, 512)):
@@ -248,8 +260,9 @@ def parse_args(argv):
     parser.add_argument("--argmax", action="store_true",
                         help='the labels model: uint8 BGR frames (N, H, W, 3) in, "labels" uint8 (N, H, W) out')
     parser.add_argument("--labels-upsample", choices=LABELS_UPSAMPLES,
-                        help="with --argmax: bilinear (default; logits to full size, then argmax) or nearest (argmax "
-                             "at 1/8 of the size, labels upsampled)")
+                        help="with --argmax: half (default; logits to half the size, argmax, each label to 2x2 "
+                             "pixels), bilinear (logits to full size, then argmax) or nearest (argmax at 1/8 of the "
+                             "size, labels upsampled)")
     parser.add_argument("--no-fold", action="store_true", help="keep the BatchNorm layers instead of folding them")
     parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset ({MIN_OPSET} or newer)")
     parser.add_argument("--openvino", action="store_true", help="also write an fp32 OpenVINO IR: FILE.xml + .bin")
@@ -262,7 +275,7 @@ def parse_args(argv):
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number of images")
     if args.labels_upsample and not args.argmax:
         parser.error(f"--labels-upsample {args.labels_upsample}: it applies to the labels model; add --argmax")
-    args.openvino, args.labels_upsample = args.openvino or args.int8, args.labels_upsample or "bilinear"
+    args.openvino, args.labels_upsample = args.openvino or args.int8, args.labels_upsample or LABELS_UPSAMPLES[0]
     return args
 
 

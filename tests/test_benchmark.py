@@ -113,7 +113,8 @@ def test_a_missing_runtime_is_one_note_however_many_rows_it_feeds(monkeypatch, t
     assert missing.endswith("pip install -r requirements-deploy.txt)")
 
 
-LABELS_ROWS = ["OpenVINO fp32 labels (bilinear)", "OpenVINO INT8 labels (bilinear)", "OpenVINO INT8 labels (nearest)"]
+LABELS_ROWS = ["OpenVINO fp32 labels (half)", "OpenVINO INT8 labels (half)", "OpenVINO INT8 labels (bilinear)",
+               "OpenVINO INT8 labels (nearest)"]
 
 
 @both_bf16_branches
@@ -126,7 +127,7 @@ def test_deploy_section_times_every_exported_file_against_openvinos_logits(nativ
     cells = [[c.strip() for c in row.strip("| ").split(" | ")] for row in rows]
     assert [c[0] for c in cells] == exported_names(native) + LABELS_ROWS
     int8_hint = "bf16" if native else "f32"
-    assert [c[1] for c in cells] == ["", "f32"] + ["bf16"] * native + [int8_hint, "f32", int8_hint, int8_hint]
+    assert [c[1] for c in cells] == ["", "f32"] + ["bf16"] * native + [int8_hint, "f32"] + [int8_hint] * 3
     base = cells[2] if native else cells[1]
     assert next(line for line in lines if line.startswith("| file")).endswith(f"| call vs {base[0]} |")
     gflops = benchmark.count_gflops(build_model(get_config("synthetic", ["aux_heads=false"]), pretrained=False),
@@ -146,8 +147,8 @@ def test_deploy_section_times_every_exported_file_against_openvinos_logits(nativ
         assert ratios == pytest.approx(expected, rel=0.1, abs=0.01)
     goal = next(line for line in lines if line.startswith("Goal:"))
     target = "0.5x" if native else "0.45x"
-    assert goal.startswith(f"Goal: OpenVINO INT8 labels (bilinear), the call, at most {target} the {base[0]} logits")
-    assert goal.endswith(f": {cells[-2][8].split(' / ')[0]}.")
+    assert goal.startswith(f"Goal: OpenVINO INT8 labels (half), the call, at most {target} the {base[0]} logits")
+    assert goal.endswith(f": {cells[-3][8].split(' / ')[0]}.")
 
 
 @both_bf16_branches

@@ -62,7 +62,7 @@ def onnx_files(model, tmp_path_factory):
 
 def labels_model(model):
     cfg = get_config("synthetic")
-    return export.LabelsModel(model, cfg.mean, cfg.std).eval()
+    return export.LabelsModel(model, cfg.mean, cfg.std, "bilinear").eval()
 
 
 def frames_and_images(shape, seed):

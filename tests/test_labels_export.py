@@ -31,11 +31,13 @@ SIZES = ((64, 128), (67, 101))  # the run's image size, and one that 8 divides n
 @pytest.fixture(scope="module")
 def run(tiny_run, tmp_path_factory):
     """(checkpoint, unfolded model in eval mode, config, val images RGB) of a copy of the tiny trained run, with
-    the labels files of both upsamples beside the checkpoint: model_argmax.onnx (bilinear), model_nearest.onnx."""
+    a labels file of each upsample beside the checkpoint: model_argmax.onnx (bilinear), model_half.onnx,
+    model_nearest.onnx."""
     folder = copy_run(tiny_run, tmp_path_factory.mktemp("labels"))
     ckpt = str(folder / "model_final.pth")
     model, cfg = load_for_inference(ckpt)
-    for name, upsample in (("model_argmax.onnx", "bilinear"), ("model_nearest.onnx", "nearest")):
+    for name, upsample in (("model_argmax.onnx", "bilinear"), ("model_half.onnx", "half"),
+                           ("model_nearest.onnx", "nearest")):
         labels = export.LabelsModel(fold_batchnorm(model), cfg.mean, cfg.std, upsample).eval()
         export.export_onnx(labels, str(folder / name), sample_hw=(64, 96))
     images = [image.numpy() for image, _ in evaluate.eval_dataset(cfg)]
@@ -65,6 +67,15 @@ def expected_nearest(model, cfg, frame):
     (height, width), (h, w) = frame.shape[1:3], low.shape[1:]
     assert (h, w) == (-(-height // 8), -(-width // 8))
     return low[:, np.arange(height) * h // height][:, :, np.arange(width) * w // width]
+
+
+def expected_half(model, cfg, frame):
+    """argmax of the logits resized (bilinear) to half the frame, rounded up; pixel (i, j) takes the label of
+    half-size pixel (i // 2, j // 2)."""
+    low = torch_logits(model, cfg, frame, resize_logits=False)
+    (height, width) = frame.shape[1:3]
+    half = F.interpolate(low, ((height + 1) // 2, (width + 1) // 2), mode="bilinear", align_corners=False)
+    return half.argmax(1).numpy().repeat(2, axis=1).repeat(2, axis=2)[:, :height, :width]
 
 
 # --- the graph -----------------------------------------------------------------------------------------------------
@@ -128,6 +139,26 @@ def test_nearest_labels_are_the_low_resolution_argmax_upsampled(run):
             np.testing.assert_array_equal(file.labels(frame).numpy(), expected_nearest(model, cfg, frame))
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_half_labels_are_the_half_size_argmax_each_on_2x2_pixels(run, backend):
+    ckpt, model, cfg, images = run
+    path = ckpt.replace("model_final.pth", "model_half.onnx")
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+        path = export.export_openvino(path, path.replace(".onnx", ".xml"))
+    file = runtime.BackendModel(path, backend)
+    for size in SIZES:
+        for frame in frames_of(images, size):
+            labels = file.labels(frame)
+            assert labels.dtype == torch.uint8 and labels.shape == frame.shape[:3]
+            np.testing.assert_array_equal(labels.numpy(), expected_half(model, cfg, frame))
+
+
+def test_half_is_the_labels_models_default():
+    args = export.parse_args(["--ckpt", "model_final.pth", "--argmax"])
+    assert args.labels_upsample == "half"
+
+
 def test_int8_labels_agree_with_fp32_on_99_percent_of_pixels(run, tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
@@ -147,7 +178,7 @@ def test_a_labels_model_refuses_more_than_255_classes_and_an_unknown_upsample():
     with pytest.raises(export.ExportError, match="uint8 class ids, but the model has 256 classes"):
         export.LabelsModel(wide, (0.5,) * 3, (0.25,) * 3)
     wide.arch = {"num_classes": 19}
-    with pytest.raises(export.ExportError, match="labels upsample 'bicubic': expected one of bilinear, nearest"):
+    with pytest.raises(export.ExportError, match="labels upsample 'bicubic': expected one of half, bilinear, nearest"):
         export.LabelsModel(wide, (0.5,) * 3, (0.25,) * 3, "bicubic")
 
 
