@@ -79,7 +79,7 @@ class LabelsModel(nn.Module):
         h, w = (height + 1) // 2, (width + 1) // 2
         labels = resize(logits, (h, w), "bilinear").argmax(1).to(torch.uint8)
         # copied by a broadcast, not a nearest resize: with a resize after it, OpenVINO runs the argmax over
-        # channels-last bf16 logits, 4x slower than over the planar f32 ones it reorders them to here
+        # channels-last bf16 logits, several times slower than over the planar f32 ones it reorders them to here
         n = labels.shape[0]
         return labels[:, :, None, :, None].expand(n, h, 2, w, 2).reshape(n, 2 * h, 2 * w)[:, :height, :width]
 

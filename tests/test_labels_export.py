@@ -108,9 +108,11 @@ def test_the_graphs_normalization_equals_pythons(run):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_fp32_labels_equal_the_argmax_of_the_upsampled_logits(run, backend):
+@pytest.mark.parametrize("name, expected", [("model_argmax.onnx", expected_labels),  # bilinear
+                                            ("model_half.onnx", expected_half)])
+def test_fp32_labels_equal_their_computation_written_out(run, backend, name, expected):
     ckpt, model, cfg, images = run
-    path = ckpt.replace("model_final.pth", "model_argmax.onnx")
+    path = ckpt.replace("model_final.pth", name)
     if backend == "openvino":
         pytest.importorskip("openvino")
         path = export.export_openvino(path, path.replace(".onnx", ".xml"))
@@ -120,7 +122,7 @@ def test_fp32_labels_equal_the_argmax_of_the_upsampled_logits(run, backend):
         for frame in frames_of(images, size):
             labels = file.labels(frame)
             assert labels.dtype == torch.uint8 and labels.shape == frame.shape[:3]
-            np.testing.assert_array_equal(labels.numpy(), expected_labels(model, cfg, frame))
+            np.testing.assert_array_equal(labels.numpy(), expected(model, cfg, frame))
 
 
 def test_low_resolution_logits_are_the_ones_the_model_upsamples(run):
@@ -137,21 +139,6 @@ def test_nearest_labels_are_the_low_resolution_argmax_upsampled(run):
     for size in SIZES:
         for frame in frames_of(images, size):
             np.testing.assert_array_equal(file.labels(frame).numpy(), expected_nearest(model, cfg, frame))
-
-
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_half_labels_are_the_half_size_argmax_each_on_2x2_pixels(run, backend):
-    ckpt, model, cfg, images = run
-    path = ckpt.replace("model_final.pth", "model_half.onnx")
-    if backend == "openvino":
-        pytest.importorskip("openvino")
-        path = export.export_openvino(path, path.replace(".onnx", ".xml"))
-    file = runtime.BackendModel(path, backend)
-    for size in SIZES:
-        for frame in frames_of(images, size):
-            labels = file.labels(frame)
-            assert labels.dtype == torch.uint8 and labels.shape == frame.shape[:3]
-            np.testing.assert_array_equal(labels.numpy(), expected_half(model, cfg, frame))
 
 
 def test_half_is_the_labels_models_default():
@@ -305,7 +292,7 @@ def test_a_labels_file_is_not_called_like_the_model_and_an_old_one_is_refused(ru
 
 @pytest.mark.parametrize("arch", ["bisenetv1", "bisenetv2"])
 @pytest.mark.parametrize("upsample", export.LABELS_UPSAMPLES)
-def test_both_architectures_export_both_upsamples(tmp_path, arch, upsample):
+def test_both_architectures_export_every_upsample(tmp_path, arch, upsample):
     """Random weights, so near ties: the export's own threshold against PyTorch's labels model of the same upsample."""
     torch.manual_seed(0)
     cfg = get_config("synthetic", ["aux_heads=false", f"arch={arch}"])
