@@ -138,6 +138,7 @@ def test_the_legend_lists_exactly_the_classes_present():
     train_ids = np.full((30, 40), 255, np.uint8)  # ignore: never listed
     train_ids[:5, :5], train_ids[10, 10:20], train_ids[-1, -1] = 13, 0, 18
     assert datasets.present_classes(train_ids, demo.CITYSCAPES.names) == [0, 13, 18]
+    assert datasets.present_classes(torch.from_numpy(train_ids).long().numpy(), demo.CITYSCAPES.names) == [0, 13, 18]
     strip = datasets.legend(train_ids, 200, demo.CITYSCAPES)
     assert strip.shape == (200, datasets.legend_layout(200, demo.CITYSCAPES.names)[-1], 3)
     colors = {tuple(c) for c in strip.reshape(-1, 3)}
