@@ -206,6 +206,59 @@ def sweep_summary(plt, summary):
     return fig
 
 
+def sweep_curves(plt, summary, curves):
+    """Left: val mIoU against iteration, a thin line per seed and the mean over the seeds thick, a colour per variant.
+    Right: IoU per class, the mean over the seeds, a bar per variant (test where every variant was scored on it, else
+    val; past MAX_CONFUSION classes, those whose means differ most between the variants). One legend below both.
+    `curves`: {variant: [(seed, [(iteration, val mIoU)])]}, from the runs' log.jsonl."""
+    variants = [e for e in summary["variants"] if e["val"]]
+    split = "test" if all(e["test"] for e in variants) else "val"
+    colours, columns = plt.get_cmap("tab10").colors, 3
+    rows = -(-len(variants) // columns)
+    height = 5.5 + 0.3 * rows
+    fig, (curve_ax, class_ax) = plt.subplots(1, 2, figsize=(15, height), gridspec_kw={"width_ratios": [1, 1.6]})
+    for k, entry in enumerate(variants):
+        colour, runs = colours[k % len(colours)], curves.get(entry["variant"], [])
+        for _, points in runs:
+            curve_ax.plot(*zip(*[(i, 100 * m) for i, m in points], strict=True), color=colour, lw=0.8, alpha=0.45)
+        shared = sorted(set.intersection(*[{i for i, _ in points} for _, points in runs])) if runs else []
+        if shared:
+            curve_ax.plot(shared, [100 * np.mean([dict(points)[i] for _, points in runs]) for i in shared],
+                          color=colour, lw=2.5, marker="o", ms=4)
+    if not curve_ax.lines:
+        curve_ax.text(0.5, 0.5, "no validation during training (eval_every=0)", ha="center", va="center",
+                      transform=curve_ax.transAxes)
+    curve_ax.set(title="val mIoU during training: a thin line per seed, their mean thick", xlabel="iteration",
+                 ylabel="mIoU (%)")
+    names = list(variants[0][split]["class_iou"]) if variants else []
+    table = np.array([[np.nan if (v := e[split]["class_iou"].get(name)) is None else 100 * v for name in names]
+                      for e in variants]).reshape(len(variants), len(names))
+    shown = range(len(names))
+    if len(names) > MAX_CONFUSION:
+        spread = np.nan_to_num(np.nanmax(table, 0) - np.nanmin(table, 0), nan=-1.0) if len(variants) > 1 else \
+            -np.nan_to_num(table[0], nan=101.0)  # one variant: its lowest classes
+        shown = sorted(np.argsort(-spread, kind="stable")[:MAX_CONFUSION])
+    width = 0.8 / max(len(variants), 1)
+    for k, entry in enumerate(variants):
+        seeds = len(entry["val"]["seeds"])
+        class_ax.bar([j + (k - (len(variants) - 1) / 2) * width for j in range(len(shown))],
+                     [table[k, i] for i in shown], width, color=colours[k % len(colours)],
+                     label=f"{entry['variant']} ({seeds} seed{'s' if seeds > 1 else ''})")
+    slanted = len(shown) > 8
+    class_ax.set_xticks(range(len(shown)), [names[i] for i in shown], rotation=45 if slanted else 0,
+                        ha="right" if slanted else "center")
+    what = f", the {len(shown)} of {len(names)} classes that differ most" if len(shown) < len(names) else ""
+    class_ax.set(title=f"{split}: IoU per class, mean over the seeds{what}", ylabel="IoU (%)", ylim=(0, 100))
+    for ax in (curve_ax, class_ax):
+        ax.grid(axis="y", alpha=0.3)
+    bottom = (0.3 * rows + 0.05) / height
+    if variants:
+        fig.legend(*class_ax.get_legend_handles_labels(), loc="lower center", ncol=min(columns, len(variants)),
+                   frameon=False)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("path", help="a run directory (curves) or an evaluation JSON (confusion)")

@@ -327,6 +327,20 @@ def collect(sweep_dir):
     return {variant: sorted(found, key=lambda r: r[0]) for variant, found in runs.items()}
 
 
+def collect_curves(sweep_dir, summary):
+    """{variant: [(seed, [(iteration, val mIoU)])]}: the validation records in the log.jsonl of the summary's runs."""
+    curves = {}
+    for entry in summary["variants"]:
+        for seed in entry["val"]["seeds"]:
+            try:
+                _, val = plots.read_log(os.path.join(sweep_dir, f"{entry['variant']}_seed{seed}", "log.jsonl"))
+            except OSError:  # a folder copied without its log
+                continue
+            if points := [(r["iter"], r["val_miou"]) for r in val if r["val_miou"] is not None]:
+                curves.setdefault(entry["variant"], []).append((seed, points))
+    return curves
+
+
 def summarize(runs, order=(), confidence=CONFIDENCE):
     """The summary of collect()'s runs: variants in `order`, then the baseline, then the others by name."""
     order = [*order, BASELINE]
@@ -348,7 +362,8 @@ def summarize(runs, order=(), confidence=CONFIDENCE):
 
 
 def write_summary(sweep_dir, order=(), quiet=False):
-    """summary.md, summary.json and summary.png from the eval JSONs in sweep_dir; prints it (`quiet`: where it is)."""
+    """summary.md, summary.json, summary.png and summary_curves.png from the eval JSONs (and logs) in sweep_dir; prints
+    it (`quiet`: where it is)."""
     if not (runs := collect(sweep_dir)):
         raise SweepError(f"no finished runs in {sweep_dir} (VARIANT_seedS folders with an eval.json)")
     summary = summarize(runs, order)
@@ -360,7 +375,9 @@ def write_summary(sweep_dir, order=(), quiet=False):
     if importlib.util.find_spec("matplotlib") is not None:
         plt = plots.pyplot()
         plots.save(plots.sweep_summary(plt, summary), plt, os.path.join(sweep_dir, "summary.png"))
-        png = "summary.png"
+        plots.save(plots.sweep_curves(plt, summary, collect_curves(sweep_dir, summary)), plt,
+                   os.path.join(sweep_dir, "summary_curves.png"))
+        png = "summary.png, summary_curves.png"
     if not quiet:
         print(text)
     print(f"summary: {os.path.join(sweep_dir, 'summary.md')} (and summary.json; {png})")

@@ -626,3 +626,70 @@ def test_a_run_saved_when_channels_last_was_a_bool_is_not_said_to_differ(tmp_pat
     sweep.check_existing(run)
     err = capsys.readouterr().err
     assert "lr=0.5" in err and "channels_last" not in err  # camvid's channels_last="true" is the same setting
+
+
+def write_log(run_dir, points):
+    """A log.jsonl with a training record and a validation record per (iteration, val mIoU)."""
+    with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+        for it, miou in points:
+            f.write(json.dumps({"iter": it, "loss": 1.0, "lr": 0.01, "images_per_s": 5.0}) + "\n")
+            f.write(json.dumps({"iter": it, "val_miou": miou, "val_iou": {}}) + "\n")
+
+
+def test_the_curves_picture_draws_each_seed_and_the_mean_and_the_test_iou_per_class(hand_sweep):
+    pytest.importorskip("matplotlib")
+    tmp_path, root = hand_sweep
+    write_log(f"{root}/baseline_seed0", [(100, 0.30), (200, 0.50)])
+    write_log(f"{root}/baseline_seed1", [(100, 0.40), (200, 0.60), (300, 0.70)])  # 300: seed 1 alone
+    write_log(f"{root}/ablation_no_sp_seed1", [(100, 0.20), (200, None)])  # no score at 200 (no labelled pixel)
+    # baseline seed 2 and ablation seeds 0, 2 have no log (copied without it); seed 4's cut log is not finished
+    write_log(f"{root}/ablation_no_sp_seed4", [(100, 0.99)])
+    assert sweep.main(["--config", "camvid", f"out_dir={tmp_path}", "--summary-only"]) == 0
+    assert os.path.getsize(f"{root}/summary_curves.png") > 0
+    summary = sweep.summarize(sweep.collect(root))
+    curves = sweep.collect_curves(root, summary)
+    assert curves == {"baseline": [(0, [(100, 0.30), (200, 0.50)]), (1, [(100, 0.40), (200, 0.60), (300, 0.70)])],
+                      "ablation_no_sp": [(1, [(100, 0.20)])]}
+    plt = plots.pyplot()
+    fig = plots.sweep_curves(plt, summary, curves)
+    try:
+        curve_ax, class_ax = fig.axes
+        lines = [(list(line.get_xdata()), pytest.approx(list(line.get_ydata())), line.get_linewidth())
+                 for line in curve_ax.lines]
+        assert lines == [([100, 200], [30, 50], 0.8), ([100, 200, 300], [40, 60, 70], 0.8),
+                         ([100, 200], [35, 55], 2.5),  # the mean where both seeds validated
+                         ([100], [20], 0.8), ([100], [20], 2.5)]
+        # one legend for both panels, with the seeds each variant has in the summary
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["baseline (3 seeds)", "ablation_no_sp (3 seeds)"]
+        # test is shown: both variants were scored on it. baseline road 0.7 car 0.2; ablation road 0.6, car n/a
+        assert class_ax.get_title().startswith("test: IoU per class")
+        assert [t.get_text() for t in class_ax.get_xticklabels()] == ["road", "car"]
+        heights = [p.get_height() for p in class_ax.patches]
+        assert heights[:2] == pytest.approx([70, 20]) and heights[2] == pytest.approx(60) and math.isnan(heights[3])
+    finally:
+        plt.close(fig)
+
+
+def test_the_curves_picture_shows_the_classes_that_differ_most_where_there_are_many():
+    pytest.importorskip("matplotlib")
+    n = plots.MAX_CONFUSION + 5
+    names = [f"c{i}" for i in range(n)]
+    # the variants differ by i / 100 on class i: the last MAX_CONFUSION classes are shown, in their order
+    iou_a, iou_b = {c: 0.5 for c in names}, {c: 0.5 - i / 100 for i, c in enumerate(names)}
+
+    def split(iou):
+        return {"seeds": [0], "miou": [0.5], "mean": 0.5, "class_iou": iou}
+    summary = {"variants": [{"variant": "baseline", "val": split(iou_a), "test": None},
+                            {"variant": "arm=false", "val": split(iou_b), "test": None}]}
+    plt = plots.pyplot()
+    fig = plots.sweep_curves(plt, summary, {})
+    try:
+        curve_ax, class_ax = fig.axes
+        assert [t.get_text() for t in class_ax.get_xticklabels()] == names[5:]
+        assert class_ax.get_title() == f"val: IoU per class, mean over the seeds, the {plots.MAX_CONFUSION} of {n} " \
+                                       "classes that differ most"
+        assert [p.get_height() for p in class_ax.patches] == pytest.approx([50] * (n - 5) + [50 - i for i in
+                                                                                           range(5, n)])
+        assert "no validation during training" in curve_ax.texts[0].get_text()
+    finally:
+        plt.close(fig)
