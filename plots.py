@@ -233,10 +233,10 @@ def sweep_curves(plt, summary, curves):
     names = list(variants[0][split]["class_iou"]) if variants else []
     table = np.array([[np.nan if (v := e[split]["class_iou"].get(name)) is None else 100 * v for name in names]
                       for e in variants]).reshape(len(variants), len(names))
-    shown = range(len(names))
-    if len(names) > MAX_CONFUSION:
-        spread = np.nan_to_num(np.nanmax(table, 0) - np.nanmin(table, 0), nan=-1.0) if len(variants) > 1 else \
-            -np.nan_to_num(table[0], nan=101.0)  # one variant: its lowest classes
+    shown, many = range(len(names)), len(names) > MAX_CONFUSION
+    if many:  # fmax/fmin skip a variant's n/a; a class n/a everywhere (never in the split) comes last
+        spread = np.nan_to_num(np.fmax.reduce(table, 0) - np.fmin.reduce(table, 0), nan=-1.0) if len(variants) > 1 \
+            else -np.nan_to_num(table[0], nan=101.0)  # one variant: its lowest classes
         shown = sorted(np.argsort(-spread, kind="stable")[:MAX_CONFUSION])
     width = 0.8 / max(len(variants), 1)
     for k, entry in enumerate(variants):
@@ -247,7 +247,8 @@ def sweep_curves(plt, summary, curves):
     slanted = len(shown) > 8
     class_ax.set_xticks(range(len(shown)), [names[i] for i in shown], rotation=45 if slanted else 0,
                         ha="right" if slanted else "center")
-    what = f", the {len(shown)} of {len(names)} classes that differ most" if len(shown) < len(names) else ""
+    what = f", the {len(shown)} of {len(names)} classes " + ("that differ most" if len(variants) > 1 else
+                                                             "with the lowest IoU") if many else ""
     class_ax.set(title=f"{split}: IoU per class, mean over the seeds{what}", ylabel="IoU (%)", ylim=(0, 100))
     for ax in (curve_ax, class_ax):
         ax.grid(axis="y", alpha=0.3)

@@ -693,3 +693,34 @@ def test_the_curves_picture_shows_the_classes_that_differ_most_where_there_are_m
         assert "no validation during training" in curve_ax.texts[0].get_text()
     finally:
         plt.close(fig)
+
+
+def test_the_curves_picture_of_one_variant_shows_its_lowest_classes_and_skips_those_never_seen():
+    pytest.importorskip("matplotlib")
+    n = plots.MAX_CONFUSION + 3
+    # class i scores i / 100; class 0 was never in the split (n/a): the lowest 30 that were seen are 1..30
+    iou = {f"c{i}": None if i == 0 else i / 100 for i in range(n)}
+    both = {"seeds": [0], "miou": [0.5], "mean": 0.5, "class_iou": iou}
+    summary = {"variants": [{"variant": "baseline", "val": both, "test": None}]}
+    plt = plots.pyplot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warns about a slice of n/a alone
+        fig = plots.sweep_curves(plt, summary, {})
+    try:
+        class_ax = fig.axes[1]
+        assert [t.get_text() for t in class_ax.get_xticklabels()] == [f"c{i}" for i in range(1, 31)]
+        assert class_ax.get_title().endswith(f"the 30 of {n} classes with the lowest IoU")
+    finally:
+        plt.close(fig)
+    # two variants, class 0 n/a in both and class 1 in one: the spread skips n/a without a warning
+    other = dict(iou, c1=None, c2=0.9)
+    summary["variants"].append({"variant": "arm=false", "val": dict(both, class_iou=other), "test": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.sweep_curves(plt, summary, {})
+    try:
+        shown = [t.get_text() for t in fig.axes[1].get_xticklabels()]
+        # c2 differs most (88 points), the others by 0 (c1: n/a in one, skipped); c0 is n/a everywhere: last
+        assert shown == [f"c{i}" for i in range(1, 31)]
+    finally:
+        plt.close(fig)
