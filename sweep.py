@@ -334,7 +334,7 @@ def collect_curves(sweep_dir, summary):
         for seed in entry["val"]["seeds"]:
             try:
                 _, val = plots.read_log(os.path.join(sweep_dir, f"{entry['variant']}_seed{seed}", "log.jsonl"))
-            except OSError:  # a folder copied without its log
+            except (OSError, ValueError):  # a folder copied without its log, or a log that is not text: no curve
                 continue
             if points := [(r["iter"], r["val_miou"]) for r in val if r["val_miou"] is not None]:
                 curves.setdefault(entry["variant"], []).append((seed, points))

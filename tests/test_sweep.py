@@ -644,6 +644,8 @@ def test_the_curves_picture_draws_each_seed_and_the_mean_and_the_test_iou_per_cl
     write_log(f"{root}/ablation_no_sp_seed1", [(100, 0.20), (200, None)])  # no score at 200 (no labelled pixel)
     # baseline seed 2 and ablation seeds 0, 2 have no log (copied without it); seed 4's cut log is not finished
     write_log(f"{root}/ablation_no_sp_seed4", [(100, 0.99)])
+    with open(f"{root}/ablation_no_sp_seed2/log.jsonl", "wb") as f:  # not text: no curve, the summary still drawn
+        f.write(b"\xff\xfe\x00garbage")
     assert sweep.main(["--config", "camvid", f"out_dir={tmp_path}", "--summary-only"]) == 0
     assert os.path.getsize(f"{root}/summary_curves.png") > 0
     summary = sweep.summarize(sweep.collect(root))
