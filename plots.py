@@ -116,6 +116,11 @@ def plot_curves(log_path, out_path):
 MAX_CONFUSION = 30  # more classes than this: the confusion picture shows those with the lowest IoU
 
 
+def lowest(keys, k=MAX_CONFUSION):
+    """The indices of the k lowest keys, in index order; None (n/a) comes after every number, ties by index."""
+    return sorted(sorted(range(len(keys)), key=lambda i: (keys[i] is None, keys[i] or 0))[:k])
+
+
 def plot_confusion(results, out_path):
     """The row-normalized confusion matrix of evaluate() results (rows: truth, columns: prediction), class names on
     both axes and each class's IoU beside its row. Returns out_path, or None without labels or matplotlib."""
@@ -126,8 +131,7 @@ def plot_confusion(results, out_path):
     normalized = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
     shown = range(total)
     if total > MAX_CONFUSION:  # ADE20K, COCO-Stuff: the classes with the lowest IoU (n/a: never seen, left out)
-        ious = [2.0 if v is None else v for v in results["iou"].values()]
-        shown = sorted(sorted(range(total), key=ious.__getitem__)[:MAX_CONFUSION])
+        shown = lowest(list(results["iou"].values()))
         normalized, names = normalized[np.ix_(shown, shown)], [names[i] for i in shown]
     n = len(names)
     size = max(6.0, 0.45 * n + 3)
@@ -234,10 +238,9 @@ def sweep_curves(plt, summary, curves):
     table = np.array([[np.nan if (v := e[split]["class_iou"].get(name)) is None else 100 * v for name in names]
                       for e in variants]).reshape(len(variants), len(names))
     shown, many = range(len(names)), len(names) > MAX_CONFUSION
-    if many:  # fmax/fmin skip a variant's n/a; a class n/a everywhere (never in the split) comes last
-        spread = np.nan_to_num(np.fmax.reduce(table, 0) - np.fmin.reduce(table, 0), nan=-1.0) if len(variants) > 1 \
-            else -np.nan_to_num(table[0], nan=101.0)  # one variant: its lowest classes
-        shown = sorted(np.argsort(-spread, kind="stable")[:MAX_CONFUSION])
+    if many:  # one variant: its lowest classes; more: the largest spreads (fmax/fmin skip a variant's n/a)
+        keys = table[0] if len(variants) == 1 else np.fmin.reduce(table, 0) - np.fmax.reduce(table, 0)
+        shown = lowest([None if np.isnan(v) else float(v) for v in keys])  # n/a everywhere: last
     width = 0.8 / max(len(variants), 1)
     for k, entry in enumerate(variants):
         seeds = len(entry["val"]["seeds"])
