@@ -184,7 +184,7 @@ PRESETS = {
                           eval_crop=(1024, 1024)),
     # BiSeNetV2 on camvid's data and schedule at lr 2e-2: the paper's 5e-2 did no better on val (sweep_choose_camvid).
     # arm and global_pool at their defaults: the preset also applies on top of camvid (sweep.py --variants camvid_v2).
-    # 131 and 133 min a run on 2 AVX512-BF16 EPYC cores in bf16, a slow host (results/sweep_camvid)
+    # 131, 133 and 135 min a run on 2 AVX512-BF16 EPYC cores in bf16, a slow host (results/sweep_camvid)
     "camvid_v2": dict(_CAMVID, arch="bisenetv2", arm=True, global_pool=True, max_iter=6000, eval_every=1000,
                       sync_bn=True),
     "ade20k": dict(_ADE20K, batch_size=64, lr=4e-2, max_iter=40000, crop_size=(512, 512), eval_crop=(512, 512),
