@@ -169,7 +169,7 @@ PRESETS = {
         amp="bf16", channels_last="true", workers=2, log_every=10, ckpt_every=100, eval_every=100,
     ),
     # Chosen on val (results/sweep_choose_camvid): no ARM, no global pooling, +5.7 val mIoU at 1200 iterations;
-    # 64-71 min a run on 2 AMX cores in bf16 (results/sweep_camvid)
+    # 69 and 71 min a run on 2 AMX cores in bf16, 151 on a slow host (results/sweep_camvid)
     "camvid": dict(_CAMVID, arm=False, global_pool=False, max_iter=6000, eval_every=1000),
     # The CamVid ablation study (sweep.py, 7 variants x 3 seeds; about 5 h on a 2-core CPU, benchmarks/measured.md).
     # fp32 on every CPU: a study resumed across machines with and without native bf16 keeps one arithmetic.
